@@ -1,0 +1,34 @@
+"""loracast: LoRA fine-tuning for PyTorch with exact, explainable control of numeric precision.
+
+Switch from PEFT by changing one import::
+
+    from loracast import LoraConfig, get_peft_model, PeftModel
+"""
+
+from .config import LoraConfig
+from .errors import AdapterLoadError, ConfigError, PrecisionError
+from .layers import Conv, Embedding, Linear, LoraLayer
+from .merge import NonFiniteMergeError
+from .model import LoraModel, PeftModel, get_peft_model
+from .modules_to_save import ModulesToSaveWrapper
+from .precision import resolve_adapter_dtype
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterLoadError",
+    "ConfigError",
+    "Conv",
+    "Embedding",
+    "Linear",
+    "LoraConfig",
+    "LoraLayer",
+    "LoraModel",
+    "ModulesToSaveWrapper",
+    "NonFiniteMergeError",
+    "PeftModel",
+    "PrecisionError",
+    "get_peft_model",
+    "resolve_adapter_dtype",
+    "__version__",
+]

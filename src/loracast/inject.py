@@ -1,0 +1,324 @@
+"""Finding the modules a config targets and wrapping them in LoRA layers.
+
+Matching follows PEFT: a list entry matches a module whose full name equals it or ends with
+``"." + entry``; a string is a regex that must match the full name; ``"all-linear"`` means every
+linear layer but the output head. `exclude_modules` uses the same rules, `layers_to_transform`
+keeps only the given layer indices, and modules named in `modules_to_save` are never adapted.
+All patterns are compiled once per call, and adapters are created directly on their base
+weight's device in their final dtype, so injection costs little more than a walk over the model.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .layers import Conv, Embedding, LoraLayer, Linear
+from .modules_to_save import ModulesToSaveWrapper
+from .precision import adapter_device, resolve_adapter_dtype
+from .quant import find_backend
+
+# Default targets by transformers model_type when target_modules is None (PEFT's choice).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
+    "bart": ["q_proj", "v_proj"], "gptj": ["q_proj", "v_proj"], "gpt_neo": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"], "bloom": ["query_key_value"],
+    "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"], "t5": ["q", "v"], "mt5": ["q", "v"],
+    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"], "mpt": ["Wqkv"],
+    "codegen": ["qkv_proj"],
+}
+
+# Classification heads PEFT adds to modules_to_save for these task types.
+TASK_HEADS: dict[str, list[str]] = {
+    "SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"],
+}
+
+
+def _conv1d_type() -> type | None:
+    try:  # transformers is optional; GPT-2 style Conv1D only exists with it
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for modules 'all-linear' targets: nn.Linear (quantized ones too) and GPT-2's Conv1D."""
+    conv1d = _conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d)) \
+        or find_backend(module) is not None
+
+
+def _suffix_regex(names: Iterable[str]) -> re.Pattern[str]:
+    alternatives = "|".join(re.escape(n) for n in sorted(set(names), key=len, reverse=True))
+    return re.compile(rf"(?:^|.*\.)(?:{alternatives})")
+
+
+class TargetMatcher:
+    """Decides, by name, which modules a config adapts; patterns compiled once."""
+
+    def __init__(self, config: LoraConfig) -> None:
+        self.config = config
+        self._target = self._compile(config.target_modules)
+        self._exclude = self._compile(config.exclude_modules) if config.exclude_modules else None
+        heads = config.modules_to_save or []
+        # unescaped on purpose: PEFT treats these names as regex fragments
+        self._saved = re.compile("|".join(rf"(?:^|.*\.){m}(?:$|\..*)" for m in heads)) if heads else None
+        layers = config.layers_to_transform
+        self._layers = None if layers is None else ({layers} if isinstance(layers, int) else set(layers))
+        patterns = config.layers_pattern
+        if self._layers is not None and not self._layers:
+            self._layers = None  # an empty list means every layer, as PEFT
+        if self._layers is None:
+            self._layer_index = None
+        elif not patterns:
+            self._layer_index = [re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")]
+        else:
+            patterns = [patterns] if isinstance(patterns, str) else patterns
+            self._layer_index = [re.compile(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.") for p in patterns]
+
+    @staticmethod
+    def _compile(spec: list[str] | str | None) -> re.Pattern[str] | None:
+        if spec is None:
+            return None
+        if isinstance(spec, str):
+            return re.compile(spec)
+        return _suffix_regex(spec) if spec else None
+
+    def matches(self, name: str) -> bool:
+        """True when module `name` is to be adapted."""
+        if self._exclude is not None and self._exclude.fullmatch(name):
+            return False
+        if self._saved is not None and self._saved.match(name):
+            return False
+        if self._target is None or not self._target.fullmatch(name):
+            return False
+        if self._layer_index is None:
+            return True
+        for pattern in self._layer_index:
+            found = pattern.match(name)
+            if found:
+                return int(found.group("idx")) in self._layers
+        return False
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """The value of the first `patterns` key that matches the end of module `name`, else `default`."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def resolve_target_modules(model: nn.Module, config: LoraConfig) -> None:
+    """Fill in `config.target_modules` for None (model-type default) and 'all-linear' (expanded),
+    as PEFT does, so the saved config names the modules actually adapted."""
+    if config.target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(
+                f"target_modules is None and loracast has no default for model type {model_type!r}; "
+                "set target_modules, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
+        config.target_modules = list(DEFAULT_TARGETS[model_type])
+    elif isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+        excluded = _output_head_names(model, config)
+        config.target_modules = [
+            name for name, module in _named_modules_outside_wrappers(model)
+            if name and name not in excluded and (is_linear_like(module) or
+                                                  (isinstance(module, Linear)))
+        ]
+
+
+def _output_head_names(model: nn.Module, config: LoraConfig) -> set[str]:
+    heads: list[nn.Module] = []
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    if output is not None:
+        heads.append(output)
+    elif config.task_type == "SEQ_CLS":
+        for attr in ("classifier", "score"):
+            if isinstance(getattr(model, attr, None), nn.Module):
+                heads.append(getattr(model, attr))
+                break
+    return {name for name, module in model.named_modules() if any(module is h for h in heads)}
+
+
+def _named_modules_outside_wrappers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """named_modules(), skipping the insides of LoRA layers and modules_to_save wrappers."""
+    inside: str | None = None  # named_modules() is depth-first, so a wrapper's insides come in one run
+    for name, module in model.named_modules():
+        if inside is not None and name.startswith(inside):
+            continue
+        inside = None
+        yield name, module
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            inside = name + "."
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+# Dispatch: the first entry whose predicate accepts the base layer builds the LoRA wrapper.
+LayerFactory = Callable[[nn.Module, LoraConfig], LoraLayer]
+
+
+def _make_linear(base: nn.Module, config: LoraConfig) -> LoraLayer:
+    conv1d = _conv1d_type()
+    is_conv1d = conv1d is not None and isinstance(base, conv1d)
+    if is_conv1d and not config.fan_in_fan_out:
+        import warnings
+        warnings.warn("fan_in_fan_out is False but the target is a Conv1D (weight stored as (in, out)); "
+                      "setting fan_in_fan_out=True", UserWarning, stacklevel=4)
+        config.fan_in_fan_out = True
+    elif isinstance(base, nn.Linear) and config.fan_in_fan_out and find_backend(base) is None:
+        import warnings
+        warnings.warn("fan_in_fan_out is True but the target is an nn.Linear; setting fan_in_fan_out=False",
+                      UserWarning, stacklevel=4)
+        config.fan_in_fan_out = False
+    return Linear(base, fan_in_fan_out=is_conv1d)
+
+
+DISPATCH: list[tuple[str, Callable[[nn.Module], bool], LayerFactory]] = [
+    ("quantized linear", lambda m: find_backend(m) is not None, _make_linear),
+    ("nn.Embedding", lambda m: isinstance(m, nn.Embedding), lambda m, c: Embedding(m)),
+    ("nn.Conv1d/2d/3d", lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), lambda m, c: Conv(m)),
+    ("nn.Linear", lambda m: isinstance(m, nn.Linear), _make_linear),
+    ("transformers Conv1D", lambda m: (_conv1d_type() is not None and isinstance(m, _conv1d_type())),
+     _make_linear),
+]
+
+
+def make_lora_layer(base: nn.Module, config: LoraConfig, name: str) -> LoraLayer:
+    """Wrap `base` in the LoRA layer its type calls for.
+
+    Raises:
+        ValueError: the module type cannot carry a LoRA adapter.
+    """
+    for _, accepts, factory in DISPATCH:
+        if accepts(base):
+            return factory(base, config)
+    supported = ", ".join(label for label, _, _ in DISPATCH)
+    raise ValueError(f"target module {name!r} is a {type(base).__name__}, which LoRA cannot adapt; "
+                     f"supported: {supported}. Narrow target_modules so it does not match this module")
+
+
+def inject_adapter(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str,
+    *,
+    autocast_adapter_dtype: bool = True,
+    adapter_dtype: torch.dtype | None = None,
+    initialize: bool = True,
+) -> list[str]:
+    """Add adapter `adapter_name` to every module `config` targets; returns their names.
+
+    `initialize=False` leaves the adapter values uninitialised (they are loaded next).
+
+    Raises:
+        ValueError: nothing matches (the message lists the patterns and some module names),
+            or a matched module cannot carry an adapter.
+    """
+    resolve_target_modules(model, config)
+    matcher = TargetMatcher(config)
+    init = config.init_lora_weights if initialize else None
+    targeted: list[str] = []
+    candidates: list[str] = []
+    for name, module in list(_named_modules_outside_wrappers(model)):
+        if not name:
+            continue
+        if len(candidates) < 400:
+            candidates.append(name)
+        if not matcher.matches(name):
+            continue
+        layer = module if isinstance(module, LoraLayer) else make_lora_layer(module, config, name)
+        base = layer.get_base_layer()
+        r = pattern_value(config.rank_pattern, name, config.r)
+        alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
+        layer.update_layer(
+            adapter_name, r, alpha, lora_dropout=config.lora_dropout, init_lora_weights=init,
+            use_rslora=config.use_rslora, lora_bias=config.lora_bias,
+            dtype=resolve_adapter_dtype(base, autocast_adapter_dtype, adapter_dtype),
+            device=adapter_device(base))
+        if layer is not module:
+            base.requires_grad_(False)
+            _set_submodule(model, name, layer)
+        targeted.append(name)
+    if not targeted:
+        raise ValueError(_no_match_message(config, candidates))
+    return targeted
+
+
+def _no_match_message(config: LoraConfig, names: list[str]) -> str:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
+    shown = ", ".join(leaves[:25]) + (" ..." if len(leaves) > 25 else "")
+    extra = ""
+    if config.layers_to_transform is not None:
+        extra = f" with layers_to_transform={config.layers_to_transform!r} and layers_pattern={config.layers_pattern!r}"
+    if config.exclude_modules:
+        extra += f" after exclude_modules={config.exclude_modules!r}"
+    return (f"target_modules={config.target_modules!r}{extra} matched no module of the model. "
+            f"Module names that exist (last part): {shown}. Use names from this list, a regex over full "
+            f"names, or 'all-linear'")
+
+
+def wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str, *,
+                         autocast_adapter_dtype: bool = True,
+                         adapter_dtype: torch.dtype | None = None) -> list[str]:
+    """Give every module named in `config.modules_to_save` a trainable copy for `adapter_name`.
+
+    Raises:
+        ValueError: a name in modules_to_save matches no module.
+    """
+    wanted = config.modules_to_save or []
+    if not wanted:
+        return []
+    wrapped: list[str] = []
+    found: set[str] = set()
+    for name, module in list(_named_modules_outside_wrappers(model)):
+        leaf_match = [w for w in wanted if name == w or name.endswith("." + w)]
+        if not name or not leaf_match:
+            continue
+        found.update(leaf_match)
+        wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+        original = wrapper.original_module
+        float_params = [p for p in original.parameters() if p.is_floating_point()]
+        dtype = None
+        if float_params:
+            dtype = adapter_dtype or (torch.float32 if autocast_adapter_dtype and float_params[0].dtype in (
+                torch.float16, torch.bfloat16) else float_params[0].dtype)
+        wrapper.add_copy(adapter_name, dtype)
+        if wrapper is not module:
+            _set_submodule(model, name, wrapper)
+        wrapped.append(name)
+    task_heads = set(TASK_HEADS.get(config.task_type or "", []))
+    missing = [w for w in wanted if w not in found and w not in task_heads]
+    if missing:
+        raise ValueError(f"modules_to_save names {missing} match no module of the model; "
+                         "give module names (or dotted suffixes) that exist")
+    return wrapped
+
+
+def iter_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """(name, layer) for every LoRA layer in `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def iter_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+    """(name, wrapper) for every modules_to_save wrapper in `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            yield name, module

@@ -1,0 +1,242 @@
+"""PEFT's adapter files: `adapter_model.safetensors` + `adapter_config.json`.
+
+Keys are the model's parameter names under ``base_model.model.`` with the adapter name removed
+(``...q_proj.lora_A.default.weight`` is written ``...q_proj.lora_A.weight``; a modules_to_save
+copy ``...score.modules_to_save.default.weight`` is written ``...score.weight``). Writes are
+atomic: each file goes to a temporary name in the same folder and is renamed over the old one
+only once complete, so a failed save leaves the previous adapter intact. Pickle files
+(`adapter_model.bin`) are refused unless the caller opts in, and are then read with
+``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import AdapterLoadError
+from .layers import LoraLayer
+from .modules_to_save import ModulesToSaveWrapper
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+
+
+# -- key mapping ---------------------------------------------------------------------------------
+
+def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """File key -> live tensor for one adapter's own tensors in `model` (the model holding the
+    LoRA layers): LoRA factors and modules_to_save copies.
+
+    The same map serves saving (read the tensors) and loading (copy into them).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        prefix = KEY_PREFIX + (path + "." if path else "")
+        if isinstance(module, LoraLayer):
+            for container_name in module.adapter_layer_names:
+                container = getattr(module, container_name)
+                if adapter_name not in container:
+                    continue
+                entry = container[adapter_name]
+                if isinstance(entry, nn.Parameter):
+                    out[f"{prefix}{container_name}"] = entry
+                else:
+                    for name, param in entry.named_parameters():
+                        out[f"{prefix}{container_name}.{name}"] = param
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            for name, param in module.modules_to_save[adapter_name].named_parameters():
+                out[f"{prefix}{name}"] = param
+    return out
+
+
+def trained_bias_tensors(model: nn.Module, adapter_name: str, bias: str) -> dict[str, torch.Tensor]:
+    """File key -> live base bias for the biases a config's `bias` mode trains and saves:
+    every bias for "all", those of adapted layers for "lora_only", none for "none"."""
+    out: dict[str, torch.Tensor] = {}
+    if bias == "lora_only":
+        for path, module in model.named_modules():
+            if isinstance(module, LoraLayer) and adapter_name in module.r:
+                base_bias = getattr(module.get_base_layer(), "bias", None)
+                if isinstance(base_bias, torch.Tensor):
+                    out[f"{KEY_PREFIX}{path}.base_layer.bias"] = base_bias
+    elif bias == "all":
+        for name, param in _params_outside_adapters(model):
+            if name.rsplit(".", 1)[-1] == "bias":
+                out[KEY_PREFIX + name] = param
+    return out
+
+
+def _params_outside_adapters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    adapter_ids = set()
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for container_name in module.adapter_layer_names:
+                adapter_ids.update(id(p) for p in getattr(module, container_name).parameters())
+        elif isinstance(module, ModulesToSaveWrapper):
+            adapter_ids.update(id(p) for p in module.modules_to_save.parameters())
+    for name, param in model.named_parameters():
+        if id(param) not in adapter_ids:
+            yield name, param
+
+
+# -- atomic writes -------------------------------------------------------------------------------
+
+def _temp_path(final_path: str) -> str:
+    folder, base = os.path.split(final_path)
+    handle, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder or ".")
+    os.close(handle)
+    return tmp
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the complete new one."""
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def prepare_for_safetensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None
+                            ) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors that share no memory (safetensors refuses otherwise),
+    floating ones cast to `dtype` when given."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, tensor in tensors.items():
+        t = tensor.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        t = t.to("cpu").contiguous()
+        if t.data_ptr() in seen and t.numel():
+            t = t.clone()
+        seen.add(t.data_ptr())
+        out[key] = t
+    return out
+
+
+def atomic_save_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """`safetensors.torch.save_file`, written to a temporary file and renamed into place."""
+    tmp = _temp_path(path)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+def read_adapter_weights(folder: str, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and safetensors metadata of a saved adapter (CPU tensors).
+
+    Raises:
+        FileNotFoundError: neither adapter file is in `folder`.
+        AdapterLoadError: only a pickle file exists and `allow_pickle` is False, or the file is unreadable.
+    """
+    safetensors_path = os.path.join(folder, WEIGHTS_NAME)
+    if os.path.isfile(safetensors_path):
+        try:
+            with safe_open(safetensors_path, framework="pt", device="cpu") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise AdapterLoadError(f"cannot read {safetensors_path}: {exc}. The file is damaged or not a "
+                                   "safetensors file; save the adapter again") from exc
+        return tensors, metadata
+    legacy_path = os.path.join(folder, LEGACY_WEIGHTS_NAME)
+    if os.path.isfile(legacy_path):
+        if not allow_pickle:
+            raise AdapterLoadError(
+                f"{legacy_path} is a pickle file, which can run code when read; loracast reads only "
+                f"{WEIGHTS_NAME} by default. If you trust its source, pass allow_pickle=True (it is then read "
+                "with torch.load(weights_only=True)), or convert it to safetensors")
+        try:
+            state = torch.load(legacy_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise AdapterLoadError(f"cannot read {legacy_path} with weights_only=True: {exc}") from exc
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise AdapterLoadError(f"{legacy_path} does not hold a dict of tensors")
+        return state, {}
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {folder!r}: pass the folder "
+                            "written by save_pretrained")
+
+
+def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+                         source: str, optional: dict[str, torch.Tensor] | None = None) -> None:
+    """Copy checkpoint `tensors` into the adapter's live tensors (`targets`, from `adapter_tensors`).
+
+    The live tensors keep their dtype (set by the precision rules); values are rounded into it.
+    Other keys that name a model parameter (trained biases, base tensors PEFT saves) are loaded
+    into it; keys naming nothing are reported in one warning.
+
+    Raises:
+        AdapterLoadError: the file holds no tensors, a tensor is not floating point, a shape does not
+            fit (key and both shapes named), or weights for targeted modules are missing (named).
+    """
+    if not tensors:
+        raise AdapterLoadError(f"{source} holds no tensors; it is not a trained adapter")
+    normalized = {key if key.startswith(KEY_PREFIX) else KEY_PREFIX + key: value for key, value in tensors.items()}
+    extra_targets: dict[str, torch.Tensor] | None = None
+    unexpected: list[str] = []
+    loaded: set[str] = set()
+    for key, value in normalized.items():
+        target = targets.get(key)
+        if target is None and optional:
+            target = optional.get(key)
+        if target is None:
+            if extra_targets is None:  # base tensors a file may carry (e.g. PEFT's saved embeddings)
+                extra_targets = {KEY_PREFIX + name: p for name, p in _params_outside_adapters(model)}
+            target = extra_targets.get(key)
+            if target is None:
+                unexpected.append(key)
+                continue
+        if not value.is_floating_point():
+            raise AdapterLoadError(f"{source}: tensor {key!r} has dtype {value.dtype}; adapter tensors must be "
+                                   "floating point")
+        if tuple(value.shape) != tuple(target.shape):
+            raise AdapterLoadError(
+                f"{source}: tensor {key!r} has shape {tuple(value.shape)} but the model expects "
+                f"{tuple(target.shape)}; the adapter was trained for a different base model or config "
+                "(check r, rank_pattern and the base model)")
+        with torch.no_grad():
+            target.copy_(value)
+        loaded.add(key)
+    missing = [key for key in targets if key not in loaded]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise AdapterLoadError(
+            f"{source} lacks weights for modules the config targets: {shown}. The file does not belong to "
+            "this config, or was saved incompletely; loading it would leave a fresh, untrained adapter")
+    if unexpected:
+        shown = ", ".join(unexpected[:8]) + (f" ... ({len(unexpected)} in all)" if len(unexpected) > 8 else "")
+        warnings.warn(f"{source}: tensors that match nothing in the model were ignored: {shown}",
+                      UserWarning, stacklevel=3)

@@ -1,0 +1,306 @@
+"""`LoraLayer`: the wrapper every adapted layer shares.
+
+A LoRA layer keeps the original module as ``base_layer`` (so quantization state, hooks and
+checkpoint names survive) and holds its adapters in dicts keyed by adapter name: one entry per
+adapter in each container named by `adapter_layer_names`, plus plain dicts of per-adapter
+numbers (rank, alpha, scaling). Subclasses say how to build an adapter for their base type,
+how to apply it in forward, and what delta it adds to the base weight.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..merge import BitResidual, check_finite, exact_sum
+
+
+class LoraLayer(nn.Module):
+    """Base class of LoRA wrappers; adapters are keyed by name.
+
+    Attributes:
+        base_layer: the wrapped original module (frozen).
+        r, lora_alpha, scaling: per-adapter rank, alpha, and alpha/r (or alpha/sqrt(r)).
+        merged_adapters: adapters whose delta is currently merged into the base weight.
+    """
+
+    # Containers holding per-adapter tensors; every generic loop goes through this tuple.
+    adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self._active_adapters: list[str] = []
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._weight_restore: Any = None  # BitResidual (float base) or a backend snapshot
+        self._bias_original: torch.Tensor | None = None
+        # Per-sample adapter names for a mixed batch; set only for the duration of one forward.
+        self._batch_adapter_names: Sequence[str] | None = None
+
+    # -- adapter bookkeeping ---------------------------------------------------------------------
+
+    def get_base_layer(self) -> nn.Module:
+        """The original module this layer wraps."""
+        return self.base_layer
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters this layer holds."""
+        return list(self.r)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """Adapters applied in forward, in order."""
+        return self._active_adapters
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The first active adapter (PEFT's name for it)."""
+        return self._active_adapters[0] if self._active_adapters else None
+
+    @property
+    def disable_adapters(self) -> bool:
+        """True while adapters are switched off (the base layer alone runs)."""
+        return self._disable_adapters
+
+    @property
+    def merged(self) -> bool:
+        """True while at least one adapter is merged into the base weight."""
+        return bool(self.merged_adapters)
+
+    def adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
+        """The parameters belonging to one adapter."""
+        for container_name in self.adapter_layer_names:
+            container = getattr(self, container_name)
+            if adapter_name not in container:
+                continue
+            entry = container[adapter_name]
+            if isinstance(entry, nn.Parameter):
+                yield entry
+            else:
+                yield from entry.parameters()
+
+    def set_adapter(self, adapter_names: str | Sequence[str], trainable: bool = True) -> None:
+        """Make `adapter_names` the active adapters; only they may require grad."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._active_adapters = [n for n in names if n in self.r]
+        for name in self.r:
+            wants_grad = trainable and name in self._active_adapters
+            for param in self.adapter_parameters(name):
+                param.requires_grad_(wants_grad)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Switch the adapters on or off for forward."""
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove one adapter's tensors and numbers.
+
+        Raises:
+            RuntimeError: the adapter is merged (unmerge first).
+        """
+        if adapter_name in self.merged_adapters:
+            raise RuntimeError(f"adapter {adapter_name!r} is merged into {type(self.base_layer).__name__}; "
+                               "call unmerge_adapter() before deleting it")
+        for container_name in self.adapter_layer_names + ("lora_dropout",):
+            container = getattr(self, container_name)
+            if adapter_name in container:
+                del container[adapter_name]
+        for numbers in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.lora_bias):
+            numbers.pop(adapter_name, None)
+        if adapter_name in self._active_adapters:
+            self._active_adapters.remove(adapter_name)
+
+    def _register_numbers(self, adapter_name: str, r: int, lora_alpha: float, use_rslora: bool,
+                          lora_bias: bool, dropout: float) -> None:
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.use_rslora[adapter_name] = use_rslora
+        self.lora_bias[adapter_name] = lora_bias
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.lora_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
+
+    def set_scale(self, adapter_name: str, scale: float) -> None:
+        """Multiply an adapter's update by `scale` (relative to alpha/r)."""
+        r, alpha = self.r[adapter_name], self.lora_alpha[adapter_name]
+        base = alpha / math.sqrt(r) if self.use_rslora[adapter_name] else alpha / r
+        self.scaling[adapter_name] = base * scale
+
+    # -- what subclasses provide -----------------------------------------------------------------
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, *, lora_dropout: float,
+                     init_lora_weights: bool | str | None, use_rslora: bool, lora_bias: bool,
+                     dtype: torch.dtype, device: torch.device) -> None:
+        """Add adapter `adapter_name` of rank `r`, created in `dtype` on `device`.
+
+        `init_lora_weights` None leaves the values uninitialised (they are about to be loaded).
+        """
+        raise NotImplementedError
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The update one adapter adds to the base weight, in at least float32, base layout."""
+        raise NotImplementedError
+
+    def _lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """One adapter's contribution for input `x`, before the cast back to the output dtype."""
+        raise NotImplementedError
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._disable_adapters:
+            if self.merged:
+                raise RuntimeError(
+                    "adapters are disabled while merged into the base weight; use PeftModel.disable_adapter() "
+                    "(which unmerges exactly and re-merges) or call unmerge_adapter() first")
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            if self._batch_adapter_names is not None:
+                raise RuntimeError("per-sample adapter_names cannot be used while adapters are merged; "
+                                   "call unmerge_adapter() first")
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self._batch_adapter_names is not None:
+            return self._mixed_batch_forward(x, result)
+        out_dtype = result.dtype
+        for name in self._active_adapters:
+            result = result + self._lora_output(x, name)
+        return result.to(out_dtype)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        names = self._batch_adapter_names
+        if len(names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} samples; "
+                             "give one adapter name (or '__base__') per sample")
+        out_dtype = result.dtype
+        for name in dict.fromkeys(names):
+            if name == "__base__" or name not in self.r:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            update = self._lora_output(x.index_select(0, rows), name).to(out_dtype)
+            result = result.index_add(0, rows, update)
+        return result
+
+    # -- merge ------------------------------------------------------------------------------------
+
+    def _merge_target(self) -> torch.Tensor:
+        """The base weight tensor a merge writes into (float layers)."""
+        return self.get_base_layer().weight
+
+    def _read_original_weight(self) -> torch.Tensor:
+        """The base weight as it was before any merge, as a float tensor."""
+        weight = self._merge_target()
+        if self._weight_restore is not None:
+            return self._weight_restore.restore(weight)
+        return weight.detach()
+
+    def _write_merged_weight(self, original: torch.Tensor, merged: torch.Tensor, keep_restore: bool) -> None:
+        self._weight_restore = BitResidual.between(original, merged) if keep_restore else None
+        with torch.no_grad():
+            self._merge_target().copy_(merged)
+
+    def _restore_original_weight(self) -> None:
+        original = self._read_original_weight()
+        with torch.no_grad():
+            self._merge_target().copy_(original)
+        self._weight_restore = None
+
+    @property
+    def merge_restore_nbytes(self) -> int:
+        """Memory held to restore the base exactly on unmerge."""
+        total = getattr(self._weight_restore, "nbytes", 0)
+        if self._bias_original is not None:
+            total += self._bias_original.numel() * self._bias_original.element_size()
+        return total
+
+    def merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False,
+              keep_restore: bool = True) -> None:
+        """Merge adapters into the base weight: ``round(W0 + sum of deltas)``, rounded once.
+
+        Merging an adapter that is already merged is a no-op. With `keep_restore` the original
+        weight can later be restored bit for bit by `unmerge`.
+
+        Raises:
+            NonFiniteMergeError: `safe_merge` and the result holds inf/nan (nothing is changed).
+        """
+        requested = self._active_adapters if adapter_names is None else list(adapter_names)
+        new = [n for n in requested if n in self.r and n not in self.merged_adapters]
+        if not new:
+            return
+        names = self.merged_adapters + new
+        original = self._read_original_weight()
+        merged = exact_sum(original, [self.get_delta_weight(n) for n in names])
+        where = type(self.base_layer).__name__
+        if safe_merge:
+            check_finite(merged, f"the weight of a {where}", new)
+        new_bias = self._merged_bias(names)
+        if safe_merge and new_bias is not None:
+            check_finite(new_bias, f"the bias of a {where}", new)
+        self._write_merged_weight(original, merged, keep_restore)
+        if new_bias is not None:
+            bias = self.get_base_layer().bias
+            if self._bias_original is None:
+                self._bias_original = bias.detach().clone()
+            with torch.no_grad():
+                bias.copy_(new_bias)
+        self.merged_adapters = names
+
+    def _merged_bias(self, names: Sequence[str]) -> torch.Tensor | None:
+        with_bias = [n for n in names if self.lora_bias.get(n)]
+        bias = getattr(self.get_base_layer(), "bias", None)
+        if not with_bias or bias is None:
+            return None
+        original = self._bias_original if self._bias_original is not None else bias.detach()
+        return exact_sum(original, [self.lora_B[n].bias.detach().float() * self.scaling[n] for n in with_bias])
+
+    def unmerge(self) -> None:
+        """Restore the base weight (and bias) exactly as before the first merge."""
+        if not self.merged:
+            return
+        self._restore_original_weight()
+        if self._bias_original is not None:
+            with torch.no_grad():
+                self.get_base_layer().bias.copy_(self._bias_original)
+            self._bias_original = None
+        self.merged_adapters = []
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={self._active_adapters}, merged={self.merged_adapters}"
+
+
+def new_linear(in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+               device: torch.device) -> nn.Linear:
+    """An `nn.Linear` with uninitialised tensors (its default init would be overwritten anyway)."""
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    layer.in_features = in_features
+    layer.out_features = out_features
+    layer.weight = nn.Parameter(torch.empty((out_features, in_features), dtype=dtype, device=device))
+    if bias:
+        layer.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device))
+    else:
+        layer.register_parameter("bias", None)
+    return layer
+
+
+def init_kaiming_uniform_(weight: torch.Tensor) -> None:
+    """nn.Linear's default init (kaiming uniform with a=sqrt(5)), skipped on the meta device."""
+    if weight.device.type != "meta":
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+def init_zeros_(tensor: torch.Tensor | None) -> None:
+    """Zero a tensor in place, skipped on the meta device."""
+    if tensor is not None and tensor.device.type != "meta":
+        with torch.no_grad():
+            tensor.zero_()

@@ -1,0 +1,63 @@
+"""LoRA over `nn.Embedding`: a low-rank table added to the looked-up rows."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import LoraLayer, init_zeros_
+
+
+class Embedding(LoraLayer):
+    """``y = base(ids) + (A.T[ids] @ B.T) * scaling``.
+
+    Shapes: lora_embedding_A (r, num_embeddings); lora_embedding_B (embedding_dim, r), as PEFT
+    names and shapes them. The looked-up rows are in the adapter dtype; the sum is cast back to
+    the base output dtype like every other LoRA layer.
+    """
+
+    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.in_features = base_layer.num_embeddings
+        self.out_features = base_layer.embedding_dim
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def update_layer(self, adapter_name, r, lora_alpha, *, lora_dropout, init_lora_weights, use_rslora,
+                     lora_bias, dtype, device):
+        if lora_bias:
+            raise ValueError("lora_bias=True is not supported on an Embedding; remove the embedding from "
+                             "target_modules or set lora_bias=False")
+        self._register_numbers(adapter_name, r, lora_alpha, use_rslora, lora_bias, lora_dropout)
+        weight_a = nn.Parameter(torch.empty((r, self.in_features), dtype=dtype, device=device))
+        weight_b = nn.Parameter(torch.empty((self.out_features, r), dtype=dtype, device=device))
+        self.lora_embedding_A[adapter_name] = weight_a
+        self.lora_embedding_B[adapter_name] = weight_b
+        if init_lora_weights is None or device.type == "meta":
+            return
+        if init_lora_weights is False:  # random start for both factors
+            nn.init.normal_(weight_a)
+            nn.init.normal_(weight_b)
+        else:  # zero A, normal B: a no-op at start, as nn.Embedding's own init for B
+            init_zeros_(weight_a)
+            nn.init.normal_(weight_b)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        weight_a = self.lora_embedding_A[adapter_name]
+        weight_b = self.lora_embedding_B[adapter_name]
+        dtype = torch.promote_types(weight_a.dtype, torch.float32)
+        return (weight_b.to(dtype) @ weight_a.to(dtype)).T * self.scaling[adapter_name]  # (num_embeddings, dim)
+
+    def _lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        base = self.base_layer
+        rows = F.embedding(x, self.lora_embedding_A[adapter_name].T, padding_idx=base.padding_idx,
+                           max_norm=base.max_norm, norm_type=base.norm_type,
+                           scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+        out = (rows @ self.lora_embedding_B[adapter_name].T) * self.scaling[adapter_name]
+        embed_scale = getattr(base, "embed_scale", None)  # Gemma-style scaled embeddings
+        if embed_scale is not None:
+            out = out * (embed_scale.to(out.dtype) if isinstance(embed_scale, torch.Tensor) else embed_scale)
+        return out

@@ -1,0 +1,75 @@
+"""LoRA over `nn.Linear` and transformers' GPT-2 `Conv1D` (weight stored as (in, out))."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..precision import base_weight, cast_for_adapter
+from .base import LoraLayer, init_kaiming_uniform_, init_zeros_, new_linear
+
+
+class Linear(LoraLayer):
+    """``y = base(x) + B(A(dropout(x))) * scaling`` for a linear base layer.
+
+    Shapes: x (..., in_features); lora_A.weight (r, in_features); lora_B.weight (out_features, r).
+    `fan_in_fan_out` is True for bases that store their weight as (in, out), like GPT-2's Conv1D;
+    it only changes the layout of `get_delta_weight`.
+    """
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.in_features, self.out_features = linear_features(base_layer, fan_in_fan_out)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def update_layer(self, adapter_name, r, lora_alpha, *, lora_dropout, init_lora_weights, use_rslora,
+                     lora_bias, dtype, device):
+        self._register_numbers(adapter_name, r, lora_alpha, use_rslora, lora_bias, lora_dropout)
+        lora_a = new_linear(self.in_features, r, False, dtype, device)
+        lora_b = new_linear(r, self.out_features, lora_bias, dtype, device)
+        self.lora_A[adapter_name] = lora_a
+        self.lora_B[adapter_name] = lora_b
+        if init_lora_weights is None:
+            return
+        if init_lora_weights is False:  # nn.Linear's own init for both: a random, non-zero start
+            for layer in (lora_a, lora_b):
+                init_kaiming_uniform_(layer.weight)
+            if lora_bias and lora_b.bias.device.type != "meta":
+                bound = 1 / math.sqrt(r)
+                nn.init.uniform_(lora_b.bias, -bound, bound)
+            return
+        if init_lora_weights == "gaussian":
+            if lora_a.weight.device.type != "meta":
+                nn.init.normal_(lora_a.weight, std=1 / r)
+        else:
+            init_kaiming_uniform_(lora_a.weight)
+        init_zeros_(lora_b.weight)
+        init_zeros_(lora_b.bias)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        weight_a = self.lora_A[adapter_name].weight
+        weight_b = self.lora_B[adapter_name].weight
+        dtype = torch.promote_types(weight_a.dtype, torch.float32)
+        delta = (weight_b.to(dtype) @ weight_a.to(dtype)) * self.scaling[adapter_name]  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def _lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        lora_a = self.lora_A[adapter_name]
+        x = cast_for_adapter(x, lora_a.weight.dtype)
+        return self.lora_B[adapter_name](lora_a(self.lora_dropout[adapter_name](x))) * self.scaling[adapter_name]
+
+
+def linear_features(base_layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like layer, packed quantized weights included."""
+    if hasattr(base_layer, "in_features") and hasattr(base_layer, "out_features"):
+        return int(base_layer.in_features), int(base_layer.out_features)
+    weight = base_weight(base_layer)
+    if weight is None or weight.dim() != 2:
+        raise ValueError(f"cannot read the in/out features of {type(base_layer).__name__}: "
+                         "it has no in_features/out_features attributes and no 2-D weight")
+    rows, cols = weight.shape
+    return (int(rows), int(cols)) if fan_in_fan_out else (int(cols), int(rows))

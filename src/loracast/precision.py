@@ -1,0 +1,119 @@
+"""The dtype policy, in one place.
+
+Which dtype a new adapter gets, in order of precedence (first that applies wins):
+
+1. an explicit ``adapter_dtype=`` (e.g. bf16 adapters on an fp32 base);
+2. the autocast flag: with ``autocast_adapter_dtype=True`` (the default, as PEFT) an adapter
+   whose dtype would be fp16, bf16 or an fp8 type is kept in float32 instead;
+3. the base layer's compute dtype, for a quantized base that declares one (bitsandbytes 4-bit
+   ``compute_dtype``);
+4. the base layer's storage dtype, when it is a float dtype;
+5. otherwise (an integer-stored base, such as bitsandbytes 8-bit) torch's default dtype.
+
+The adapter lives on the device of its base weight. The same rule runs in `get_peft_model`,
+`add_adapter`, `load_adapter` and `PeftModel.from_pretrained`; a loaded checkpoint's values are
+copied into tensors of this dtype, so the checkpoint's own dtype never decides (as PEFT).
+
+Forward: the LoRA branch runs in the adapter dtype (its input is cast to it) and the sum is cast
+back to the base layer's output dtype. Under ``torch.autocast`` the input is not cast: autocast
+decides the matmul dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .quant import find_backend
+
+# Dtypes an adapter is upcast from when autocast_adapter_dtype is on (PEFT's list).
+HALF_DTYPES: frozenset[torch.dtype] = frozenset(
+    [torch.float16, torch.bfloat16]
+    + [getattr(torch, name) for name in (
+        "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
+       if hasattr(torch, name)]
+)
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp64": torch.float64, "float64": torch.float64,
+}
+
+
+def parse_dtype(value: torch.dtype | str | None, what: str = "dtype") -> torch.dtype | None:
+    """A torch dtype from a dtype or a name such as 'bf16' or 'torch.bfloat16'.
+
+    Raises:
+        ValueError: the name is not a floating dtype loracast knows.
+    """
+    if value is None or isinstance(value, torch.dtype):
+        if isinstance(value, torch.dtype) and not value.is_floating_point:
+            raise ValueError(f"{what}={value} is not a floating dtype; use torch.float32, torch.bfloat16 or torch.float16")
+        return value
+    if isinstance(value, str):
+        key = value.removeprefix("torch.").lower()
+        if key in DTYPE_NAMES:
+            return DTYPE_NAMES[key]
+    raise ValueError(f"{what}={value!r} is not a known floating dtype; use one of fp32, bf16, fp16 "
+                     "(or torch.float32, torch.bfloat16, torch.float16)")
+
+
+def base_weight(base_layer: nn.Module) -> torch.Tensor | None:
+    """The tensor that carries a base layer's device and storage dtype."""
+    weight = getattr(base_layer, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight
+    qweight = getattr(base_layer, "qweight", None)
+    return qweight if isinstance(qweight, torch.Tensor) else None
+
+
+def base_compute_dtype(base_layer: nn.Module) -> torch.dtype | None:
+    """The float dtype a base layer computes in: a quantized layer's declared compute dtype,
+    else its weight's dtype when that is floating, else None."""
+    backend = find_backend(base_layer)
+    if backend is not None:
+        declared = backend.compute_dtype(base_layer)
+        if declared is not None:
+            return declared
+    weight = base_weight(base_layer)
+    if weight is not None and weight.dtype.is_floating_point:
+        return weight.dtype
+    return None
+
+
+def resolve_adapter_dtype(
+    base_layer: nn.Module,
+    autocast_adapter_dtype: bool = True,
+    adapter_dtype: torch.dtype | None = None,
+) -> torch.dtype:
+    """The dtype a new adapter on `base_layer` gets (precedence in the module docstring)."""
+    if adapter_dtype is not None:
+        return adapter_dtype
+    dtype = base_compute_dtype(base_layer) or torch.get_default_dtype()
+    if autocast_adapter_dtype and dtype in HALF_DTYPES:
+        return torch.float32
+    return dtype
+
+
+def adapter_device(base_layer: nn.Module) -> torch.device:
+    """The device a new adapter on `base_layer` is created on: its base weight's."""
+    weight = base_weight(base_layer)
+    if weight is not None:
+        return weight.device
+    for tensor in base_layer.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def autocast_active(device_type: str) -> bool:
+    """True inside ``torch.autocast`` for this device type (autocast then picks matmul dtypes)."""
+    return torch.is_autocast_enabled(device_type)
+
+
+def cast_for_adapter(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The LoRA branch's input: `x` in the adapter dtype, unless autocast is deciding."""
+    if x.dtype == dtype or not x.is_floating_point() or autocast_active(x.device.type):
+        return x
+    return x.to(dtype)
