@@ -1,0 +1,1 @@
+"""Sub-commands of the `loracast` command line, one module each (found by discovery in `loracast.cli`)."""
