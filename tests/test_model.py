@@ -79,6 +79,11 @@ def test_adapter_lifecycle(make_llama):
     with pytest.raises(ValueError, match="already exists"):
         model.add_adapter("b", LoraConfig(target_modules=["q_proj"]))
 
+    model.merge_adapter(["b"])
+    with pytest.raises(RuntimeError, match="merged into the base weights; call unmerge_adapter"):
+        model.delete_adapter("b")
+    assert "b" in model.peft_config
+    model.unmerge_adapter()
     model.delete_adapter("b")
     assert model.active_adapter == "default" and list(model.peft_config) == ["default"]
     assert not any(".b." in n for n, _ in model.named_parameters())
