@@ -25,8 +25,8 @@ from conftest import tiny_llama_config  # noqa: E402
 
 from loracast import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from loracast.distributed import (FSDPSetupError, explain_flatten_errors, fsdp1_auto_wrap_policy,  # noqa: E402
-                                  fsdp1_flatten_problems, global_mean_weight, init_distributed, rank_share,
-                                  save_adapter, shard_model, wrap_ddp)
+                                  fsdp1_flatten_problems, global_mean_weight, init_distributed,
+                                  prepare_quantized_for_sharding, rank_share, save_adapter, shard_model, wrap_ddp)
 from loracast.io import full_tensor  # noqa: E402
 
 STEPS = 3
@@ -40,10 +40,21 @@ def base_model(dtype: torch.dtype) -> LlamaForCausalLM:
     return LlamaForCausalLM(tiny_llama_config()).to(dtype)
 
 
-def lora_model(dtype: torch.dtype) -> PeftModel:
+def lora_model(dtype: torch.dtype, base: torch.nn.Module | None = None) -> PeftModel:
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    base = base_model(dtype) if base is None else base
     torch.manual_seed(1)
-    return get_peft_model(base_model(dtype), config)
+    return get_peft_model(base, config)
+
+
+def quantized_base(folder: str, storage: torch.dtype) -> LlamaForCausalLM:
+    """The tiny Llama from `folder`, its linear layers in bitsandbytes nf4 stored as `storage`."""
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                               bnb_4bit_quant_storage=storage)
+    return LlamaForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.bfloat16,
+                                            device_map="cpu")
 
 
 def global_batches() -> list[torch.Tensor]:
@@ -201,6 +212,51 @@ def check_fsdp1(ctx, out: str, results: dict, reference: PeftModel, accumulated:
     results["fsdp1"] = report
 
 
+def check_4bit(ctx, out: str, results: dict) -> None:
+    """QLoRA-style bases: nf4 weights stored as bf16 (FSDP1 and FSDP2) or uint8 (FSDP2; FSDP1 refuses)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    folder = os.path.join(out, "tiny_llama")
+    if ctx.is_main:
+        base_model(torch.float32).save_pretrained(folder)
+    dist.barrier()
+    report: dict = {}
+    integer = lora_model(torch.bfloat16, quantized_base(folder, torch.uint8))
+    predicted = sorted({p.kind for p in fsdp1_flatten_problems(integer, fsdp1_auto_wrap_policy(integer))})
+    try:
+        with explain_flatten_errors():
+            FSDP(integer, auto_wrap_policy=fsdp1_auto_wrap_policy(integer), device_id=torch.device("cpu"))
+        raised = None
+    except FSDPSetupError as exc:
+        raised = str(exc.__cause__)
+    report["fsdp1_uint8"] = {"predicted": predicted, "raised": raised}
+    for version, storage in (("fsdp1", torch.bfloat16), ("fsdp2", torch.bfloat16), ("fsdp2", torch.uint8)):
+        model = lora_model(torch.bfloat16, quantized_base(folder, storage))
+        if version == "fsdp1":
+            wrapped = FSDP(model, auto_wrap_policy=fsdp1_auto_wrap_policy(model), device_id=torch.device("cpu"))
+        else:
+            wrapped = shard_model(model)
+        wrapped.eval()  # on AVX512-BF16 CPUs bitsandbytes would repack the gathered weights here
+        first, second = probe_logits(wrapped), probe_logits(wrapped)
+        wrapped.train()
+        losses = train(wrapped, ctx.rank, ctx.world_size)
+        adapter = os.path.join(out, f"{version}_{storage}_4bit")
+        save_adapter(wrapped, adapter)
+        trained = probe_logits(wrapped)
+        if ctx.is_main:
+            single = lora_model(torch.bfloat16, quantized_base(folder, storage))
+            prepare_quantized_for_sharding(single)
+            single.eval()
+            loaded = PeftModel.from_pretrained(quantized_base(folder, storage), adapter)
+            prepare_quantized_for_sharding(loaded)  # the same 4-bit kernel as the sharded model
+            report[f"{version}_{str(storage).removeprefix('torch.')}"] = {
+                "eval_repeat_diff": float((first - second).abs().max()),
+                "eval_vs_single": float((first - probe_logits(single)).abs().max()),
+                "loaded_vs_sharded": float((probe_logits(loaded) - trained).abs().max()),
+                "losses": losses}
+    results["4bit"] = report
+
+
 def main() -> None:
     out = sys.argv[1]
     ctx = init_distributed()
@@ -212,6 +268,7 @@ def main() -> None:
     train(accumulated, 0, 1, accumulate=ctx.world_size)
     check_fsdp2(ctx, out, results, reference, accumulated)
     check_fsdp1(ctx, out, results, reference, accumulated)
+    check_4bit(ctx, out, results)
     if ctx.is_main:
         with open(os.path.join(out, "results.json"), "w") as handle:
             json.dump(results, handle, indent=1)

@@ -19,6 +19,7 @@ from .ddp import wrap_ddp
 from .fsdp import fsdp2_shard_problems, mixed_precision_policy, shard_model
 from .fsdp1 import (SeparateAdaptersPolicy, check_fsdp1, explain_flatten_errors, fsdp1_auto_wrap_policy,
                     fsdp1_flatten_problems)
+from .quantized import prepare_quantized_for_sharding
 from .runtime import (DistContext, barrier, choose_backend, current_context, global_mean_weight, init_distributed,
                       is_main_process, rank_share, shutdown)
 from .units import FSDPSetupError, UnitProblem, transformer_block_classes
@@ -40,6 +41,7 @@ __all__ = [
     "init_distributed",
     "is_main_process",
     "mixed_precision_policy",
+    "prepare_quantized_for_sharding",
     "rank_share",
     "save_adapter",
     "shard_model",

@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .units import (QUANT_FIX, FSDPSetupError, UnitProblem, format_problems, group_names, label,
-                    transformer_block_classes, unit_parameters)
+from .quantized import prepare_quantized_for_sharding
+from .units import (FSDPSetupError, UnitProblem, format_problems, group_names, label, transformer_block_classes,
+                    unit_parameters)
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -58,12 +59,12 @@ def mixed_precision_policy(model: nn.Module, compute_dtype: torch.dtype | None =
 
 
 def fsdp2_shard_problems(model: nn.Module, units: Iterable[nn.Module]) -> list[UnitProblem]:
-    """The units FSDP2 would reject: trainable parameters of several dtypes, or integer storage."""
+    """The units FSDP2 would reject: trainable parameters of several dtypes in one unit.
+
+    (Integer-stored frozen weights are fine: FSDP2 shards each tensor on its own.)
+    """
     problems: list[UnitProblem] = []
     for unit, params in unit_parameters(model, units).items():
-        integer = [(n, p) for n, p in params if not p.is_floating_point()]
-        if integer:
-            problems.append(UnitProblem(unit, "integer-storage", group_names(integer, label), QUANT_FIX))
         trainable = [(n, p) for n, p in params if p.requires_grad]
         if len({p.dtype for _, p in trainable}) > 1:
             problems.append(UnitProblem(
@@ -89,7 +90,8 @@ def shard_model(model: nn.Module, *, block_classes: Iterable[type | str] | None 
     Call it on every rank after `init_distributed()` and before building the optimizer (the
     optimizer must see the sharded parameters). Parameter dtypes are kept: a bf16 frozen base and
     fp32 adapters stay so, sharded. The model's forward, `save_pretrained` (on every rank) and
-    parameter names are unchanged.
+    parameter names are unchanged. bitsandbytes 4-bit layers are made safe to shard first
+    (`prepare_quantized_for_sharding`).
 
     Args:
         model: a `PeftModel` (or any module holding loracast adapters).
@@ -105,7 +107,7 @@ def shard_model(model: nn.Module, *, block_classes: Iterable[type | str] | None 
 
     Raises:
         RuntimeError: no process group is initialised.
-        FSDPSetupError: a unit holds trainable parameters of several dtypes, or integer storage.
+        FSDPSetupError: a unit holds trainable parameters of several dtypes.
         ValueError: block classes cannot be found, or the model has nothing to train.
     """
     from torch.distributed.fsdp import fully_shard
@@ -119,6 +121,7 @@ def shard_model(model: nn.Module, *, block_classes: Iterable[type | str] | None 
     if problems:
         raise FSDPSetupError(format_problems(problems, "FSDP2 cannot shard this model"))
     policy = mp_policy if mp_policy is not None else mixed_precision_policy(model, compute_dtype)
+    prepare_quantized_for_sharding(model)
     mesh = mesh if mesh is not None else _default_mesh(model)
     for block in reversed(blocks):  # inner units first, as fully_shard needs
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)

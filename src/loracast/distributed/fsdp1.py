@@ -26,13 +26,16 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .units import (QUANT_FIX, FSDPSetupError, UnitProblem, format_problems, group_names, label,
+from .quantized import prepare_quantized_for_sharding
+from .units import (FSDPSetupError, UnitProblem, format_problems, group_names, label,
                     transformer_block_classes, unit_parameters)
 
 POLICY_FIX = "auto_wrap_policy=loracast.distributed.fsdp1_auto_wrap_policy(model)"
+QUANT_FIX = ("load the quantized model with a float storage dtype equal to its dtype, e.g. "
+             "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_storage=torch.bfloat16) with "
+             "from_pretrained(..., dtype=torch.bfloat16)")
 UNIFORM_FIX = ("or give every parameter one dtype: get_peft_model(model, config, autocast_adapter_dtype=False) "
                "on a bf16/fp16 base")
-
 
 
 def _dominant_frozen_key(model: nn.Module) -> tuple[torch.dtype, bool] | None:
@@ -73,7 +76,9 @@ def fsdp1_auto_wrap_policy(model: nn.Module, block_classes: Iterable[type | str]
     Use it as ``FullyShardedDataParallel(model, auto_wrap_policy=fsdp1_auto_wrap_policy(model), ...)``
     or set it on accelerate's ``FullyShardedDataParallelPlugin.auto_wrap_policy``. Block classes
     come from `block_classes` or the model's ``_no_split_modules``; a model without either still
-    gets separate adapter units (and one root unit for the rest).
+    gets separate adapter units (and one root unit for the rest). bitsandbytes 4-bit layers are
+    made safe to shard (`prepare_quantized_for_sharding`); they need a float
+    ``bnb_4bit_quant_storage`` equal to the model dtype, as FSDP1 cannot flatten integers.
 
     Raises:
         ValueError: a class named in `block_classes` is not in the model.
@@ -85,6 +90,7 @@ def fsdp1_auto_wrap_policy(model: nn.Module, block_classes: Iterable[type | str]
             classes = ()
     else:
         classes = transformer_block_classes(model, block_classes)
+    prepare_quantized_for_sharding(model)
     return SeparateAdaptersPolicy(classes, _dominant_frozen_key(model))
 
 

@@ -75,14 +75,8 @@ def unit_parameters(model: nn.Module, units: Iterable[nn.Module]
     return out
 
 
-QUANT_FIX = ("load the quantized model with a float storage dtype equal to its dtype, e.g. "
-             "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_storage=torch.bfloat16) with "
-             "from_pretrained(..., dtype=torch.bfloat16)")
-
-
 class FSDPSetupError(ValueError):
     """FSDP cannot shard the model as configured; the message lists each unit at fault and the fix."""
-
 
 
 @dataclass(frozen=True)
