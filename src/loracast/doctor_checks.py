@@ -15,7 +15,7 @@
 | saved-dtype-differs | warning/info | the file's dtype differs from the dtype trained in |
 | environment-changed | warning | versions, device, base dtypes or quantization differ from save time |
 | adapter-dtype-changed | warning/info | the adapter now computes in another dtype than at save |
-| unsupported-peft-options | error | PEFT options that change the math and loracast lacks |
+| unsupported-peft-options | error (warning on a live PEFT model) | PEFT options that change the math, loracast lacks |
 | unknown-peft-fields | warning | config fields loracast does not know (newer PEFT) |
 | adapter-load-failed | error | the adapter does not load into the given base |
 | no-fingerprint | info | a saved adapter without a loracast fingerprint |
@@ -38,6 +38,11 @@ from .model_view import dtype_name
 FP16_MAX = torch.finfo(torch.float16).max
 NEAR_FP16_FACTOR = 16.0  # headroom below float16's largest value that the LoRA product and merge can eat
 _WIDE = (torch.float32, torch.float64)
+
+
+def _count(n: int, noun: str, plural: str | None = None) -> str:
+    """'1 base weight', '3 base weights'."""
+    return f"{n} {noun if n == 1 else (plural or noun + 's')}"
 
 
 def _lora(records: list[TensorRecord]) -> list[TensorRecord]:
@@ -85,7 +90,7 @@ def check_fp16_trainable(inv: Inventory) -> list[Finding]:
     if not seen:
         return []
     return [Finding(
-        "fp16-trainable", "error", f"{len(seen)} float16 parameters are being trained", seen,
+        "fp16-trainable", "error", f"{_count(len(seen), 'float16 parameter')} being trained", seen,
         "float16's largest value is 65504 and it keeps 11 significant bits: gradients and optimizer updates of "
         "float16 weights overflow to inf or round to nothing, and torch.amp's GradScaler (Trainer(fp16=True)) "
         "stops with 'Attempting to unscale FP16 gradients'.",
@@ -111,7 +116,7 @@ def check_quant_compute(inv: Inventory) -> list[Finding]:
         return []
     return [Finding(
         "quant-compute-mismatch", "warning",
-        f"{len(seen)} quantized layers compute in another dtype than their adapter", seen,
+        f"{_count(len(seen), 'quantized layer')} computing in another dtype than the adapter", seen,
         "With autocast_adapter_dtype=False (precision=\"fast\") an adapter on a quantized layer is meant to compute "
         "in the layer's compute dtype. Here the LoRA branch runs in one dtype and the quantized matmul in another: "
         "every forward casts the activations between them, and a float16 side can overflow where bfloat16 would "
@@ -177,7 +182,7 @@ def check_base_grad(inv: Inventory) -> list[Finding]:
         return []
     seen = [f"{name}: {dtype_name(dtype)}" for name, dtype in inv.base_grad]
     return [Finding(
-        "base-requires-grad", "warning", f"{len(seen)} base weights require grad", seen,
+        "base-requires-grad", "warning", f"{_count(len(seen), 'base weight')} requiring grad", seen,
         "They are trained in full, with gradients and optimizer state for each, which defeats LoRA's memory "
         "saving; save_pretrained does not write them, so their training is lost; and FSDP with "
         "use_orig_params=False refuses units that mix trainable and frozen parameters.",
@@ -211,7 +216,7 @@ def check_values(inv: Inventory) -> list[Finding]:
     out = []
     if non_finite:
         out.append(Finding(
-            "non-finite-adapter", "error", f"{len(non_finite)} adapter tensors hold inf or nan", non_finite,
+            "non-finite-adapter", "error", f"{_count(len(non_finite), 'adapter tensor')} holding inf or nan", non_finite,
             "One inf or nan spreads to every output it touches: the adapter produces nan logits. Training diverged, "
             "or values overflowed when cast to float16 (saved or loaded in it).",
             "# reload a checkpoint saved before the divergence, then train in float32 with a lower learning rate:\n"
@@ -221,7 +226,7 @@ def check_values(inv: Inventory) -> list[Finding]:
     if large:
         out.append(Finding(
             "near-fp16-limit", "warning",
-            f"{len(large)} adapter tensors hold values above {limit:.0f} (float16's largest is {FP16_MAX:.0f})",
+            f"{_count(len(large), 'adapter tensor')} holding values above {limit:.0f} (float16's largest is {FP16_MAX:.0f})",
             large,
             "In float16 the LoRA branch (x @ A.T @ B.T * scaling) and a merge into a float16 base multiply these "
             "values further and overflow to inf. Harmless in float32 or bfloat16, but such values usually mean an "
@@ -245,7 +250,7 @@ def check_saved_dtype(inv: Inventory) -> list[Finding]:
            if narrowed else "The file is wider than the dtype trained in: values are exact, the file is larger than "
            "it needs to be.")
     return [Finding("saved-dtype-differs", "warning" if narrowed else "info",
-                    f"{len(seen)} tensors were saved in another dtype than they were trained in", seen, why,
+                    f"{_count(len(seen), 'tensor')} saved in another dtype than trained in", seen, why,
                     "model.save_pretrained(path)  # without save_dtype=, each tensor keeps its trained dtype")]
 
 
@@ -255,8 +260,9 @@ def _environment_fix(differences) -> str:
     lines = []
     if pins:
         lines.append(f"pip install {' '.join(pins)}  # the versions recorded at save")
-    if any(d.kind in ("model-dtype", "base-dtype") for d in differences):
-        lines.append("base_model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.<dtype at save>)")
+    saved_dtype = next((d.saved for d in differences if d.kind == "model-dtype"), None)
+    if saved_dtype or any(d.kind == "base-dtype" for d in differences):
+        lines.append(f"base_model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.{saved_dtype or '<dtype at save>'})")
     if any(d.kind == "quantization" for d in differences):
         lines.append("# load the base with the BitsAndBytesConfig recorded at save (see the fingerprint)")
     if any(d.kind == "device" for d in differences):
@@ -275,7 +281,7 @@ def check_fingerprint_differences(inv: Inventory) -> list[Finding]:
     if environment:
         out.append(Finding(
             "environment-changed", "warning",
-            f"{len(environment)} differences from the environment the adapter was saved in", [s for _, s, _ in environment],
+            f"{_count(len(environment), 'difference')} from the environment the adapter was saved in", [s for _, s, _ in environment],
             "Other library versions, devices, base dtypes or quantization settings change kernels and rounding: "
             "the adapter's outputs will not match those seen at save time exactly (and a different base dtype or "
             "quantization can change them noticeably).", _environment_fix([d for _, _, d in environment])))
@@ -302,8 +308,9 @@ def check_config(inv: Inventory) -> list[Finding]:
     out = []
     if unsupported:
         out.append(Finding(
-            "unsupported-peft-options", "error",
-            f"{len(unsupported)} PEFT options that change the math are not implemented by loracast", unsupported,
+            # in a live PEFT model they work (in PEFT); loracast could not load the saved adapter
+            "unsupported-peft-options", "warning" if inv.peft_model else "error",
+            f"{_count(len(unsupported), 'PEFT option')} changing the math, not implemented by loracast", unsupported,
             "These options change how the adapter computes its output (DoRA rescales each weight row by a learned "
             "magnitude; PiSSA/OLoRA/LoftQ initialisations change the base weights; ...). loracast refuses to load "
             "such an adapter rather than compute something else.",
@@ -311,7 +318,7 @@ def check_config(inv: Inventory) -> list[Finding]:
             "model = PeftModel.from_pretrained(base_model, path)"))
     if unknown:
         out.append(Finding(
-            "unknown-peft-fields", "warning", f"{len(unknown)} config fields are unknown to loracast", unknown,
+            "unknown-peft-fields", "warning", f"{_count(len(unknown), 'config field')} unknown to loracast", unknown,
             "They come from a newer PEFT. loracast keeps them when it re-saves the config but does not act on them; "
             "if one changes the math, the loaded adapter computes something else than it did in training.",
             "pip install --upgrade loracast  # or load with the PEFT version that wrote the adapter"))

@@ -71,6 +71,7 @@ class Inventory:
     differences: dict[str, list[Difference]] = field(default_factory=dict)
     load_problems: dict[str, str] = field(default_factory=dict)
     fsdp_reason: str | None = None
+    peft_model: bool = False  # a live model of PEFT itself (its adapters work there whatever loracast supports)
     notes: list[str] = field(default_factory=list)
 
 
@@ -231,7 +232,7 @@ def _trained_bias_names(model: nn.Module, configs: dict[str, dict]) -> set[str]:
 
 def _from_model(obj: nn.Module, subject: str, kind: str, fsdp: bool | None) -> Inventory:
     model = _unwrap(obj)
-    inventory = Inventory(subject, kind, live=True)
+    inventory = Inventory(subject, kind, live=True, peft_model=type(obj).__module__.startswith("peft."))
     inventory.configs = {name: _config_dict(c) for name, c in (getattr(obj, "peft_config", None) or {}).items()}
     for t in adapter_tensors_of(model):
         inventory.tensors.append(TensorRecord(t.name, t.module, t.adapter, t.role, t.tensor.dtype, t.tensor.detach(),

@@ -92,9 +92,10 @@ def summary_text(entry: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _finding_lines(finding, width: int) -> list[str]:
-    seen = collapse(finding.seen)
-    shown = seen[:_MAX_SEEN] + ([f"... and {len(seen) - _MAX_SEEN} more"] if len(seen) > _MAX_SEEN else [])
+def _finding_lines(finding, width: int, full: bool) -> list[str]:
+    seen = finding.seen if full else collapse(finding.seen)
+    limit = len(seen) if full else _MAX_SEEN
+    shown = seen[:limit] + ([f"... and {len(seen) - limit} more"] if len(seen) > limit else [])
     lines = [f"{finding.severity.upper():7} {finding.id}: {finding.title}"]
     lines += ["        seen: " + shown[0]] + ["              " + s for s in shown[1:]] if shown else []
     lines += textwrap.wrap(finding.why, width=width, initial_indent="        why:  ", subsequent_indent="              ")
@@ -117,7 +118,7 @@ def render(report, use_rich: bool | None = None, full: bool = False, width: int 
     heading = f"loracast doctor: {report.subject} ({report.kind})"
     tally = ", ".join(f"{n} {s}{'s' if n != 1 else ''}" for s, n in counts.items())
     dtypes = [f"  {short(e['dtype']):6} {summary_text(e)}" for e in report.summary]
-    findings = [line for f in report.findings for line in _finding_lines(f, width - 14)]
+    findings = [line for f in report.findings for line in _finding_lines(f, width - 14, full)]
     notes = [f"note: {n}" for n in report.notes]
     columns = list(COLUMNS) + extra_columns(report)
     # a column with nothing to say (e.g. grad and device for a saved folder) is left out
