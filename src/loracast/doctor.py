@@ -7,7 +7,8 @@ model folder, into a copy of which the adapter is loaded as `PeftModel.from_pret
 It returns a `Report`: a row per adapted module (base storage and compute dtype, adapter
 dtypes, requires_grad, device), a line per dtype, and findings, each with a stable id, a
 severity, the module names it saw, why it matters and the fix as code. The checks live in
-`doctor_checks`, the input readers in `doctor_inputs`, the text rendering in `doctor_render`.
+`doctor_checks`, the input readers in `doctor_inputs`, the table as data in `doctor_table`, its
+text rendering in `doctor_render`.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class Report:
     Attributes:
         subject: what was inspected (a path or a model class name).
         kind: "model", "adapter folder" or "adapter folder + base".
-        rows: one dict per adapted module and adapter (see `doctor_inputs.table_rows`).
+        rows: one dict per adapted module and adapter (see `doctor_table.table_rows`).
         summary: one dict per dtype: counts of adapter tensors, their values, and base layers.
         findings: errors first, then warnings, then infos.
         notes: other things worth saying (e.g. which adapters were found).
@@ -129,7 +130,8 @@ def doctor(model_or_path: nn.Module | str | os.PathLike, base: nn.Module | str |
         UnreadableInput: the path or base cannot be read (the message says why).
     """
     from .doctor_checks import run_checks
-    from .doctor_inputs import collect, summary_lines, table_rows
+    from .doctor_inputs import collect
+    from .doctor_table import summary_lines, table_rows
 
     inventory = collect(model_or_path, base, fsdp)
     findings = run_checks(inventory)

@@ -15,7 +15,7 @@ import json
 import os
 import re
 import warnings
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -28,7 +28,7 @@ from .errors import PrecisionWarning
 from .fingerprint import Difference, build_fingerprint, compare_fingerprints, environment, parse_fingerprint
 from .io import KEY_PREFIX, adapter_tensors, read_adapter_weights
 from .model_view import (ROLES, BaseLayerInfo, adapter_tensors_of, base_layer_info, base_parameters,
-                         dtype_from_name, dtype_name, is_lora_layer, is_saved_wrapper, model_dtype,
+                         dtype_from_name, is_lora_layer, is_saved_wrapper, model_dtype,
                          quantized_layers)
 
 _FILE_KEY = re.compile(r"^(?P<module>.+)\.(?P<container>" + "|".join(ROLES) + r")(?:\.(?P<param>[^.]+))?$")
@@ -262,13 +262,17 @@ def _from_model(obj: nn.Module, subject: str, kind: str, fsdp: bool | None) -> I
     return inventory
 
 
+def _file_keys(model: nn.Module, adapter: str) -> dict[str, str]:
+    """Parameter name in `model` -> the key the adapter's file uses for it (loracast models)."""
+    key_of = {id(param): key for key, param in adapter_tensors(model, adapter).items()}
+    return {name: key_of[id(param)] for name, param in model.named_parameters() if id(param) in key_of}
+
+
 def _attach_trained_dtypes(inventory: Inventory, model: nn.Module, adapter: str, fingerprint: dict) -> None:
     recorded = fingerprint.get("adapter_dtypes") or {}
-    key_of = {id(param): key for key, param in adapter_tensors(model, adapter).items()}
-    by_name = dict(model.named_parameters())
+    keys = _file_keys(model, adapter)
     for record in inventory.tensors:
-        param = by_name.get(record.name)
-        key = key_of.get(id(param)) if param is not None else None
+        key = keys.get(record.name)
         if record.adapter == adapter and key in recorded:
             record.trained_dtype = dtype_from_name(recorded[key])
 
@@ -378,72 +382,9 @@ def _with_base(path: str, folders: dict[str, str], files: dict[str, _AdapterFile
 
 
 def _attach_file_dtypes(inventory: Inventory, peft_model: nn.Module, adapter: str, files: _AdapterFiles) -> None:
-    model = peft_model.base_model.model
-    key_of = {id(param): key for key, param in adapter_tensors(model, adapter).items()}
-    by_name = dict(model.named_parameters())
-    file_keys = {k if k.startswith(KEY_PREFIX) else KEY_PREFIX + k: v for k, v in files.tensors.items()}
+    keys = _file_keys(peft_model.base_model.model, adapter)
+    saved = {k if k.startswith(KEY_PREFIX) else KEY_PREFIX + k: v for k, v in files.tensors.items()}
     for record in inventory.tensors:
-        if record.adapter != adapter or record.name not in by_name:
-            continue
-        key = key_of.get(id(by_name[record.name]))
-        if key in file_keys:
-            record.file_dtype = file_keys[key].dtype
-
-
-# -- table and summary -----------------------------------------------------------------------------
-
-def table_rows(inventory: Inventory) -> list[dict[str, Any]]:
-    """One row per (adapted module, adapter): base storage/compute dtypes, adapter dtypes by role,
-    requires_grad, device; folder rows also carry the file and trained dtypes where they differ."""
-    grouped: OrderedDict[tuple[str, str], list[TensorRecord]] = OrderedDict()
-    for record in inventory.tensors:
-        if record.role != "base":
-            grouped.setdefault((record.module, record.adapter), []).append(record)
-    rows = []
-    for (module, adapter), records in grouped.items():
-        base = inventory.base_layers.get(module)
-        grads = {r.requires_grad for r in records}
-        row: dict[str, Any] = {
-            "module": module, "adapter": adapter,
-            "kind": "modules_to_save" if records[0].role == "copy" else "lora",
-            "base": dtype_name(base.storage) if base else None,
-            "compute": dtype_name(base.compute) if base and base.backend else None,
-            "quantization": base.backend if base else None,
-            "dtypes": {r.role: dtype_name(r.dtype) for r in records},
-            "requires_grad": None if grads == {None} else (grads.pop() if len(grads) == 1 else "mixed"),
-            "device": ",".join(sorted({r.device for r in records if r.device})) or None,
-        }
-        trained = {r.role: dtype_name(r.trained_dtype) for r in records
-                   if r.trained_dtype is not None and r.trained_dtype != r.dtype}
-        if trained:
-            row["trained"] = trained
-        saved = {r.role: dtype_name(r.file_dtype) for r in records
-                 if r.file_dtype is not None and r.file_dtype != r.dtype}
-        if saved:
-            row["file"] = saved
-        rows.append(row)
-    return rows
-
-
-def summary_lines(inventory: Inventory) -> list[dict[str, Any]]:
-    """Per dtype: adapter tensors, their values, modules_to_save tensors, base parameters (live
-    models), and adapted base layers stored or computing in it."""
-    tensors, values, copies, stored, computing = Counter(), Counter(), Counter(), Counter(), Counter()
-    params = Counter({dtype_name(d): n for d, n in inventory.base_params.items()})
-    for record in inventory.tensors:
-        name = dtype_name(record.dtype)
-        if record.role == "copy":
-            copies[name] += 1
-        elif record.role != "base":
-            tensors[name] += 1
-        values[name] += record.values.numel() if record.role != "base" else 0
-    for info in inventory.base_layers.values():
-        if info.storage is not None:
-            stored[dtype_name(info.storage)] += 1
-        if info.backend and info.compute is not None:
-            computing[dtype_name(info.compute)] += 1
-    names = sorted(set(tensors) | set(copies) | set(stored) | set(computing) | set(params),
-                   key=lambda n: (-(tensors[n] + copies[n]), -params[n], n))
-    return [{"dtype": n, "adapter_tensors": tensors[n], "adapter_values": values[n], "modules_to_save_tensors": copies[n],
-             "base_parameters": params[n], "base_layers_stored": stored[n], "base_layers_computing": computing[n]}
-            for n in names]
+        key = keys.get(record.name)
+        if record.adapter == adapter and key in saved:
+            record.file_dtype = saved[key].dtype
