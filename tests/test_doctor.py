@@ -99,8 +99,12 @@ def test_fp16_adapters_being_trained(make_llama):
 def test_quantized_compute_dtype_differs_from_adapter(make_llama, fake_backend):
     base = quantize(make_llama(torch.bfloat16), storage=torch.int8, compute=torch.bfloat16)
     model = get_peft_model(base, config(), adapter_dtype=torch.float16, autocast_adapter_dtype=False)
-    finding = the(doctor(model), "quant-compute-mismatch")
+    report = doctor(model)
+    finding = the(report, "quant-compute-mismatch")
     assert "model.layers.0.self_attn.q_proj [default]: adapter float16, compute bfloat16" in finding.seen
+    row = report.rows[0]
+    assert (row["base"], row["compute"], row["quantization"]) == ("int8", "bfloat16", "fake-int8")
+    assert {e["dtype"]: e["base_layers_computing"] for e in report.summary}["bfloat16"] == 4
     for good in ("stable", "fast"):
         base = quantize(make_llama(torch.bfloat16), storage=torch.int8, compute=torch.bfloat16)
         assert "quant-compute-mismatch" not in doctor(get_peft_model(base, config(), precision=good)).ids

@@ -154,12 +154,35 @@ def test_a_damaged_fingerprint_warns_and_loads(make_llama, tmp_path):
     assert model._fingerprints == {}
 
 
-def test_quantization_changes_are_reported(make_llama, tmp_path, fake_backend):
+def test_quantization_changes_are_reported(make_llama, tmp_path, fake_backend, monkeypatch):
+    real = fp.package_version
+    monkeypatch.setattr(fp, "package_version", lambda name: "0.40.0" if name == "bitsandbytes" else real(name))
     quantized = quantize(make_llama(torch.bfloat16), storage=torch.int8, compute=torch.bfloat16)
     get_peft_model(quantized, config()).save_pretrained(tmp_path)
+    monkeypatch.setattr(fp, "package_version", real)
     _, said = load(quantize(make_llama(torch.bfloat16), storage=torch.int8, compute=torch.float32), tmp_path)
     assert len(said) == 1
+    assert f"bitsandbytes version: 0.40.0 at save, {real('bitsandbytes')} now" in said[0]
     assert "quantization: fake-int8 storage int8 compute bfloat16 at save, fake-int8 storage int8 compute " \
            "float32 now" in said[0]
     assert "base layer dtype of model.layers.0.self_attn.q_proj and 3 more: fake-int8:int8/bfloat16 at save" \
            in said[0]
+
+
+def test_bitsandbytes_version_is_compared_only_for_quantized_models(make_llama, tmp_path, monkeypatch):
+    real = fp.package_version
+    monkeypatch.setattr(fp, "package_version", lambda name: "0.40.0" if name == "bitsandbytes" else real(name))
+    get_peft_model(make_llama(), config()).save_pretrained(tmp_path)
+    monkeypatch.setattr(fp, "package_version", real)
+    assert load(make_llama(), tmp_path)[1] == []
+
+
+def test_device_type_change_is_reported(make_llama, tmp_path):
+    get_peft_model(make_llama(), config()).save_pretrained(tmp_path)
+    path = tmp_path / WEIGHTS_NAME
+    with safe_open(str(path), framework="pt") as handle:
+        record = json.loads(handle.metadata()[fp.FINGERPRINT_KEY])
+    record["environment"]["device_type"] = "cuda"  # as written by a run on a GPU
+    save_file(load_file(path), path, metadata={"format": "pt", **fp.fingerprint_metadata(record)})
+    _, said = load(make_llama(), tmp_path)
+    assert len(said) == 1 and "device type: cuda at save, cpu now" in said[0]

@@ -13,6 +13,7 @@ fingerprint and load as before.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -26,21 +27,27 @@ from safetensors import safe_open
 from torch import nn
 
 from .errors import PrecisionError, PrecisionWarning
-from .inject import iter_lora_layers
 from .io import WEIGHTS_NAME, adapter_tensors
-from .model_view import base_layer_info, dtype_name, model_dtype, quantized_layers
+from .layers import LoraLayer
+from .model_view import BaseLayerInfo, base_layer_info, dtype_name, model_dtype
+from .quant import find_backend
 
 FINGERPRINT_KEY = "loracast.fingerprint"
 FINGERPRINT_VERSION = 1
 _QUANT_CONFIG_TYPES = (str, int, float, bool, type(None))
 
 
-def package_version(distribution: str) -> str | None:
-    """The installed version of a distribution, or None when it is not installed."""
+@functools.lru_cache(maxsize=None)
+def _installed_version(distribution: str) -> str | None:
     try:
         return importlib_metadata.version(distribution)
     except importlib_metadata.PackageNotFoundError:
         return None
+
+
+def package_version(distribution: str) -> str | None:
+    """The installed version of a distribution, or None when it is not installed."""
+    return _installed_version(distribution)  # cached: reading package metadata costs milliseconds
 
 
 def environment(device_type: str | None = None) -> dict[str, str | None]:
@@ -51,15 +58,14 @@ def environment(device_type: str | None = None) -> dict[str, str | None]:
             "bitsandbytes": package_version("bitsandbytes"), "loracast": __version__, "device_type": device_type}
 
 
-def _layer_record(info) -> str:
+def _layer_record(info: BaseLayerInfo) -> str:
     storage = dtype_name(info.storage) or "none"
     if info.backend is None:
         return storage
     return f"{info.backend}:{storage}/{dtype_name(info.compute) or 'unknown'}"
 
 
-def _quantization(model: nn.Module) -> dict[str, Any] | None:
-    layers = list(quantized_layers(model))
+def _quantization(model: nn.Module, layers: list[BaseLayerInfo]) -> dict[str, Any] | None:
     config = getattr(getattr(model, "config", None), "quantization_config", None)
     if hasattr(config, "to_dict"):
         config = config.to_dict()
@@ -74,16 +80,24 @@ def _quantization(model: nn.Module) -> dict[str, Any] | None:
 
 
 def build_fingerprint(model: nn.Module, adapter_name: str, plan: Any = None,
-                      save_dtype: torch.dtype | None = None) -> dict[str, Any]:
+                      save_dtype: torch.dtype | None = None,
+                      live: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """The fingerprint of one adapter of `model` (the model holding the LoRA layers).
 
     `plan` is the adapter's `PrecisionPlan` (None when unknown); `save_dtype` the dtype the
-    file is written in, when it differs from the tensors' own.
+    file is written in, when it differs from the tensors' own; `live` the adapter's tensors by
+    file key (`io.adapter_tensors`), when the caller has them already.
     """
-    live = adapter_tensors(model, adapter_name)
+    live = adapter_tensors(model, adapter_name) if live is None else live
     devices = sorted({t.device.type for t in live.values()})
-    layers = {path: _layer_record(base_layer_info(path, layer.get_base_layer()))
-              for path, layer in iter_lora_layers(model) if adapter_name in layer.adapter_names}
+    layers: dict[str, str] = {}
+    quantized: list[BaseLayerInfo] = []
+    for path, module in model.named_modules():  # one walk: this runs on every save and load
+        if isinstance(module, LoraLayer):
+            if adapter_name in module.r:
+                layers[path] = _layer_record(base_layer_info(path, module.get_base_layer()))
+        elif find_backend(module) is not None:
+            quantized.append(base_layer_info(path, module))
     return {
         "fingerprint_version": FINGERPRINT_VERSION,
         "adapter_name": adapter_name,
@@ -91,7 +105,7 @@ def build_fingerprint(model: nn.Module, adapter_name: str, plan: Any = None,
         "precision": plan.to_dict() if plan is not None else None,
         "model_dtype": dtype_name(model_dtype(model)),
         "base_layers": layers,
-        "quantization": _quantization(model),
+        "quantization": _quantization(model, quantized),
         "adapter_dtypes": {key: dtype_name(t.dtype) for key, t in live.items()},
         "save_dtype": dtype_name(save_dtype),
         "trainable": any(t.requires_grad for t in live.values()),
@@ -227,14 +241,15 @@ def _quant_texts(saved: dict[str, Any] | None, now: dict[str, Any] | None) -> tu
 
 
 def check_loaded_adapter(model: nn.Module, adapter_name: str, fingerprint: dict[str, Any], plan: Any,
-                         source: str, strict: bool = False) -> list[Difference]:
+                         source: str, strict: bool = False,
+                         live: dict[str, torch.Tensor] | None = None) -> list[Difference]:
     """Compare a just-loaded adapter with its fingerprint: one warning listing the differences,
-    or, when `strict`, a `PrecisionError`. Returns the differences.
+    or, when `strict`, a `PrecisionError`. Returns the differences. `live` as in `build_fingerprint`.
 
     The adapter tensors' dtypes are compared only when the caller left them to the defaults
     (``plan.explicit`` False): an explicit policy or dtype is a choice, not a surprise.
     """
-    now = build_fingerprint(model, adapter_name, plan)
+    now = build_fingerprint(model, adapter_name, plan, live=live)
     differences = compare_fingerprints(fingerprint, now, adapter_dtypes=not getattr(plan, "explicit", False))
     if not differences:
         return differences

@@ -456,7 +456,8 @@ class PeftModel(nn.Module):
         plan = self._precision_plans[adapter_name]
         apply_recorded_dtypes(targets, plan)
         if fingerprint is not None:
-            check_loaded_adapter(model, adapter_name, fingerprint, plan, source=folder, strict=strict_precision)
+            check_loaded_adapter(model, adapter_name, fingerprint, plan, source=folder, strict=strict_precision,
+                                 live=targets)
             self._fingerprints[adapter_name] = fingerprint
 
     @classmethod

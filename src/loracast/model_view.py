@@ -26,6 +26,7 @@ ROLES: dict[str, str] = {
     "lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
     "lora_magnitude_vector": "magnitude",
 }
+_ADAPTER_PARTS = frozenset(ROLES) | {"modules_to_save"}
 
 
 @dataclass
@@ -99,10 +100,13 @@ def adapter_tensors_of(model: nn.Module) -> Iterator[AdapterTensor]:
 
 
 def base_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """(name, parameter) for every parameter of `model` that belongs to no adapter."""
-    adapter_ids = {id(t.tensor) for t in adapter_tensors_of(model)}
+    """(name, parameter) for every parameter of `model` that belongs to no adapter.
+
+    Decided by name, in one walk: a parameter under an adapter container (``lora_A``, ...) or
+    a ``modules_to_save`` copy is the adapter's; the names are the same in loracast and PEFT.
+    """
     for name, param in model.named_parameters():
-        if id(param) not in adapter_ids:
+        if _ADAPTER_PARTS.isdisjoint(name.split(".")):
             yield name, param
 
 
