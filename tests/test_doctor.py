@@ -201,11 +201,13 @@ def test_adapter_dtype_changed_since_save(make_llama, tmp_path):
     assert with_base.rows[0]["trained"] == {"A": "bfloat16", "B": "bfloat16"}
 
 
-def test_peft_written_folder_has_no_fingerprint(make_llama, tmp_path):
+def test_peft_written_folder_has_no_fingerprint(make_llama, tmp_path, capsys):
     import peft
 
     peft.get_peft_model(make_llama(), peft.LoraConfig(target_modules=["q_proj", "v_proj"])).save_pretrained(
         str(tmp_path))
+    assert main(["doctor", str(tmp_path), "--plain"]) == 0
+    assert "INFO    no-fingerprint: No precision fingerprint: the adapter was saved by PEFT" in capsys.readouterr().out
     report = doctor(tmp_path)
     assert report.ids == ["no-fingerprint"] and the(report, "no-fingerprint").severity == "info"
     assert len(report.rows) == 4 and report.rows[0]["dtypes"] == {"A": "float32", "B": "float32"}
