@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import tempfile
-
 import pytest
 import torch
 
 from fake_quant import fake_backend, quantize  # noqa: F401  (fixture)
+from fsdp_step import fsdp1_step
 from loracast import LoraConfig, PrecisionError, get_peft_model
 from loracast.model_view import adapter_tensors_of
 from loracast.policies import resolve_precision, uniform_flat_dtype
@@ -111,24 +110,10 @@ def test_add_adapter_takes_a_policy(make_llama):
     assert model._precision_plans["fast"].policy == "fast"
 
 
-def _fsdp1_step(model) -> None:
-    """Wrap with FSDP1 (one CPU process, gloo, use_orig_params=True) and run forward + backward."""
-    import torch.distributed as dist
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
-    try:
-        wrapped = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
-        ids = torch.randint(0, 128, (1, 8))
-        wrapped(input_ids=ids, labels=ids).loss.backward()
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_fsdp_policy_is_what_fsdp1_needs(make_llama):
     stable = get_peft_model(make_llama(torch.bfloat16), config(), precision="stable")
     with pytest.raises(ValueError, match="Must flatten tensors with uniform dtype"):
-        _fsdp1_step(stable)
-    _fsdp1_step(get_peft_model(make_llama(torch.bfloat16), config(), precision="fsdp"))
+        fsdp1_step(stable)
+    fsdp1_step(get_peft_model(make_llama(torch.bfloat16), config(), precision="fsdp"))
