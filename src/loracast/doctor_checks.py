@@ -151,23 +151,23 @@ def check_fsdp(inv: Inventory) -> list[Finding]:
             "bitsandbytes 4-bit packs its weights in uint8 by default and 8-bit stores int8, so wrapping fails with "
             "'Cannot flatten integer dtype tensors'. A float quant_storage equal to the model dtype packs the same "
             "4-bit values into tensors FSDP can shard.", _storage_fix(inv)))
-    model = inv.model_dtype
+    model_dtype = inv.model_dtype
     floats = [f"{m}: {dtype_name(i.storage)}" for m, i in quantized.items()
-              if i.storage is not None and i.storage.is_floating_point and model is not None and i.storage != model]
+              if i.storage is not None and i.storage.is_floating_point and model_dtype is not None and i.storage != model_dtype]
     if floats:
         out.append(Finding(
             "fsdp-storage-dtype", "error",
             f"{inv.fsdp_reason}, but quantized weights are stored in another float dtype than the model's "
-            f"{dtype_name(model)}", floats,
+            f"{dtype_name(model_dtype)}", floats,
             "Every parameter of an FSDP unit must share one dtype ('Must flatten tensors with uniform dtype'): a "
             "bnb_4bit_quant_storage other than the model dtype puts two dtypes into the units holding these layers.",
             _storage_fix(inv)))
     mixed = list(dict.fromkeys(f"{r.module} [{r.adapter}]: {dtype_name(r.dtype)}" for r in inv.tensors
-                               if r.role != "base" and model is not None and r.dtype != model))
+                               if r.role != "base" and model_dtype is not None and r.dtype != model_dtype))
     if mixed and inv.live:
         out.append(Finding(
             "fsdp-mixed-dtypes", "warning",
-            f"{inv.fsdp_reason}, and adapters are in another dtype than the model's {dtype_name(model)}", mixed,
+            f"{inv.fsdp_reason}, and adapters are in another dtype than the model's {dtype_name(model_dtype)}", mixed,
             "An FSDP1 unit holding both base weights and these adapters fails with 'Must flatten tensors with "
             "uniform dtype', unless the LoRA modules are wrapped in units of their own (FSDP2's fully_shard accepts "
             "mixed dtypes).",
