@@ -76,7 +76,7 @@ def test_naive_fsdp1_wrap_is_predicted_to_fail_and_the_policy_is_clean(make_llam
 
 
 def test_uniform_bf16_fails_only_without_orig_params_as_torch_does(make_llama):
-    model = get_peft_model(make_llama(torch.bfloat16), LoraConfig(**QV), autocast_adapter_dtype=False)
+    model = get_peft_model(make_llama(torch.bfloat16), LoraConfig(**QV), precision="fsdp")
     kinds = {p.kind for p in fsdp1_flatten_problems(model, naive_policy(), use_orig_params=False)}
     assert kinds == {"mixed-requires-grad"}
     assert fsdp1_flatten_problems(model, naive_policy(), use_orig_params=True) == []
@@ -90,7 +90,7 @@ def test_check_fsdp1_names_the_units_and_the_fix(make_llama):
     text = str(info.value)
     assert "unit 'base_model.model.model.layers.0' holds parameters of several dtypes" in text
     assert "q_proj.lora_A.default.weight" in text
-    assert "fsdp1_auto_wrap_policy(model)" in text and "autocast_adapter_dtype=False" in text
+    assert "fsdp1_auto_wrap_policy(model)" in text and 'precision="fsdp"' in text
     check_fsdp1(model, fsdp1_auto_wrap_policy(model))  # no error
 
 

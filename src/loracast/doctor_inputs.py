@@ -71,6 +71,8 @@ class Inventory:
     differences: dict[str, list[Difference]] = field(default_factory=dict)
     load_problems: dict[str, str] = field(default_factory=dict)
     fsdp_reason: str | None = None
+    fsdp1_setup: str | None = None  # the FSDP1 wrap the flatten prediction assumed (live models)
+    fsdp1_problems: list[str] = field(default_factory=list)  # units that wrap would fail to flatten
     peft_model: bool = False  # a live model of PEFT itself (its adapters work there whatever loracast supports)
     notes: list[str] = field(default_factory=list)
 
@@ -259,7 +261,27 @@ def _from_model(obj: nn.Module, subject: str, kind: str, fsdp: bool | None) -> I
         inventory.differences[name] = compare_fingerprints(fingerprint, now)
         _attach_trained_dtypes(inventory, model, name, fingerprint)
     _set_fsdp(inventory, fsdp, obj)
+    _predict_fsdp1(inventory, obj)
     return inventory
+
+
+def _predict_fsdp1(inventory: Inventory, obj: nn.Module) -> None:
+    """Which units FSDP1 would fail to flatten, under accelerate's set-up from the environment
+    (its defaults when not launched by it); skipped when FSDP is not in play, already wraps the
+    model, or accelerate is set to FSDP2."""
+    if not inventory.fsdp_reason or "wrapped by FSDP" in inventory.fsdp_reason:
+        return
+    from .distributed import accelerate_fsdp1_setup, fsdp1_flatten_problems
+
+    try:
+        setup = accelerate_fsdp1_setup(obj)
+    except ValueError as exc:
+        inventory.notes.append(f"FSDP1 flattening not predicted: {exc}")
+        return
+    if setup is not None:
+        inventory.fsdp1_setup = setup.description
+        problems = fsdp1_flatten_problems(obj, setup.policy, use_orig_params=setup.use_orig_params)
+        inventory.fsdp1_problems = [str(p) for p in problems]
 
 
 def _file_keys(model: nn.Module, adapter: str) -> dict[str, str]:

@@ -14,6 +14,7 @@ FSDP1 users (accelerate / Trainer configs) pass ``fsdp1_auto_wrap_policy(model)`
 policy, so a bf16 base and fp32 adapters never share one flattened tensor.
 """
 
+from .accelerate_env import FSDP1Setup, accelerate_fsdp1_setup
 from .checkpoint import save_adapter, unwrap_peft_model
 from .ddp import wrap_ddp
 from .fsdp import fsdp2_shard_problems, mixed_precision_policy, shard_model
@@ -26,9 +27,11 @@ from .units import FSDPSetupError, UnitProblem, transformer_block_classes
 
 __all__ = [
     "DistContext",
+    "FSDP1Setup",
     "FSDPSetupError",
     "SeparateAdaptersPolicy",
     "UnitProblem",
+    "accelerate_fsdp1_setup",
     "barrier",
     "check_fsdp1",
     "choose_backend",

@@ -10,8 +10,9 @@ Two ways out:
 * `fsdp1_auto_wrap_policy(model)`: every module that directly holds parameters unlike the
   frozen base (the LoRA A/B layers, modules_to_save copies) becomes a unit of its own, next to
   one unit per transformer block, so adapters stay fp32 and both ``use_orig_params`` settings work;
-* one uniform dtype for everything: ``get_peft_model(..., autocast_adapter_dtype=False)`` on a
-  bf16 base gives bf16 adapters (the precision policy "fsdp", where available, does this too).
+* one uniform dtype for everything: ``get_peft_model(..., precision="fsdp")`` gives adapters the
+  base's dtype; a per-block unit then still mixes trainable and frozen tensors, so it needs
+  ``use_orig_params=True``.
 
 `fsdp1_flatten_problems` predicts the failure from the module tree alone (the doctor calls it),
 `check_fsdp1` raises it as one clear error, and `explain_flatten_errors` turns torch's own error
@@ -34,8 +35,8 @@ POLICY_FIX = "auto_wrap_policy=loracast.distributed.fsdp1_auto_wrap_policy(model
 QUANT_FIX = ("load the quantized model with a float storage dtype equal to its dtype, e.g. "
              "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_storage=torch.bfloat16) with "
              "from_pretrained(..., dtype=torch.bfloat16)")
-UNIFORM_FIX = ("or give every parameter one dtype: get_peft_model(model, config, autocast_adapter_dtype=False) "
-               "on a bf16/fp16 base")
+UNIFORM_FIX = ("or give every parameter one dtype with get_peft_model(model, config, precision=\"fsdp\") and wrap "
+               "with use_orig_params=True")
 
 
 def _dominant_frozen_key(model: nn.Module) -> tuple[torch.dtype, bool] | None:
