@@ -18,7 +18,7 @@ shards and rank 0 writes PEFT's files, loadable in a single process.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,10 @@ from .quantized import prepare_quantized_for_sharding
 from .units import (FSDPSetupError, UnitProblem, format_problems, group_names, label, transformer_block_classes,
                     unit_parameters)
 
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -35,7 +39,7 @@ def _trainable_dtypes(model: nn.Module) -> set[torch.dtype]:
     return {p.dtype for p in model.parameters() if p.requires_grad}
 
 
-def mixed_precision_policy(model: nn.Module, compute_dtype: torch.dtype | None = None):
+def mixed_precision_policy(model: nn.Module, compute_dtype: torch.dtype | None = None) -> "MixedPrecisionPolicy":
     """FSDP2's `MixedPrecisionPolicy` matching the model's precision rules.
 
     `compute_dtype` None: parameters are gathered and used in their stored dtype (the numerics of
@@ -74,7 +78,7 @@ def fsdp2_shard_problems(model: nn.Module, units: Iterable[nn.Module]) -> list[U
     return problems
 
 
-def _default_mesh(model: nn.Module):
+def _default_mesh(model: nn.Module) -> "DeviceMesh":
     from torch.distributed.device_mesh import init_device_mesh
 
     device = next(model.parameters()).device
@@ -83,7 +87,8 @@ def _default_mesh(model: nn.Module):
 
 
 def shard_model(model: nn.Module, *, block_classes: Iterable[type | str] | None = None,
-                compute_dtype: torch.dtype | None = None, mp_policy=None, mesh=None,
+                compute_dtype: torch.dtype | None = None, mp_policy: "MixedPrecisionPolicy | None" = None,
+                mesh: "DeviceMesh | None" = None,
                 reshard_after_forward: bool = True) -> nn.Module:
     """Shard a loracast model with FSDP2: one unit per transformer block, then the root; in place.
 
