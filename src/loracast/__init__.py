@@ -12,6 +12,7 @@ from .merge import NonFiniteMergeError
 from .model import LoraModel, PeftModel, get_peft_model
 from .modules_to_save import ModulesToSaveWrapper
 from .precision import resolve_adapter_dtype
+from .quant.merge import RequantizationWarning
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "NonFiniteMergeError",
     "PeftModel",
     "PrecisionError",
+    "RequantizationWarning",
     "get_peft_model",
     "resolve_adapter_dtype",
     "__version__",
