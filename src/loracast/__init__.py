@@ -7,6 +7,7 @@ Switch from PEFT by changing one import::
 
 from .config import LoraConfig
 from .errors import AdapterLoadError, ConfigError, PrecisionError
+from .kbit import prepare_model_for_kbit_training
 from .layers import Conv, Embedding, Linear, LoraLayer
 from .merge import NonFiniteMergeError
 from .model import LoraModel, PeftModel, get_peft_model
@@ -31,6 +32,7 @@ __all__ = [
     "PrecisionError",
     "RequantizationWarning",
     "get_peft_model",
+    "prepare_model_for_kbit_training",
     "resolve_adapter_dtype",
     "__version__",
 ]
