@@ -171,3 +171,23 @@ def test_merge_and_unload_leaves_quantized_layers_with_the_merged_weights():
     assert not any("lora_" in name for name, _ in plain.named_parameters())
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, merged_logits)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_merged_quantized_model_saves_and_reloads_with_transformers(tmp_path, bits):
+    from transformers import AutoModelForCausalLM
+
+    model = loracast.get_peft_model(load_llama(bits, dtype="fp32", compute="fp32"),
+                                    loracast.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.randint(0, 128, (1, 6))
+    with pytest.warns(RequantizationWarning):
+        plain = model.merge_and_unload()
+    plain.train()
+    with torch.no_grad():
+        merged_logits = plain(ids).logits
+    plain.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu").train()
+    layer = reloaded.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, merged_logits)

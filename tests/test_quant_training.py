@@ -158,3 +158,21 @@ def test_eval_forward_after_cpu_repacking_matches_train_forward():
     torch.testing.assert_close(eval_logits, train_logits, atol=5e-2, rtol=5e-2)  # absmax rounded to bf16
     torch.testing.assert_close(again, eval_logits, atol=0, rtol=0)
     assert copy.deepcopy(model) is not None
+
+
+def test_per_sample_adapters_on_a_4bit_base():
+    model = loracast.get_peft_model(load_llama(4, dtype="fp32", compute="fp32"),
+                                    loracast.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                        init_lora_weights=False))
+    model.add_adapter("other", loracast.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.train()
+    ids = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=["default", "other", "__base__"]).logits
+        expected = []
+        for row, name in enumerate(["default", "other"]):
+            model.set_adapter(name)
+            expected.append(model(ids[row:row + 1]).logits)
+        with model.disable_adapter():
+            expected.append(model(ids[2:3]).logits)
+    torch.testing.assert_close(mixed, torch.cat(expected), atol=1e-5, rtol=1e-5)
