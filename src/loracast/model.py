@@ -249,6 +249,9 @@ class PeftModel(nn.Module):
         """
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} not found; this model has {sorted(self.peft_config)}")
+        if any(adapter_name in layer.merged_adapters for _, layer in self.base_model.lora_layers()):
+            raise RuntimeError(f"adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() "
+                               "before deleting it")
         active = [n for n in self.active_adapters if n != adapter_name]
         self._remove_everywhere(adapter_name)
         if not active and self.peft_config:
