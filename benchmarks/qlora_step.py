@@ -7,9 +7,10 @@ cores are shared and load drifts. A process loads the same saved Llama in 4 bits
 `prepare_model_for_kbit_training`, adds LoRA to every linear layer with `get_peft_model`, then
 runs warm-up steps and timed steps of AdamW training (forward, backward, optimizer step).
 
-Reported per library: median step time with min-max over all timed steps of all rounds, peak
-resident memory (ru_maxrss, which includes the model), and the time `get_peft_model` took; then
-the ratios loracast / PEFT (below 1 means loracast is faster or smaller).
+Reported per library: median step time with min-max over all timed steps of all rounds, as wall
+time and as the process's CPU time (all threads; steadier than wall time when other work shares
+the cores), peak resident memory (ru_maxrss, which includes the model), and the time
+`get_peft_model` took; then the ratios loracast / PEFT (below 1: loracast is faster or smaller).
 
     PYTHONPATH=src python benchmarks/qlora_step.py                # defaults: about 2 minutes
     PYTHONPATH=src python benchmarks/qlora_step.py --rounds 1 --steps 3 --layers 2   # a quick look
@@ -91,19 +92,20 @@ def _child(impl: str, model_dir: str, args: argparse.Namespace) -> dict:
     data = torch.randint(0, args.vocab, (args.warmup + args.steps, args.batch, args.seq),
                          generator=torch.Generator().manual_seed(1))
     rss_before = _rss_mib()
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for step, ids in enumerate(data):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         if step >= args.warmup:
             times.append(elapsed)
-        losses.append(float(loss))
+            cpu_times.append(cpu)
+        losses.append(float(loss.detach()))
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"impl": impl, "step_s": times, "peak_rss_mib": peak_mib, "rss_before_training_mib": rss_before,
+    return {"impl": impl, "step_s": times, "step_cpu_s": cpu_times, "peak_rss_mib": peak_mib, "rss_before_training_mib": rss_before,
             "inject_s": inject_s, "losses": losses, "trainable": sum(p.numel() for p in params),
             "threads": torch.get_num_threads()}
 
@@ -132,9 +134,11 @@ def _run_child(impl: str, folder: str, argv: list[str]) -> dict:
 
 def _summary(runs: list[dict]) -> dict:
     steps = [t for run in runs for t in run["step_s"]]
+    cpu = [t for run in runs for t in run["step_cpu_s"]]
     peaks = [run["peak_rss_mib"] for run in runs]
     return {"step_ms_median": 1e3 * statistics.median(steps), "step_ms_min": 1e3 * min(steps),
-            "step_ms_max": 1e3 * max(steps), "peak_rss_mib_median": statistics.median(peaks),
+            "step_ms_max": 1e3 * max(steps), "cpu_ms_median": 1e3 * statistics.median(cpu),
+            "cpu_ms_min": 1e3 * min(cpu), "cpu_ms_max": 1e3 * max(cpu), "peak_rss_mib_median": statistics.median(peaks),
             "peak_rss_mib_min": min(peaks), "peak_rss_mib_max": max(peaks),
             "inject_ms_median": 1e3 * statistics.median(run["inject_s"] for run in runs),
             "final_loss": runs[0]["losses"][-1], "trainable": runs[0]["trainable"], "steps": len(steps)}
@@ -158,19 +162,22 @@ def main(argv: list[str] | None = None) -> int:
     summary = {impl: _summary(runs) for impl, runs in results.items()}
     ours, theirs = summary["loracast"], summary["peft"]
     ratios = {"step_time": ours["step_ms_median"] / theirs["step_ms_median"],
+              "step_cpu_time": ours["cpu_ms_median"] / theirs["cpu_ms_median"],
               "peak_rss": ours["peak_rss_mib_median"] / theirs["peak_rss_mib_median"],
               "inject_time": ours["inject_ms_median"] / theirs["inject_ms_median"]}
     shape = (f"Llama {args.layers}x{args.hidden}, vocab {args.vocab}, batch {args.batch}x{args.seq}, nf4+double quant, "
              f"bf16 compute, LoRA r={args.rank} all-linear, checkpointing {'off' if args.no_checkpointing else 'on'}")
     print(f"QLoRA training step ({shape}); {args.rounds} process(es) x {args.steps} timed steps per library")
-    print(f"{'':10} {'step ms: median (min-max)':>28} {'peak RSS MiB (min-max)':>26} {'inject ms':>10} {'loss':>8}")
+    print(f"{'':9} {'step ms, wall: median (min-max)':>32} {'step ms, CPU: median (min-max)':>31} "
+          f"{'peak RSS MiB (min-max)':>23} {'inject ms':>9} {'loss':>7}")
     for impl in IMPLEMENTATIONS:
         s = summary[impl]
-        print(f"{impl:10} {s['step_ms_median']:>10.1f} ({s['step_ms_min']:.1f}-{s['step_ms_max']:.1f}){'':4}"
+        print(f"{impl:9} {s['step_ms_median']:>14.1f} ({s['step_ms_min']:.1f}-{s['step_ms_max']:.1f})"
+              f"{s['cpu_ms_median']:>16.1f} ({s['cpu_ms_min']:.1f}-{s['cpu_ms_max']:.1f})"
               f"{s['peak_rss_mib_median']:>12.1f} ({s['peak_rss_mib_min']:.0f}-{s['peak_rss_mib_max']:.0f})"
-              f"{s['inject_ms_median']:>10.1f} {s['final_loss']:>8.4f}")
-    print(f"ratio loracast/peft: step time {ratios['step_time']:.3f}, peak RSS {ratios['peak_rss']:.3f}, "
-          f"injection {ratios['inject_time']:.3f}")
+              f"{s['inject_ms_median']:>9.1f} {s['final_loss']:>7.4f}")
+    print(f"ratio loracast/peft: step time {ratios['step_time']:.3f} (wall), {ratios['step_cpu_time']:.3f} (CPU), "
+          f"peak RSS {ratios['peak_rss']:.3f}, injection {ratios['inject_time']:.3f}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"args": vars(args), "summary": summary, "ratios": ratios, "runs": results}, handle, indent=1)
