@@ -6,7 +6,7 @@ Switch from PEFT by changing one import::
 """
 
 from .config import LoraConfig
-from .errors import AdapterLoadError, ConfigError, PrecisionError
+from .errors import AdapterLoadError, ConfigError, PrecisionError, PrecisionWarning
 from .kbit import prepare_model_for_kbit_training
 from .layers import Conv, Embedding, Linear, LoraLayer
 from .merge import NonFiniteMergeError
@@ -14,6 +14,8 @@ from .model import LoraModel, PeftModel, get_peft_model
 from .modules_to_save import ModulesToSaveWrapper
 from .precision import resolve_adapter_dtype
 from .quant.merge import RequantizationWarning
+from .policies import POLICIES, PrecisionPlan
+from .doctor import Finding, Report, doctor  # noqa: E402  (binds loracast.doctor to the function)
 
 __version__ = "0.1.0"
 
@@ -29,8 +31,14 @@ __all__ = [
     "ModulesToSaveWrapper",
     "NonFiniteMergeError",
     "PeftModel",
+    "POLICIES",
     "PrecisionError",
+    "PrecisionPlan",
+    "PrecisionWarning",
     "RequantizationWarning",
+    "Finding",
+    "Report",
+    "doctor",
     "get_peft_model",
     "prepare_model_for_kbit_training",
     "resolve_adapter_dtype",
