@@ -32,8 +32,8 @@ class RequantizationWarning(UserWarning):
 
 
 @dataclass(frozen=True)
-class RequantizationError:
-    """How far a requantized merged weight is from the exact merged weight."""
+class RequantizationStats:
+    """How far a requantized merged weight is from the exact merged weight (its rounding error)."""
 
     layer: str
     max_abs: float  # largest |requantized - exact| over the weight's elements
@@ -41,7 +41,7 @@ class RequantizationError:
     delta_rms: float  # root mean square of the merged adapters' delta, for scale
 
 
-_COLLECTED: contextvars.ContextVar[list[RequantizationError] | None] = contextvars.ContextVar(
+_COLLECTED: contextvars.ContextVar[list[RequantizationStats] | None] = contextvars.ContextVar(
     "loracast_requantization_errors", default=None)
 
 
@@ -98,17 +98,17 @@ def restore_original(backend: QuantBackend, module: nn.Module, snapshot: Any) ->
 
 
 def measure(backend: QuantBackend, module: nn.Module, original: torch.Tensor,
-            merged: torch.Tensor) -> RequantizationError:
+            merged: torch.Tensor) -> RequantizationStats:
     """The rounding error of the merged weight `module` now holds, against the exact `merged`."""
     exact = merged.detach().double()
     error = backend.dequantize(module).double().reshape(exact.shape) - exact
     delta = exact - original.detach().double()
-    return RequantizationError(_describe(backend, module), float(error.abs().max()),
+    return RequantizationStats(_describe(backend, module), float(error.abs().max()),
                                float(error.pow(2).mean().sqrt()), float(delta.pow(2).mean().sqrt()))
 
 
 @contextlib.contextmanager
-def requantization_report() -> Iterator[list[RequantizationError]]:
+def requantization_report() -> Iterator[list[RequantizationStats]]:
     """Collect the rounding errors of the merges inside the block and warn once at its end.
 
     Nested blocks report through the outermost one.
@@ -116,7 +116,7 @@ def requantization_report() -> Iterator[list[RequantizationError]]:
     if _COLLECTED.get() is not None:
         yield _COLLECTED.get()
         return
-    errors: list[RequantizationError] = []
+    errors: list[RequantizationStats] = []
     token = _COLLECTED.set(errors)
     try:
         yield errors
@@ -126,7 +126,7 @@ def requantization_report() -> Iterator[list[RequantizationError]]:
             _warn(summarize(errors))
 
 
-def _report(error: RequantizationError) -> None:
+def _report(error: RequantizationStats) -> None:
     collected = _COLLECTED.get()
     if collected is not None:
         collected.append(error)
@@ -134,7 +134,7 @@ def _report(error: RequantizationError) -> None:
         _warn(summarize([error]))
 
 
-def summarize(errors: list[RequantizationError]) -> str:
+def summarize(errors: list[RequantizationStats]) -> str:
     """One message describing the rounding of a merge into quantized layers."""
     worst = max(errors, key=lambda e: e.max_abs)
     rms = max(e.rms for e in errors)
