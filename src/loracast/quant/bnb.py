@@ -93,7 +93,9 @@ class Bnb4bitBackend:
         return isinstance(module, bnb.nn.Linear4bit)
 
     def storage_dtype(self, module: nn.Module) -> torch.dtype:
-        return module.weight.dtype
+        # the requested carrier dtype; the tensor itself turns uint8 when bitsandbytes repacks it in
+        # place for the CPU kernel on the first eval-mode forward
+        return getattr(module.weight, "quant_storage", None) or module.weight.dtype
 
     def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
         return getattr(module, "compute_dtype", None)
