@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import textwrap
 from typing import Iterator
 
 import torch
@@ -50,7 +51,7 @@ def dtype_arg(text: str) -> torch.dtype:
 def add_command(subparsers: argparse._SubParsersAction, name: str, summary: str, description: str,
                 examples: str) -> argparse.ArgumentParser:
     """A sub-command parser whose --help ends with `examples` (kept as written)."""
-    return subparsers.add_parser(name, help=summary, description=description, epilog=examples,
+    return subparsers.add_parser(name, help=summary, description=textwrap.fill(description, 88), epilog=examples,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 
 

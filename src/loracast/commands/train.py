@@ -7,7 +7,12 @@ import os
 from pathlib import Path
 
 from ..cli import CommandError
+from ..training.loop import LoopSettings
+from ..training.setup import ModelSpec
 from ._common import add_command, command_errors, dtype_arg, positive_float, positive_int
+
+LOOP = LoopSettings()
+SPEC = ModelSpec(folder=Path("."))
 
 EXAMPLES = """\
 examples:
@@ -45,9 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     lora.add_argument("--target-modules", metavar="A,B,...",
                       help="modules to adapt, comma separated, or all-linear (default: the model type's, e.g. "
                            "query,value for BERT)")
-    lora.add_argument("--r", type=positive_int, default=8, help="rank (default 8)")
-    lora.add_argument("--alpha", type=positive_float, default=16.0, help="lora_alpha (default 16)")
-    lora.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (default 0)")
+    lora.add_argument("--r", type=positive_int, default=SPEC.r, help=f"rank (default {SPEC.r})")
+    lora.add_argument("--alpha", type=positive_float, default=SPEC.alpha, help=f"lora_alpha (default {SPEC.alpha:g})")
+    lora.add_argument("--dropout", type=float, default=SPEC.dropout, help=f"lora_dropout (default {SPEC.dropout:g})")
     precision = parser.add_argument_group("precision")
     precision.add_argument("--precision", choices=("stable", "fast"), default="stable",
                            help="stable: fp32 adapters (default); fast: adapters in the base dtype")
@@ -58,11 +63,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     precision.add_argument("--compare-precision", action="store_true",
                            help="train twice, with the stable and the fast policy, and plot both")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=positive_int, default=2, help="epochs (default 2)")
-    optim.add_argument("--lr", type=positive_float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
-    optim.add_argument("--batch-size", type=positive_int, default=32, help="examples per step (default 32)")
-    optim.add_argument("--max-length", type=positive_int, default=64, help="tokens per text (default 64)")
-    optim.add_argument("--seed", type=int, default=0, help="seed for the head, the split and the order (default 0)")
+    optim.add_argument("--epochs", type=positive_int, default=LOOP.epochs, help=f"epochs (default {LOOP.epochs})")
+    optim.add_argument("--lr", type=positive_float, default=LOOP.lr,
+                       help=f"peak AdamW learning rate, warmed up then decayed linearly (default {LOOP.lr:g})")
+    optim.add_argument("--batch-size", type=positive_int, default=LOOP.batch_size,
+                       help=f"examples per step (default {LOOP.batch_size})")
+    optim.add_argument("--max-length", type=positive_int, default=LOOP.max_length,
+                       help=f"tokens per text (default {LOOP.max_length})")
+    optim.add_argument("--seed", type=int, default=LOOP.seed,
+                       help=f"seed for the head, the split and the order (default {LOOP.seed})")
     optim.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda (default auto)")
     parser.set_defaults(func=run)
     return parser
@@ -82,10 +91,9 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the Hub
     with command_errors():
         from ..training.console import format_comparison, format_run
-        from ..training.loop import LoopSettings
         from ..training.run import COMPARE_NAME, TrainOptions, compare_precision, run_training
         from ..training.runtime import runtime_from_environment
-        from ..training.setup import ModelSpec, default_model_path
+        from ..training.setup import default_model_path
 
         _require("matplotlib", "the training plot")
         targets = _names(args.target_modules, "--target-modules")

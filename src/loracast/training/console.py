@@ -65,7 +65,7 @@ def format_comparison(results: Sequence[RunResult], plot: str) -> str:
         ("diverged at step", [str(r.metrics["diverged_at_step"] or "-") for r in results]),
         ("time per step (s)", [f"{r.metrics['precision_summary']['seconds_per_step']['median']:.3f}" for r in results]),
         ("adapter+AdamW memory", [_mib(_trainable_bytes(r.metrics)) for r in results]),
-        ("peak memory", [_mib(r.metrics["precision_summary"]["peak_memory"]["bytes"]) for r in results]),
+        ("peak memory (process)", [_mib(r.metrics["precision_summary"]["peak_memory"]["bytes"]) for r in results]),
     ]
     header = "".ljust(width) + "".join(r.policy.ljust(width) for r in results)
     body = [name.ljust(width) + "".join(v.ljust(width) for v in values) for name, values in rows]

@@ -27,14 +27,14 @@ from .runtime import Runtime
 class LoopSettings:
     """Optimisation settings of one run."""
 
-    epochs: int = 2
-    lr: float = 1e-3
+    epochs: int = 1
+    lr: float = 3e-3
     batch_size: int = 32  # global batch: split across processes when distributed
     max_length: int = 64  # tokens per text; longer texts are truncated
     seed: int = 0
     warmup_fraction: float = 0.1  # share of steps with a linearly rising learning rate
     weight_decay: float = 0.0
-    evals_per_epoch: int = 2  # evaluations per epoch besides the one before training
+    evals_per_epoch: int = 4  # evaluations per epoch besides the one before training
 
 
 @dataclass

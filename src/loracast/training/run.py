@@ -9,6 +9,7 @@ Files of a run in OUT: ``adapter/`` (PEFT's files plus ``labels.json``), ``metri
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from .loop import History, LoopSettings, train_classifier
 from .plot import plot_runs
 from .report import precision_summary
 from .runtime import Runtime
-from .setup import ModelSpec, SetupError, base_dtype_name, build_classifier, load_data
+from .setup import ModelSpec, SetupError, base_dtype_name, build_classifier, display_name, load_data
 
 ADAPTER_DIR = "adapter"
 METRICS_NAME = "metrics.json"
@@ -81,6 +82,10 @@ def train_once(options: TrainOptions, policy: str, train: LabelledTexts, held_ou
     began = time.perf_counter()
     peft_model, tokenizer = build_classifier(options.model, train.label_names, policy, runtime.device)
     loaded = time.perf_counter()
+    if runtime.is_main:
+        print(f"{policy}: {display_name(options.model.folder)} (base {base_dtype_name(peft_model)}) on {data_path.name}: "
+              f"{len(train)} train / {len(held_out)} held-out rows, {len(train.label_names)} labels, "
+              f"device {runtime.device}", file=sys.stderr)
     history, optimizer = train_classifier(peft_model, tokenizer, train, held_out, options.loop, runtime,
                                           label=policy)
     trained = time.perf_counter()
@@ -89,6 +94,7 @@ def train_once(options: TrainOptions, policy: str, train: LabelledTexts, held_ou
     metrics = {
         "loracast_version": __version__,
         "model": str(options.model.folder),
+        "model_name": display_name(options.model.folder),
         "data": str(data_path),
         "labels": train.label_names,
         "policy": policy,
@@ -118,7 +124,7 @@ def train_once(options: TrainOptions, policy: str, train: LabelledTexts, held_ou
 
 
 def _title(options: TrainOptions, policy: str, metrics: dict[str, Any]) -> str:
-    return (f"{options.model.folder.name}: LoRA r={options.model.r}, policy {policy}, base {metrics['base_dtype']}, "
+    return (f"{metrics['model_name']}: LoRA r={options.model.r}, policy {policy}, base {metrics['base_dtype']}, "
             f"adapters {'/'.join(metrics['adapter_dtypes']) or '?'}")
 
 
@@ -152,7 +158,8 @@ def compare_precision(options: TrainOptions, runtime: Runtime, policies: Sequenc
     if runtime.is_main:
         names = [f"{r.policy} (adapters {'/'.join(r.metrics['adapter_dtypes'])})" for r in results]
         plot_runs(list(zip(names, (r.history for r in results))), options.out / COMPARE_NAME,
-                  f"{options.model.folder.name}, base {results[0].metrics['base_dtype']}: precision policies compared")
+                  f"{results[0].metrics['model_name']}, base {results[0].metrics['base_dtype']}: precision policies "
+                  "compared")
         write_json(options.out / METRICS_NAME, {"runs": {r.policy: r.metrics for r in results},
                                                 "plot": str(options.out / COMPARE_NAME)})
     return results

@@ -39,6 +39,15 @@ def default_model_path() -> Path:
     return Path(get_model_path())
 
 
+def display_name(folder: Path) -> str:
+    """How a run names its model: the demo model by its own name, any other by its folder's name."""
+    try:
+        default = default_model_path()
+    except SetupError:
+        return folder.name
+    return "all-MiniLM-L6-v2" if folder.resolve() == default.resolve() else folder.name
+
+
 @dataclass
 class ModelSpec:
     """How to build the model of a run."""
