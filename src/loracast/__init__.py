@@ -6,12 +6,14 @@ Switch from PEFT by changing one import::
 """
 
 from .config import LoraConfig
-from .errors import AdapterLoadError, ConfigError, PrecisionError
+from .errors import AdapterLoadError, ConfigError, PrecisionError, PrecisionWarning
 from .layers import Conv, Embedding, Linear, LoraLayer
 from .merge import NonFiniteMergeError
 from .model import LoraModel, PeftModel, get_peft_model
 from .modules_to_save import ModulesToSaveWrapper
 from .precision import resolve_adapter_dtype
+from .policies import POLICIES, PrecisionPlan
+from .doctor import Finding, Report, doctor  # noqa: E402  (binds loracast.doctor to the function)
 
 __version__ = "0.1.0"
 
@@ -27,7 +29,13 @@ __all__ = [
     "ModulesToSaveWrapper",
     "NonFiniteMergeError",
     "PeftModel",
+    "POLICIES",
     "PrecisionError",
+    "PrecisionPlan",
+    "PrecisionWarning",
+    "Finding",
+    "Report",
+    "doctor",
     "get_peft_model",
     "resolve_adapter_dtype",
     "__version__",

@@ -17,6 +17,7 @@ import torch
 
 from .config import CONFIG_NAME
 from .errors import PrecisionError
+from .fingerprint import fingerprint_metadata, parse_fingerprint
 from .io import WEIGHTS_NAME, atomic_save_safetensors, read_adapter_weights
 
 
@@ -101,12 +102,26 @@ def convert_adapter(adapter: str | Path, out: str | Path, dtype: torch.dtype) ->
     source_file = _weights_file(adapter)
     bytes_before = source_file.stat().st_size
     target = out / WEIGHTS_NAME
-    atomic_save_safetensors(str(target), converted, metadata or {"format": "pt"})
+    atomic_save_safetensors(str(target), converted, _converted_metadata(metadata, dtype))
     copied = [] if out.resolve() == adapter.resolve() else _copy_side_files(adapter, out)
     return ConversionReport(out=out, dtype=dtype, source_dtypes=source_dtypes, tensors=len(converted), values=values,
                             max_abs_error=max_abs, relative_error=math.sqrt(err_sq / ref_sq) if ref_sq else 0.0,
                             max_relative_error=max_rel, flushed_to_zero=flushed, bytes_before=bytes_before,
                             bytes_after=target.stat().st_size, copied=copied)
+
+
+def _converted_metadata(metadata: dict[str, str], dtype: torch.dtype) -> dict[str, str]:
+    """The source's safetensors metadata, its fingerprint (if any) recording the new file dtype;
+    the dtypes the adapter was trained in stay as recorded."""
+    out = dict(metadata or {"format": "pt"})
+    try:
+        fingerprint = parse_fingerprint(out)
+    except ValueError:
+        return out  # an unreadable fingerprint is passed on untouched; the doctor reports it
+    if fingerprint is not None:
+        fingerprint["save_dtype"] = str(dtype).removeprefix("torch.")
+        out.update(fingerprint_metadata(fingerprint))
+    return out
 
 
 def _weights_file(adapter: Path) -> Path:

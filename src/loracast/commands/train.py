@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..cli import CommandError
 from ..training.loop import LoopSettings
+from ..training.policy import TRAIN_POLICIES
 from ..training.setup import ModelSpec
 from ._common import add_command, command_errors, dtype_arg, positive_float, positive_int
 
@@ -54,8 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     lora.add_argument("--alpha", type=positive_float, default=SPEC.alpha, help=f"lora_alpha (default {SPEC.alpha:g})")
     lora.add_argument("--dropout", type=float, default=SPEC.dropout, help=f"lora_dropout (default {SPEC.dropout:g})")
     precision = parser.add_argument_group("precision")
-    precision.add_argument("--precision", choices=("stable", "fast"), default="stable",
-                           help="stable: fp32 adapters (default); fast: adapters in the base dtype")
+    precision.add_argument("--precision", choices=TRAIN_POLICIES, default="stable",
+                           help="stable: fp32 adapters (default); fast: adapters in the base dtype; fsdp: one "
+                                "uniform dtype (see loracast.policies)")
     precision.add_argument("--dtype", type=dtype_arg, metavar="fp32|bf16|fp16",
                            help="dtype of the frozen base (default: as stored; bf16 with --compare-precision)")
     precision.add_argument("--load-in-4bit", action="store_true",
