@@ -83,7 +83,9 @@ def test_convert_reports_the_rounding_it_did(tmp_path, trained_run, capsys):
     size = re.search(r"size: ([\d,]+) -> ([\d,]+) bytes", printed)
     old, new = (int(g.replace(",", "")) for g in size.groups())
     assert old == (source / "adapter_model.safetensors").stat().st_size
-    assert new == (out / "adapter_model.safetensors").stat().st_size and new < 0.6 * old
+    assert new == (out / "adapter_model.safetensors").stat().st_size
+    values = sum(t.numel() for t in before.values())
+    assert abs((old - new) - 2 * values) < 256  # 2 bytes less per value; the JSON header changes a little
     assert (out / "adapter_config.json").read_text() == (source / "adapter_config.json").read_text()
     assert json.loads((out / "labels.json").read_text())["labels"][0] == "account"
 

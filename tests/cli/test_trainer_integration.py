@@ -138,3 +138,19 @@ def test_trainer_trains_a_4bit_base(tmp_path, no_peft_route):
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
     assert set(os.listdir(tmp_path / "final")) == ADAPTER_FILES | {"training_args.bin"}
+
+
+def test_installed_methods_survive_deepcopy_and_pickle():
+    import copy
+    import pickle
+
+    peft_model = get_peft_model(tiny_classifier(), LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"]))
+    model = peft_model.get_base_model()
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        key = next(k for k in clone.get_adapter_state_dict() if k.endswith("lora_B.weight"))
+        name = key.replace("lora_B.weight", "lora_B.default.weight")
+        with torch.no_grad():
+            clone.get_parameter(name).fill_(3.0)
+        assert torch.all(clone.get_adapter_state_dict()[key] == 3.0)  # the clone's own tensors
+        assert torch.all(model.get_adapter_state_dict()[key] == 0.0)  # the original is untouched
+        assert clone.active_adapters() == ["default"] and clone.peft_config["default"].r == 4

@@ -26,7 +26,7 @@ pins the behaviour this module relies on.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -35,12 +35,6 @@ from ..io import KEY_PREFIX, adapter_tensors, prepare_for_safetensors, trained_b
 
 if TYPE_CHECKING:
     from ..model import PeftModel
-
-# Instance attributes this module sets; `uninstall` removes exactly these.
-INSTALLED_ATTRIBUTES = (
-    "_hf_peft_config_loaded", "peft_config", "active_adapters", "active_adapter", "get_adapter_state_dict",
-    "set_adapter", "enable_adapters", "disable_adapters", "add_adapter", "load_adapter", "delete_adapter",
-)
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -52,6 +46,24 @@ def is_transformers_model(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+class _Installed:
+    """A method set on a model instance: calls ``FUNCTIONS[name](peft_model, ...)``.
+
+    It holds the `PeftModel`, never a closure, so a model carrying it can be pickled
+    (``torch.save(model)``) and deep-copied, and the copy's methods act on the copy.
+    """
+
+    def __init__(self, name: str, peft_model: "PeftModel") -> None:
+        self.name = name
+        self.peft_model = peft_model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return FUNCTIONS[self.name](self.peft_model, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<loracast {self.name} for transformers>"
+
+
 def install(peft_model: "PeftModel") -> bool:
     """Give the `PreTrainedModel` inside `peft_model` transformers' PEFT-integration attributes.
 
@@ -60,26 +72,11 @@ def install(peft_model: "PeftModel") -> bool:
     model = peft_model.get_base_model()
     if not is_transformers_model(model):
         return False
-    tuner = peft_model.base_model
-    attributes: dict[str, Any] = {
-        "_hf_peft_config_loaded": True,
-        "peft_config": tuner.peft_config,  # the same dict: always in step with the PeftModel
-        "active_adapters": lambda: _active_adapters(tuner),
-        "active_adapter": lambda: _active_adapters(tuner)[0],
-        "get_adapter_state_dict": lambda adapter_name=None, state_dict=None: adapter_state_dict_for_transformers(
-            model, tuner.peft_config, adapter_name or _active_adapters(tuner)[0], state_dict),
-        "set_adapter": peft_model.set_adapter,
-        "enable_adapters": lambda: _enable(tuner, True),
-        "disable_adapters": lambda: _enable(tuner, False),
-        "add_adapter": lambda adapter_config, adapter_name=None: peft_model.add_adapter(
-            adapter_name or "default", adapter_config),
-        "load_adapter": lambda peft_model_id, adapter_name=None, is_trainable=False, **kwargs:
-            peft_model.load_adapter(peft_model_id, adapter_name or "default", is_trainable=is_trainable, **kwargs),
-        "delete_adapter": lambda adapter_names: _delete(peft_model, adapter_names),
-    }
-    for name, value in attributes.items():
-        # object.__setattr__: a plain instance attribute, never registered as a submodule
-        object.__setattr__(model, name, value)
+    # object.__setattr__: plain instance attributes, never registered as submodules
+    object.__setattr__(model, "_hf_peft_config_loaded", True)
+    object.__setattr__(model, "peft_config", peft_model.peft_config)  # the same dict: always in step
+    for name in FUNCTIONS:
+        object.__setattr__(model, name, _Installed(name, peft_model))
     return True
 
 
@@ -89,14 +86,15 @@ def uninstall(model: nn.Module) -> None:
         model.__dict__.pop(name, None)
 
 
-def _active_adapters(tuner: nn.Module) -> list[str]:
-    active = tuner.active_adapters
+def _active_adapters(peft_model: "PeftModel") -> list[str]:
+    active = peft_model.active_adapters
     if not active:
         raise ValueError("the model has no active adapter; add one with get_peft_model or load_adapter")
     return active
 
 
-def _enable(tuner: nn.Module, enabled: bool) -> None:
+def _enable(peft_model: "PeftModel", enabled: bool) -> None:
+    tuner = peft_model.base_model
     for _, module in list(tuner.lora_layers()) + list(tuner.wrappers()):
         module.enable_adapters(enabled)
 
@@ -104,6 +102,34 @@ def _enable(tuner: nn.Module, enabled: bool) -> None:
 def _delete(peft_model: "PeftModel", adapter_names: str | Sequence[str]) -> None:
     for name in [adapter_names] if isinstance(adapter_names, str) else list(adapter_names):
         peft_model.delete_adapter(name)
+
+
+def _get_adapter_state_dict(peft_model: "PeftModel", adapter_name: str | None = None,
+                            state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    return adapter_state_dict_for_transformers(peft_model.get_base_model(), peft_model.peft_config,
+                                               adapter_name or _active_adapters(peft_model)[0], state_dict)
+
+
+def _load_adapter(peft_model: "PeftModel", peft_model_id: str, adapter_name: str | None = None,
+                  is_trainable: bool = False, **kwargs: Any) -> None:
+    peft_model.load_adapter(peft_model_id, adapter_name or "default", is_trainable=is_trainable, **kwargs)
+
+
+# transformers' PeftAdapterMixin methods, each answered by loracast (theirs would import peft).
+FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "active_adapters": _active_adapters,
+    "active_adapter": lambda peft_model: _active_adapters(peft_model)[0],
+    "get_adapter_state_dict": _get_adapter_state_dict,
+    "set_adapter": lambda peft_model, adapter_name: peft_model.set_adapter(adapter_name),
+    "enable_adapters": lambda peft_model: _enable(peft_model, True),
+    "disable_adapters": lambda peft_model: _enable(peft_model, False),
+    "add_adapter": lambda peft_model, adapter_config, adapter_name=None: peft_model.add_adapter(
+        adapter_name or "default", adapter_config),
+    "load_adapter": _load_adapter,
+    "delete_adapter": _delete,
+}
+# Instance attributes `install` sets; `uninstall` removes exactly these.
+INSTALLED_ATTRIBUTES = ("_hf_peft_config_loaded", "peft_config", *FUNCTIONS)
 
 
 def adapter_state_dict_for_transformers(model: nn.Module, peft_config: dict, adapter_name: str,
