@@ -8,7 +8,8 @@ outputs of the model read back from the written folder with transformers' `from_
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .integrations.hf_loading import (auto_class, check_model_folder, load_model, load_tokenizer, quiet_transformers)
-from .errors import AdapterLoadError
+from .errors import AdapterLoadError, PrecisionWarning
 from .io import read_adapter_weights
 from .model import PeftModel
 
@@ -41,6 +42,7 @@ class MergeReport:
     max_abs_diff: float
     mean_abs_diff: float
     max_abs_output: float
+    notes: list[str] = field(default_factory=list)  # precision differences found when loading the adapter
 
 
 def _head_labels(adapter: Path, config: LoraConfig) -> dict[str, Any]:
@@ -105,7 +107,13 @@ def merge_to_folder(base: str | Path, adapter: str | Path, out: str | Path,
         model = load_model(cls, base, dtype, ignore_mismatched_sizes=bool(extra), **extra)
     model.eval()
     inputs = _probe_inputs(base, model)
-    peft_model = PeftModel.from_pretrained(model, adapter)
+    with warnings.catch_warnings(record=True) as caught:
+        # a fingerprint difference is expected when merging into another dtype; it is reported, not raised
+        warnings.simplefilter("always", PrecisionWarning)
+        peft_model = PeftModel.from_pretrained(model, adapter)
+    notes = [str(w.message) for w in caught if issubclass(w.category, PrecisionWarning)]
+    for other in (w for w in caught if not issubclass(w.category, PrecisionWarning)):
+        warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
     peft_model.eval()
     output_name, reference = _main_output(peft_model, inputs)
     merged = peft_model.merge_and_unload()
@@ -123,4 +131,4 @@ def merge_to_folder(base: str | Path, adapter: str | Path, out: str | Path,
     diff = (result - reference).abs()
     return MergeReport(out=out, dtype=merged_dtype, inputs=int(reference.shape[0]), output_name=output_name,
                        max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()),
-                       max_abs_output=float(reference.abs().max()))
+                       max_abs_output=float(reference.abs().max()), notes=notes)

@@ -4,6 +4,8 @@ saved adapter is the trained one (loracast and PEFT both load it to the same out
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 import subprocess
 import sys
@@ -49,6 +51,10 @@ def test_train_writes_adapter_metrics_and_plot(trained_run):
     # AdamW: exp_avg and exp_avg_sq in fp32 per value, plus a 4-byte step counter per tensor (8 LoRA + 2 head)
     assert summary["optimizer_state_bytes"] == 2 * 4 * summary["trainable_params"] + 4 * 10
     assert summary["peak_memory"]["bytes"] > 0 and summary["seconds_per_step"]["median"] > 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (adapter / "adapter_model.safetensors", adapter / "adapter_config.json", trained_run / "metrics.json"):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask  # as any new file, not private 0600
     width, height = png_size(trained_run / "training_curve.png")
     assert (width, height) == (1100, 440)
 

@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         from ..merged_model import merge_to_folder
 
         report = merge_to_folder(args.base, args.adapter, args.out, dtype=args.dtype)
+    for note in report.notes:
+        print(f"note: {note.splitlines()[0]}")
     dtype = str(report.dtype).removeprefix("torch.")
     print(f"merged model written to {report.out} ({dtype}, safetensors)")
     print(f"merged vs unmerged {report.output_name} on {report.inputs} inputs: max abs diff {report.max_abs_diff:.3g}, "

@@ -49,7 +49,7 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
         return {"bytes": int(torch.cuda.max_memory_allocated(device)), "what": "peak CUDA memory allocated"}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # Linux reports KiB, macOS bytes
-    return {"bytes": int(peak * scale), "what": "peak resident memory of the process (model load included)"}
+    return {"bytes": int(peak * scale), "what": "peak resident set size of the process, model load included"}
 
 
 def precision_summary(model: nn.Module, optimizer: torch.optim.Optimizer, history: History, policy: str,
