@@ -1,8 +1,5 @@
 """The doctor's quantization findings, policies and fingerprint on real bitsandbytes 4-bit layers
 (tiny Llama loaded by transformers with BitsAndBytesConfig, on the CPU).
-
-Skipped only until the bitsandbytes backend of issue 2 (`loracast.quant.bnb`, and the test helper
-`bnb_models`) is merged; then every test here runs.
 """
 
 from __future__ import annotations
@@ -11,8 +8,6 @@ import warnings
 
 import pytest
 import torch
-
-pytest.importorskip("loracast.quant.bnb", reason="needs the bitsandbytes backend of issue 2")
 
 from bnb_models import load_llama  # noqa: E402
 from fsdp_step import fsdp1_step  # noqa: E402
@@ -39,6 +34,17 @@ def test_a_clean_qlora_model_reports_its_quantized_layers(tmp_path):
     assert row["dtypes"] == {"A": "float32", "B": "float32"}
     model.save_pretrained(tmp_path)
     assert doctor(tmp_path).findings == []
+
+
+def test_storage_dtype_survives_the_cpu_repacking_of_an_eval_forward(tmp_path):
+    model = get_peft_model(load_llama(4, "bf16", "bf16", "bf16"), config()).eval()
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 128, (1, 6)))  # may repack the 4-bit weights to uint8 in place
+    assert doctor(model).rows[0]["base"] == "bfloat16"
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionWarning)  # no false "storage changed" difference
+        PeftModel.from_pretrained(load_llama(4, "bf16", "bf16", "bf16"), tmp_path)
 
 
 def test_adapter_dtype_other_than_the_compute_dtype():

@@ -7,11 +7,13 @@ Switch from PEFT by changing one import::
 
 from .config import LoraConfig
 from .errors import AdapterLoadError, ConfigError, PrecisionError, PrecisionWarning
+from .kbit import prepare_model_for_kbit_training
 from .layers import Conv, Embedding, Linear, LoraLayer
 from .merge import NonFiniteMergeError
 from .model import LoraModel, PeftModel, get_peft_model
 from .modules_to_save import ModulesToSaveWrapper
 from .precision import resolve_adapter_dtype
+from .quant.merge import RequantizationWarning
 from .policies import POLICIES, PrecisionPlan
 from .doctor import Finding, Report, doctor  # noqa: E402  (binds loracast.doctor to the function)
 
@@ -33,10 +35,12 @@ __all__ = [
     "PrecisionError",
     "PrecisionPlan",
     "PrecisionWarning",
+    "RequantizationWarning",
     "Finding",
     "Report",
     "doctor",
     "get_peft_model",
+    "prepare_model_for_kbit_training",
     "resolve_adapter_dtype",
     "__version__",
 ]

@@ -25,6 +25,7 @@ from .layers import LoraLayer
 from .modules_to_save import ModulesToSaveWrapper
 from .policies import PrecisionPlan, apply_recorded_dtypes, resolve_precision
 from .precision import parse_dtype
+from .quant.merge import requantization_report
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 BASE_ONLY = "__base__"  # per-sample adapter name meaning "no adapter"
@@ -98,8 +99,9 @@ class LoraModel(nn.Module):
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Merge adapters (default: the active ones) into the base weights, keeping exact restore data."""
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        for _, layer in self.lora_layers():
-            layer.merge(names, safe_merge=safe_merge)
+        with requantization_report():  # one warning for all quantized layers merged
+            for _, layer in self.lora_layers():
+                layer.merge(names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Restore every base weight exactly as it was before merging."""
@@ -108,12 +110,13 @@ class LoraModel(nn.Module):
 
     def _unload(self, merge: bool, safe_merge: bool, adapter_names: Sequence[str] | None) -> nn.Module:
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        for name, layer in list(self.lora_layers()):
-            if merge:
-                layer.merge(names, safe_merge=safe_merge, keep_restore=False)
-            elif layer.merged:
-                layer.unmerge()
-            _replace(self.model, name, layer.get_base_layer())
+        with requantization_report():
+            for name, layer in list(self.lora_layers()):
+                if merge:
+                    layer.merge(names, safe_merge=safe_merge, keep_restore=False)
+                elif layer.merged:
+                    layer.unmerge()
+                _replace(self.model, name, layer.get_base_layer())
         for name, wrapper in list(self.wrappers()):
             _replace(self.model, name, wrapper.unwrap(names[0] if (merge and names) else None))
         transformers_integration.uninstall(self.model)  # a plain model again: saves in full
@@ -285,10 +288,11 @@ class PeftModel(nn.Module):
                 wrapper.enable_adapters(False)
             yield
         finally:
-            for layer in layers:
-                layer.enable_adapters(True)
-                if id(layer) in merged:
-                    layer.merge(merged[id(layer)])
+            with requantization_report():
+                for layer in layers:
+                    layer.enable_adapters(True)
+                    if id(layer) in merged:
+                        layer.merge(merged[id(layer)])
             for wrapper in wrappers:
                 wrapper.enable_adapters(True)
 

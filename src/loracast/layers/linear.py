@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from ..precision import base_weight, cast_for_adapter
+from ..quant import find_backend
+from ..quant import merge as quant_merge
 from .base import LoraLayer, init_kaiming_uniform_, init_zeros_, new_linear
 
 
@@ -17,6 +19,10 @@ class Linear(LoraLayer):
     Shapes: x (..., in_features); lora_A.weight (r, in_features); lora_B.weight (out_features, r).
     `fan_in_fan_out` is True for bases that store their weight as (in, out), like GPT-2's Conv1D;
     it only changes the layout of `get_delta_weight`.
+
+    A quantized base (any layer a `QuantBackend` claims, e.g. bitsandbytes 4-bit/8-bit) runs the
+    same forward; merging goes through the backend: dequantize, add the exact delta, requantize,
+    and unmerge puts the backend's snapshot of the original quantized weight back.
     """
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
@@ -25,6 +31,7 @@ class Linear(LoraLayer):
         self.in_features, self.out_features = linear_features(base_layer, fan_in_fan_out)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.quant_backend = find_backend(base_layer)
 
     def update_layer(self, adapter_name, r, lora_alpha, *, lora_dropout, init_lora_weights, use_rslora,
                      lora_bias, dtype, device):
@@ -56,6 +63,25 @@ class Linear(LoraLayer):
         dtype = torch.promote_types(weight_a.dtype, torch.float32)
         delta = (weight_b.to(dtype) @ weight_a.to(dtype)) * self.scaling[adapter_name]  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
+
+    # Merge hooks: a quantized base is read, written and restored through its backend.
+
+    def _read_original_weight(self) -> torch.Tensor:
+        if self.quant_backend is None:
+            return super()._read_original_weight()
+        return quant_merge.read_original(self.quant_backend, self.base_layer, self._weight_restore)
+
+    def _write_merged_weight(self, original: torch.Tensor, merged: torch.Tensor, keep_restore: bool) -> None:
+        if self.quant_backend is None:
+            return super()._write_merged_weight(original, merged, keep_restore)
+        self._weight_restore = quant_merge.write_merged(self.quant_backend, self.base_layer, original, merged,
+                                                        self._weight_restore, keep_restore)
+
+    def _restore_original_weight(self) -> None:
+        if self.quant_backend is None:
+            return super()._restore_original_weight()
+        quant_merge.restore_original(self.quant_backend, self.base_layer, self._weight_restore)
+        self._weight_restore = None
 
     def _lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         lora_a = self.lora_A[adapter_name]
