@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import TRAIN_FAST, rows_per_label, save_tiny_bert
+from .cli_helpers import TRAIN_FAST, rows_per_label, save_tiny_bert
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import torch
 from loracast import PeftModel
 from loracast.cli import main
 
-from cli_helpers import rows_per_label
+from .cli_helpers import rows_per_label
 
 
 def test_default_model_trains_and_its_adapter_loads_in_peft(tmp_path, monkeypatch):

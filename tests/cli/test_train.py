@@ -17,7 +17,7 @@ import torch
 from loracast import PeftModel
 from loracast.cli import main
 
-from cli_helpers import TRAIN_FAST
+from .cli_helpers import TRAIN_FAST
 
 ROOT = Path(__file__).resolve().parents[2]
 
