@@ -19,6 +19,7 @@ from .config import CONFIG_NAME
 from .errors import PrecisionError
 from .fingerprint import fingerprint_metadata, parse_fingerprint
 from .io import WEIGHTS_NAME, atomic_save_safetensors, read_adapter_weights
+from .model_view import dtype_name
 
 
 @dataclass
@@ -80,8 +81,7 @@ def convert_adapter(adapter: str | Path, out: str | Path, dtype: torch.dtype) ->
     err_sq = ref_sq = max_abs = max_rel = 0.0
     flushed = values = 0
     for name, tensor in tensors.items():
-        source_dtypes[str(tensor.dtype).removeprefix("torch.")] = (
-            source_dtypes.get(str(tensor.dtype).removeprefix("torch."), 0) + tensor.numel())
+        source_dtypes[dtype_name(tensor.dtype)] = source_dtypes.get(dtype_name(tensor.dtype), 0) + tensor.numel()
         if not tensor.is_floating_point():
             converted[name] = tensor
             continue
@@ -119,7 +119,7 @@ def _converted_metadata(metadata: dict[str, str], dtype: torch.dtype) -> dict[st
     except ValueError:
         return out  # an unreadable fingerprint is passed on untouched; the doctor reports it
     if fingerprint is not None:
-        fingerprint["save_dtype"] = str(dtype).removeprefix("torch.")
+        fingerprint["save_dtype"] = dtype_name(dtype)
         out.update(fingerprint_metadata(fingerprint))
     return out
 

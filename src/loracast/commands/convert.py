@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..model_view import dtype_name
 from ._common import add_command, command_errors, dtype_arg
 
 EXAMPLES = """\
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
         report = convert_adapter(args.adapter, args.out, args.dtype)
     source = ", ".join(f"{name} ({count:,} values)" for name, count in report.source_dtypes.items())
-    dtype = str(report.dtype).removeprefix("torch.")
+    dtype = dtype_name(report.dtype)
     change = report.bytes_after / report.bytes_before if report.bytes_before else float("nan")
     print(f"converted {report.tensors} tensors from {source} to {dtype}: {report.out}")
     print(f"rounding error: max abs {report.max_abs_error:.3g}, relative (||delta|| / ||x||) "

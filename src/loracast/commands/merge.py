@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..model_view import dtype_name
 from ._common import add_command, command_errors, dtype_arg
 
 EXAMPLES = """\
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         report = merge_to_folder(args.base, args.adapter, args.out, dtype=args.dtype)
     for note in report.notes:
         print(f"note: {note.splitlines()[0]}")
-    dtype = str(report.dtype).removeprefix("torch.")
+    dtype = dtype_name(report.dtype)
     print(f"merged model written to {report.out} ({dtype}, safetensors)")
     print(f"merged vs unmerged {report.output_name} on {report.inputs} inputs: max abs diff {report.max_abs_diff:.3g}, "
           f"mean abs diff {report.mean_abs_diff:.3g} (largest |output| {report.max_abs_output:.3g})")

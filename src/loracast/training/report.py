@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..model_view import dtype_name
 from .loop import History
 
 
@@ -31,7 +32,7 @@ def parameter_table(model: nn.Module) -> dict[str, dict[str, Any]]:
                                                       "trainable": param.requires_grad})
         entry["params"] += param.numel()
         entry["bytes"] += param.numel() * param.element_size()
-        entry["dtypes"][str(param.dtype).removeprefix("torch.")] += param.numel()
+        entry["dtypes"][dtype_name(param.dtype)] += param.numel()
     for entry in table.values():
         entry["dtypes"] = dict(entry["dtypes"])
     return table

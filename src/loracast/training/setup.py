@@ -14,6 +14,7 @@ from ..config import LoraConfig
 from ..integrations.hf_loading import (check_model_folder, load_model, load_tokenizer, quiet_transformers,
                                         read_model_config)
 from ..model import PeftModel, get_peft_model
+from ..model_view import dtype_name
 from .data import LabelledTexts, default_data_path, read_examples, split_examples
 from .policy import peft_model_kwargs
 
@@ -137,6 +138,6 @@ def base_dtype_name(peft_model: PeftModel) -> str:
         quant = quant if isinstance(quant, dict) else quant.to_dict()
         if quant.get("load_in_4bit"):
             return f"4-bit {quant.get('bnb_4bit_quant_type')} (compute {str(quant.get('bnb_4bit_compute_dtype'))})"
-    dtypes = {str(p.dtype).removeprefix("torch.") for p in peft_model.parameters()
+    dtypes = {dtype_name(p.dtype) for p in peft_model.parameters()
               if not p.requires_grad and p.is_floating_point()}
     return "/".join(sorted(dtypes)) or "unknown"
