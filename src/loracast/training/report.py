@@ -3,7 +3,6 @@ state, peak memory, time per step. Pure functions returning JSON-ready dicts."""
 
 from __future__ import annotations
 
-import resource
 import sys
 from collections import defaultdict
 from typing import Any
@@ -44,10 +43,20 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                for value in state.values() if isinstance(value, torch.Tensor))
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory measurement (possible on CUDA; a process's peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory(device: torch.device) -> dict[str, Any]:
     """The peak memory of this process: CUDA allocator peak on a GPU, else peak resident set size."""
     if device.type == "cuda":
         return {"bytes": int(torch.cuda.max_memory_allocated(device)), "what": "peak CUDA memory allocated"}
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return {"bytes": 0, "what": "peak memory unknown on this platform"}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # Linux reports KiB, macOS bytes
     return {"bytes": int(peak * scale), "what": "peak resident set size of the process, model load included"}

@@ -22,7 +22,7 @@ from ..io import atomic_write_text
 from .data import LabelledTexts
 from .loop import History, LoopSettings, train_classifier
 from .plot import plot_runs
-from .report import precision_summary
+from .report import precision_summary, reset_peak_memory
 from .runtime import Runtime
 from .setup import ModelSpec, SetupError, base_dtype_name, build_classifier, display_name, load_data
 
@@ -79,6 +79,7 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 def train_once(options: TrainOptions, policy: str, train: LabelledTexts, held_out: LabelledTexts, data_path: Path,
                runtime: Runtime, out: Path) -> RunResult:
     """Train one adapter under `policy` and (on the main process) write its files into `out`."""
+    reset_peak_memory(runtime.device)
     began = time.perf_counter()
     peft_model, tokenizer = build_classifier(options.model, train.label_names, policy, runtime.device)
     loaded = time.perf_counter()
