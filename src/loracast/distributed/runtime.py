@@ -133,7 +133,12 @@ def init_distributed(device: torch.device | str | None = None, backend: str | No
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
     chosen_backend = backend or choose_backend(chosen)
-    dist.init_process_group(backend=chosen_backend, timeout=_timeout(os.environ))
+    try:
+        dist.init_process_group(backend=chosen_backend, timeout=_timeout(os.environ))
+    except ValueError as exc:  # a launcher variable is missing (RANK, MASTER_ADDR, ...)
+        raise ValueError(f"WORLD_SIZE={world_size} asks for {world_size} processes, but the process group cannot "
+                         f"start: {exc}. Launch with torchrun --nproc_per_node {world_size}, or unset WORLD_SIZE "
+                         "to run one process") from exc
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, chosen, chosen_backend)
 
 
