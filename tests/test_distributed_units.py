@@ -240,3 +240,21 @@ def test_quantized_layers_are_unpacked_and_stop_repacking_before_sharding():
     # bitsandbytes' own unpacking re-quantizes the double-quantized scales: a bf16 rounding or two
     torch.testing.assert_close(first, reference, rtol=2 ** -6, atol=2 ** -6 * float(reference.abs().max()))
     assert prepare_quantized_for_sharding(nn.Linear(2, 2)) == 0
+
+
+def test_accelerates_fsdp1_setup_is_read_from_its_variables(make_llama):
+    from loracast.distributed import accelerate_fsdp1_setup
+
+    model = get_peft_model(make_llama(torch.bfloat16), LoraConfig(**QV))
+    default = accelerate_fsdp1_setup(model, {})
+    assert (default.policy, default.use_orig_params) == (None, False)  # accelerate: NO_WRAP, use_orig_params=False
+    blocks = accelerate_fsdp1_setup(model, {"FSDP_AUTO_WRAP_POLICY": "transformer_based_wrap",
+                                            "FSDP_USE_ORIG_PARAMS": "true"})
+    assert blocks.use_orig_params and blocks.policy.block_classes == (LlamaDecoderLayer,)
+    size = accelerate_fsdp1_setup(model, {"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP", "FSDP_MIN_NUM_PARAMS": "1000"})
+    # every unit the size policy makes (>= 1000 elements) mixes fp32 adapters with the bf16 base
+    assert {p.kind for p in fsdp1_flatten_problems(model, size.policy)} == {"mixed-dtype"}
+    assert accelerate_fsdp1_setup(model, {"FSDP_VERSION": "2"}) is None
+    with pytest.raises(ValueError, match="GPT2Block"):
+        accelerate_fsdp1_setup(model, {"FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+                                       "FSDP_TRANSFORMER_CLS_TO_WRAP": "GPT2Block"})

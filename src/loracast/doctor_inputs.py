@@ -265,11 +265,19 @@ def _from_model(obj: nn.Module, subject: str, kind: str, fsdp: bool | None) -> I
     return inventory
 
 
+def _fsdp_wrapped_path(obj: nn.Module) -> str | None:
+    """The path of the first module FSDP (1 or 2) wraps in `obj`, or None."""
+    for path, module in obj.named_modules():
+        if {c.__name__ for c in type(module).__mro__} & {"FullyShardedDataParallel", "FSDPModule"}:
+            return path
+    return None
+
+
 def _predict_fsdp1(inventory: Inventory, obj: nn.Module) -> None:
     """Which units FSDP1 would fail to flatten, under accelerate's set-up from the environment
     (its defaults when not launched by it); skipped when FSDP is not in play, already wraps the
-    model, or accelerate is set to FSDP2."""
-    if not inventory.fsdp_reason or "wrapped by FSDP" in inventory.fsdp_reason:
+    model (it flattened), or accelerate is set to FSDP2."""
+    if not inventory.fsdp_reason or _fsdp_wrapped_path(obj) is not None:
         return
     from .distributed import accelerate_fsdp1_setup, fsdp1_flatten_problems
 
@@ -303,12 +311,10 @@ def _set_fsdp(inventory: Inventory, fsdp: bool | None, obj: nn.Module | None) ->
     if fsdp is not None:
         inventory.fsdp_reason = "FSDP was requested" if fsdp else None
         return
-    if obj is not None:
-        for path, module in obj.named_modules():
-            classes = {c.__name__ for c in type(module).__mro__}
-            if classes & {"FullyShardedDataParallel", "FSDPModule"}:
-                inventory.fsdp_reason = f"{path or 'the model'} is wrapped by FSDP"
-                return
+    wrapped = _fsdp_wrapped_path(obj) if obj is not None else None
+    if wrapped is not None:
+        inventory.fsdp_reason = f"{wrapped or 'the model'} is wrapped by FSDP"
+        return
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         inventory.fsdp_reason = "ACCELERATE_USE_FSDP is set"
     elif any(plan.get("policy") == "fsdp" for plan in inventory.plans.values()):

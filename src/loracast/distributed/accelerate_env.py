@@ -14,19 +14,10 @@ from typing import Callable, Mapping
 
 from torch import nn
 
+from .fsdp1 import BlockWrapPolicy
 from .units import transformer_block_classes
 
 _TRUE = ("1", "true", "yes", "y", "on", "t")
-
-
-class BlockWrapPolicy:
-    """FSDP1 policy wrapping each transformer block (torch's `transformer_auto_wrap_policy`)."""
-
-    def __init__(self, block_classes: tuple[type, ...]) -> None:
-        self.block_classes = block_classes
-
-    def __call__(self, module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
-        return recurse or isinstance(module, self.block_classes)
 
 
 class SizeWrapPolicy:

@@ -48,16 +48,24 @@ def _dominant_frozen_key(model: nn.Module) -> tuple[torch.dtype, bool] | None:
     return (max(totals, key=totals.__getitem__), False) if totals else None
 
 
-class SeparateAdaptersPolicy:
+class BlockWrapPolicy:
+    """An FSDP1 auto-wrap policy with one unit per transformer block (torch's
+    `transformer_auto_wrap_policy`); called as ``policy(module=..., recurse=..., nonwrapped_numel=...)``."""
+
+    def __init__(self, block_classes: tuple[type, ...]) -> None:
+        self.block_classes = block_classes
+
+    def __call__(self, module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+        return recurse or isinstance(module, self.block_classes)  # recurse: always look inside
+
+
+class SeparateAdaptersPolicy(BlockWrapPolicy):
     """An FSDP1 auto-wrap policy: one unit per transformer block, and one per module that directly
     holds parameters of another dtype or trainability than the frozen base (LoRA A/B layers,
-    modules_to_save copies), so no unit mixes them.
-
-    Called by FSDP1 as ``policy(module=..., recurse=..., nonwrapped_numel=...)``.
-    """
+    modules_to_save copies), so no unit mixes them."""
 
     def __init__(self, block_classes: tuple[type, ...], base_key: tuple[torch.dtype, bool] | None) -> None:
-        self.block_classes = block_classes
+        super().__init__(block_classes)
         self.base_key = base_key
 
     def needs_own_unit(self, module: nn.Module) -> bool:
@@ -65,9 +73,7 @@ class SeparateAdaptersPolicy:
         return any((p.dtype, p.requires_grad) != self.base_key for p in module.parameters(recurse=False))
 
     def __call__(self, module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
-        if recurse:
-            return True  # always look inside: adapters sit deep in each block
-        return isinstance(module, self.block_classes) or self.needs_own_unit(module)
+        return super().__call__(module, recurse, nonwrapped_numel) or self.needs_own_unit(module)
 
 
 def fsdp1_auto_wrap_policy(model: nn.Module, block_classes: Iterable[type | str] | None = None

@@ -34,7 +34,7 @@ class Runtime:
         return self.rank == 0
 
     def shard(self, items: Sequence[T]) -> list[T]:
-        """This process's share of a global batch (every `world_size`-th item from `rank`)."""
+        """This process's share of `items` (all of them in one process)."""
         return list(items[self.rank::self.world_size])
 
     def share(self, items: Sequence[T]) -> tuple[list[T], float]:
