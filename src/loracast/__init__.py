@@ -5,6 +5,7 @@ Switch from PEFT by changing one import::
     from loracast import LoraConfig, get_peft_model, PeftModel
 """
 
+from .compute import get_lora_compute, set_lora_compute
 from .config import LoraConfig
 from .errors import AdapterLoadError, ConfigError, PrecisionError
 from .layers import Conv, Embedding, Linear, LoraLayer
@@ -28,7 +29,9 @@ __all__ = [
     "NonFiniteMergeError",
     "PeftModel",
     "PrecisionError",
+    "get_lora_compute",
     "get_peft_model",
     "resolve_adapter_dtype",
+    "set_lora_compute",
     "__version__",
 ]

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..precision import base_weight, cast_for_adapter
 from .base import LoraLayer, init_kaiming_uniform_, init_zeros_, new_linear
+from .fastpath import exact_forward, fast_forward, single_adapter
 
 
 class Linear(LoraLayer):
@@ -17,7 +18,13 @@ class Linear(LoraLayer):
     Shapes: x (..., in_features); lora_A.weight (r, in_features); lora_B.weight (out_features, r).
     `fan_in_fan_out` is True for bases that store their weight as (in, out), like GPT-2's Conv1D;
     it only changes the layout of `get_delta_weight`.
+
+    `lora_compute` picks how forward computes the LoRA branch: "exact" (default, PEFT's
+    arithmetic bit for bit) or "fast" (in the activation dtype; see `loracast.layers.fastpath`
+    and `loracast.set_lora_compute`).
     """
+
+    lora_compute: str = "exact"
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
@@ -49,6 +56,16 @@ class Linear(LoraLayer):
             init_kaiming_uniform_(lora_a.weight)
         init_zeros_(lora_b.weight)
         init_zeros_(lora_b.bias)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = None
+        if not args and not kwargs and type(self)._lora_output is Linear._lora_output:
+            name = single_adapter(self, x)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        if self.lora_compute == "fast":
+            return fast_forward(self, x, name)
+        return exact_forward(self, x, name)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         weight_a = self.lora_A[adapter_name].weight
