@@ -148,7 +148,7 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The update one adapter adds to the base weight, in at least float32, base layout."""
+        """The update one adapter adds to the base weight, in float64 (one layer's worth of memory at a time), base layout."""
         raise NotImplementedError
 
     def _lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
@@ -304,3 +304,9 @@ def init_zeros_(tensor: torch.Tensor | None) -> None:
     if tensor is not None and tensor.device.type != "meta":
         with torch.no_grad():
             tensor.zero_()
+
+
+def delta_dtype(factor: torch.Tensor) -> torch.dtype:
+    """The dtype deltas are computed in: float64, where the device has it (not MPS), so that the
+    product of the factors is exact to ~1e-16 and a merge rounds only once, into the base dtype."""
+    return torch.float32 if factor.device.type == "mps" else torch.float64

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..precision import base_weight, cast_for_adapter
-from .base import LoraLayer, init_kaiming_uniform_, init_zeros_, new_linear
+from .base import LoraLayer, delta_dtype, init_kaiming_uniform_, init_zeros_, new_linear
 from .fastpath import exact_forward, fast_forward, single_adapter
 
 
@@ -70,7 +70,7 @@ class Linear(LoraLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         weight_a = self.lora_A[adapter_name].weight
         weight_b = self.lora_B[adapter_name].weight
-        dtype = torch.promote_types(weight_a.dtype, torch.float32)
+        dtype = delta_dtype(weight_a)
         delta = (weight_b.to(dtype) @ weight_a.to(dtype)) * self.scaling[adapter_name]  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 

@@ -1,0 +1,112 @@
+"""loracast against PEFT, side by side, in one invocation: `make bench` (or this script).
+
+Every case runs once per library, each in a fresh Python process (imports, caches and the
+allocator start clean), with a warm-up and several timed repeats; the libraries alternate
+which goes first from case to case. Writes, next to this file unless --out says otherwise:
+RESULTS.md (tables, targets, machine), results.json (every number) and results.png (chart).
+
+    PYTHONPATH=src python benchmarks/run.py                 # the full run, ~10 minutes on 2 cores
+    PYTHONPATH=src python benchmarks/run.py --cases train_bf16_fp32 infer --repeats 3
+    PYTHONPATH=src python benchmarks/run.py --size quick --out /tmp/bench   # a seconds-long smoke run
+
+The cores are shared and timings are noisy: read medians with their min-max, and the ratios
+against the frozen base (measured interleaved in the same process) as the steadier figures.
+Workers run single-threaded unless --threads says otherwise (see --help for why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPEATS = {  # timed repeats per case in a full run
+    "inject_deep": 7, "inject_meta": 5, "save_load": 7, "train_bf16_fp32": 5, "train_bf16_bf16": 5,
+    "train_fp32_fp32": 3, "infer": 10, "merge": 1, "qlora": 4,
+}
+IMPLS = ("peft", "loracast")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", choices=list(REPEATS), default=list(REPEATS), help="cases to run")
+    parser.add_argument("--size", choices=("full", "quick"), default="full", help="model sizes (quick: smoke test)")
+    parser.add_argument("--repeats", type=int, default=0, help="timed repeats per case (0: the per-case default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per worker (default 1; 0: torch's default, one per core). On shared "
+                             "cores a multi-threaded step waits for its slowest thread at every op, which "
+                             "turns other people's load into noise far larger than the effects measured")
+    parser.add_argument("--out", default=HERE, help="folder for RESULTS.md, results.json, results.png")
+    parser.add_argument("--worker", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """Run one case for one library in this process; print its JSON on the last line."""
+    import torch
+
+    from cases import CASES, quiet
+    from harness import peak_rss_bytes
+    from models import SIZES
+
+    quiet()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    case, impl = args.worker
+    repeats = args.repeats or (REPEATS[case] if args.size == "full" else 2)
+    start = time.perf_counter()
+    result = CASES[case](impl, SIZES[args.size], repeats)
+    result.update(case=case, impl=impl, wall_s=time.perf_counter() - start, process_peak_rss=peak_rss_bytes(),
+                  threads=torch.get_num_threads())
+    print(json.dumps(result))
+    return 0
+
+
+def run_worker(case: str, impl: str, args: argparse.Namespace) -> dict:
+    """One case for one library, in a fresh process."""
+    command = [sys.executable, os.path.join(HERE, "run.py"), "--worker", case, impl, "--size", args.size,
+               "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    env = dict(os.environ)
+    src = os.path.join(os.path.dirname(HERE), "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        return {"case": case, "impl": impl, "error": done.stderr.strip()[-3000:] or f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.worker:
+        return _worker(args)
+    from harness import load_average, machine
+    from report import write_report
+
+    os.makedirs(args.out, exist_ok=True)
+    started = time.time()
+    load_before = load_average()
+    results = []
+    for index, case in enumerate(args.cases):
+        order = IMPLS if index % 2 == 0 else IMPLS[::-1]
+        for impl in order:
+            print(f"[{time.time() - started:6.0f}s] {case} / {impl}", flush=True)
+            result = run_worker(case, impl, args)
+            if "error" in result:
+                print(f"    failed: {result['error'].splitlines()[-1]}", flush=True)
+            results.append(result)
+    run = {"machine": machine(), "size": args.size, "load_before": load_before, "load_after": load_average(),
+           "wall_s": time.time() - started, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "results": results,
+           "command": " ".join(["benchmarks/run.py"] + (argv if argv is not None else sys.argv[1:]))}
+    with open(os.path.join(args.out, "results.json"), "w") as handle:
+        json.dump(run, handle, indent=1)
+    path = write_report(run, args.out)
+    print(f"wrote {path} in {run['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
