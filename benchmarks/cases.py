@@ -1,6 +1,7 @@
-"""The benchmark cases. Each runs one library ("peft" or "loracast") in the current process and
-returns plain numbers (seconds, bytes, counts); `run.py` starts one fresh process per case and
-library and compares them.
+"""The benchmark cases. Each case runs both libraries in the current process, interleaved round
+by round (the cores are shared: alternatives measured side by side see the same load), and
+returns plain numbers (seconds, bytes, counts). Peak memory is measured separately, one library
+per process (`MEMORY`). `run.py` starts a fresh process for each.
 
 Variants: PEFT runs its only computation ("peft"); loracast runs both compute modes on the same
 model ("exact": PEFT's arithmetic bit for bit, the default; "fast": the LoRA branch in the
@@ -10,7 +11,9 @@ base model), the bound runs in the same process, interleaved with the variants.
 
 from __future__ import annotations
 
+import gc
 import importlib
+import itertools
 import logging
 import os
 import tempfile
@@ -18,9 +21,10 @@ import warnings
 
 import torch
 
-from harness import interleave, peak_rss_of, time_each
+from harness import interleave, peak_rss_of
 from models import Size, build_llama, deep_template, fresh_copy, meta_llama, token_ids
 
+IMPLS = ("peft", "loracast")
 PRECISIONS = {  # case name -> (base dtype, adapter dtype)
     "bf16_fp32": (torch.bfloat16, torch.float32),
     "bf16_bf16": (torch.bfloat16, torch.bfloat16),
@@ -73,39 +77,56 @@ def _adapter_dtype(model) -> torch.dtype:
 
 # -- injection and files ------------------------------------------------------------------------
 
-def case_inject_deep(impl: str, size: Size, repeats: int) -> dict:
+def _fresh(factory):
+    """A setup for `interleave`: a new model from `factory`, garbage collected beforehand."""
+    def setup():
+        gc.collect()
+        return factory()
+    return setup
+
+
+def _inject_case(size: Size, repeats: int, factory) -> dict:
+    libs = {impl: library(impl) for impl in IMPLS}
+    plan = {impl: (_fresh(factory), lambda model, lib=lib: lib.get_peft_model(model, lora_config(lib, size)))
+            for impl, lib in libs.items()}
+    times = interleave(plan, repeats, warmup=1)
+    targets = {impl: len(lora_modules(lib.get_peft_model(factory(), lora_config(lib, size))))
+               for impl, lib in libs.items()}
+    return {"rows": {impl: {"times": times[impl]} for impl in libs}, "info": {"targets": targets}}
+
+
+def case_inject_deep(size: Size, repeats: int) -> dict:
     """get_peft_model on a deep, narrow Llama (7 targets per layer)."""
-    lib = library(impl)
     template = deep_template(size)
-    times = time_each(lambda model: lib.get_peft_model(model, lora_config(lib, size)), repeats, warmup=1,
-                      prepare=lambda: fresh_copy(template))
-    targets = len(lora_modules(lib.get_peft_model(fresh_copy(template), lora_config(lib, size))))
-    return {"rows": {"inject": {"times": times}}, "info": {"targets": targets}}
+    return _inject_case(size, repeats, lambda: fresh_copy(template))
 
 
-def case_inject_meta(impl: str, size: Size, repeats: int) -> dict:
+def case_inject_meta(size: Size, repeats: int) -> dict:
     """get_peft_model on a 7B-shaped Llama built on the meta device."""
-    lib = library(impl)
-    times = time_each(lambda model: lib.get_peft_model(model, lora_config(lib, size)), repeats, warmup=1,
-                      prepare=lambda: meta_llama(size))
-    targets = len(lora_modules(lib.get_peft_model(meta_llama(size), lora_config(lib, size))))
-    return {"rows": {"inject": {"times": times}}, "info": {"targets": targets}}
+    return _inject_case(size, repeats, lambda: meta_llama(size))
 
 
-def case_save_load(impl: str, size: Size, repeats: int) -> dict:
+def case_save_load(size: Size, repeats: int) -> dict:
     """save_pretrained and PeftModel.from_pretrained of an adapter on every linear of the deep model."""
-    lib = library(impl)
+    libs = {impl: library(impl) for impl in IMPLS}
     template = deep_template(size)
-    model = lib.get_peft_model(fresh_copy(template), lora_config(lib, size, init_lora_weights=False))
+    models = {impl: lib.get_peft_model(fresh_copy(template), lora_config(lib, size, init_lora_weights=False))
+              for impl, lib in libs.items()}
     with tempfile.TemporaryDirectory(prefix="loracast-bench-") as tmp:
-        folders = iter(os.path.join(tmp, f"save{i}") for i in range(repeats + 2))
-        save_times = time_each(lambda: model.save_pretrained(next(folders)), repeats, warmup=1)
-        folder = os.path.join(tmp, "save0")
-        file_bytes = os.path.getsize(os.path.join(folder, "adapter_model.safetensors"))
-        load_times = time_each(lambda base: lib.PeftModel.from_pretrained(base, folder), repeats, warmup=1,
-                               prepare=lambda: fresh_copy(template))
-    return {"rows": {"save": {"times": save_times}, "load": {"times": load_times}},
-            "info": {"targets": len(lora_modules(model)), "file_bytes": file_bytes}}
+        counters = {impl: itertools.count() for impl in libs}
+        plan = {f"save_{impl}": (lambda impl=impl: os.path.join(tmp, f"{impl}{next(counters[impl])}"),
+                                 lambda folder, impl=impl: models[impl].save_pretrained(folder))
+                for impl in libs}
+        times = interleave(plan, repeats, warmup=1)
+        folders = {impl: os.path.join(tmp, f"{impl}0") for impl in libs}
+        file_bytes = {impl: os.path.getsize(os.path.join(folder, "adapter_model.safetensors"))
+                      for impl, folder in folders.items()}
+        plan = {f"load_{impl}": (_fresh(lambda: fresh_copy(template)),
+                                 lambda base, lib=lib, impl=impl: lib.PeftModel.from_pretrained(base, folders[impl]))
+                for impl, lib in libs.items()}
+        times.update(interleave(plan, repeats, warmup=1))
+    return {"rows": {name: {"times": values} for name, values in times.items()},
+            "info": {"targets": len(lora_modules(models["loracast"])), "file_bytes": file_bytes}}
 
 
 # -- training and inference ---------------------------------------------------------------------
@@ -116,8 +137,8 @@ def _frozen(model):
     return model.train()
 
 
-def _train_timings(impl: str, lib, model, bound, ids: torch.Tensor, repeats: int) -> dict:
-    """Warm up, measure each variant's step memory, then interleave the variants with the bound."""
+def _step_fn(model, ids: torch.Tensor):
+    """One AdamW step over the trainable parameters of `model` (forward, backward, update)."""
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -125,63 +146,90 @@ def _train_timings(impl: str, lib, model, bound, ids: torch.Tensor, repeats: int
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    return step
 
-    def bound_step() -> None:  # frozen base: forward + backward to the inputs only
+
+def _bound_fn(bound, ids: torch.Tensor):
+    """The frozen base's forward plus a backward to its inputs only: what any LoRA step must pay."""
+    def bound_step() -> None:
         embeds = bound.get_input_embeddings()(ids).detach().requires_grad_(True)
         bound(inputs_embeds=embeds, labels=ids).loss.backward()
-
-    variants = modes(impl)
-    for mode in variants:  # warm-up; creates the optimizer state
-        use_mode(lib, model, mode)
-        step()
-    memory = {}
-    for mode in variants:
-        use_mode(lib, model, mode)
-        memory[mode] = peak_rss_of(step)
-    memory["bound"] = peak_rss_of(bound_step)
-    plan = {"bound": (None, bound_step)}
-    for mode in variants:
-        plan[mode] = (lambda mode=mode: use_mode(lib, model, mode), step)
-    times = interleave(plan, repeats, warmup=1)
-    return {name: {"times": times[name], "peak_rss": memory[name]} for name in plan}
+    return bound_step
 
 
-def case_train(impl: str, size: Size, repeats: int, precision: str) -> dict:
-    """One AdamW training step (forward, backward, optimizer) against the frozen-base bound."""
+def _step_plan(models: dict, ids: torch.Tensor, bound) -> dict:
+    """interleave() plan: the bound, PEFT, and loracast in each compute mode."""
+    plan = {"bound": (None, _bound_fn(bound, ids))}
+    for impl, model in models.items():
+        step = _step_fn(model, ids)
+        for mode in modes(impl):
+            plan[mode] = (lambda lib=library(impl), model=model, mode=mode: use_mode(lib, model, mode), step)
+    return plan
+
+
+def _peft_model(impl: str, size: Size, base_dtype: torch.dtype, adapter_dtype: torch.dtype):
     lib = library(impl)
-    base_dtype, adapter_dtype = PRECISIONS[precision]
     model = lib.get_peft_model(build_llama(size, base_dtype), lora_config(lib, size),
                                autocast_adapter_dtype=adapter_dtype == torch.float32)
     if _adapter_dtype(model) != adapter_dtype:
         raise RuntimeError(f"{impl} made {_adapter_dtype(model)} adapters, expected {adapter_dtype}")
-    bound = _frozen(build_llama(size, base_dtype))
+    return model
+
+
+def case_train(size: Size, repeats: int, precision: str) -> dict:
+    """One AdamW training step (forward, backward, optimizer), both libraries and the frozen-base
+    bound interleaved in this process."""
+    base_dtype, adapter_dtype = PRECISIONS[precision]
+    models = {impl: _peft_model(impl, size, base_dtype, adapter_dtype) for impl in IMPLS}
     ids = token_ids(size, size.batch, size.seq)
-    rows = _train_timings(impl, lib, model, bound, ids, repeats)
-    return {"rows": rows, "info": {"base_dtype": str(base_dtype), "adapter_dtype": str(adapter_dtype),
-                                   "tokens": size.batch * size.seq}}
+    times = interleave(_step_plan(models, ids, _frozen(build_llama(size, base_dtype))), repeats, warmup=1)
+    return {"rows": {name: {"times": values} for name, values in times.items()},
+            "info": {"base_dtype": str(base_dtype), "adapter_dtype": str(adapter_dtype),
+                     "tokens": size.batch * size.seq}}
 
 
-def case_infer(impl: str, size: Size, repeats: int) -> dict:
-    """Forward latency of one sequence, bf16 base + fp32 adapters: unmerged, merged, and the base alone."""
+def step_memory(model, impl: str, ids: torch.Tensor) -> dict:
+    """Peak RSS of one training step per variant, after a warm-up step that creates the optimizer state."""
+    step = _step_fn(model, ids)
     lib = library(impl)
-    model = lib.get_peft_model(build_llama(size, torch.bfloat16), lora_config(lib, size, init_lora_weights=False))
-    model.eval()
+    peaks = {}
+    for mode in modes(impl):
+        use_mode(lib, model, mode)
+        step()
+        peaks[mode] = peak_rss_of(step)
+    return peaks
+
+
+def memory_train(impl: str, size: Size, precision: str) -> dict:
+    """Peak RSS of a training step of one library, alone in its process (base weights included)."""
+    base_dtype, adapter_dtype = PRECISIONS[precision]
+    model = _peft_model(impl, size, base_dtype, adapter_dtype)
+    return step_memory(model, impl, token_ids(size, size.batch, size.seq))
+
+
+def case_infer(size: Size, repeats: int) -> dict:
+    """Forward latency of one sequence, bf16 base + fp32 adapters: unmerged, merged, and the base alone."""
+    models = {impl: library(impl).get_peft_model(build_llama(size, torch.bfloat16),
+                                                 lora_config(library(impl), size, init_lora_weights=False))
+              for impl in IMPLS}
     base = build_llama(size, torch.bfloat16).eval()
     ids = token_ids(size, 1, size.infer_seq)
-    rows = {}
-    with torch.no_grad():
-        plan = {"base": (None, lambda: base(input_ids=ids))}
+    plan = {"base": (None, lambda: base(input_ids=ids))}
+    for impl, model in models.items():
+        model.eval()
         for mode in modes(impl):
-            plan[mode] = (lambda mode=mode: use_mode(lib, model, mode), lambda: model(input_ids=ids))
-        for name, times in interleave(plan, repeats, warmup=2).items():
-            rows[name] = {"times": times}
-        model.merge_adapter()
-        merged = interleave({"base_for_merged": (None, lambda: base(input_ids=ids)),
-                             "merged": (None, lambda: model(input_ids=ids))}, repeats, warmup=2)
-        model.unmerge_adapter()
-    for name, times in merged.items():
-        rows[name] = {"times": times}
-    return {"rows": rows, "info": {"tokens": size.infer_seq, "adapter_dtype": str(_adapter_dtype(model))}}
+            plan[mode] = (lambda lib=library(impl), model=model, mode=mode: use_mode(lib, model, mode),
+                          lambda model=model: model(input_ids=ids))
+    with torch.no_grad():
+        times = interleave(plan, repeats, warmup=2)
+        for model in models.values():
+            model.merge_adapter()
+        merged = {"base_for_merged": (None, lambda: base(input_ids=ids))}
+        for impl, model in models.items():
+            merged[f"merged_{impl}"] = (None, lambda model=model: model(input_ids=ids))
+        times.update(interleave(merged, repeats, warmup=2))
+    return {"rows": {name: {"times": values} for name, values in times.items()},
+            "info": {"tokens": size.infer_seq, "adapter_dtype": str(_adapter_dtype(models["loracast"]))}}
 
 
 # -- merge precision ----------------------------------------------------------------------------
@@ -236,21 +284,20 @@ def _merge_once(lib, size: Size, adapter_dtype: torch.dtype) -> dict:
         single_rounding = bf16_single_rounding(originals[name].double() + (b @ a) * layer.scaling["default"])
         off += int((layer.base_layer.weight != single_rounding).sum())
         total += single_rounding.numel()
+    restore = model.merge_restore_nbytes() if hasattr(model, "merge_restore_nbytes") else None
     start = time.perf_counter()
     model.unmerge_adapter()
     unmerge_s = time.perf_counter() - start
     drift = sum(int((layer.base_layer.weight != originals[name]).sum()) for name, layer in layers)
-    restore = model.merge_restore_nbytes() if hasattr(model, "merge_restore_nbytes") else None
     return {"off_single_rounding": off, "unmerge_changed": drift, "weights": total, "merge_s": merge_s,
             "unmerge_s": unmerge_s, "restore_bytes_while_merged": restore}
 
 
-def case_merge(impl: str, size: Size, repeats: int) -> dict:
+def case_merge(size: Size, repeats: int) -> dict:
     """Merge into a bf16 base (bf16 and fp32 adapters): elements off a single rounding of the exact
-    sum, elements changed by merge then unmerge, and the time each takes."""
-    lib = library(impl)
-    info = {f"{str(dtype).replace('torch.', '')}_adapter": _merge_once(lib, size, dtype)
-            for dtype in (torch.bfloat16, torch.float32)}
+    sum, elements changed by merge then unmerge, and the time each takes; one library at a time."""
+    info = {impl: {f"{str(dtype).replace('torch.', '')}_adapter": _merge_once(library(impl), size, dtype)
+                   for dtype in (torch.bfloat16, torch.float32)} for impl in IMPLS}
     info["relative_delta"] = MERGE_RELATIVE_DELTA
     return {"rows": {}, "info": info}
 
@@ -266,31 +313,62 @@ def _load_4bit(folder: str):
                                                 dtype=torch.bfloat16)
 
 
-def case_qlora(impl: str, size: Size, repeats: int) -> dict:
-    """A QLoRA step: bitsandbytes nf4 base (bf16 compute), fp32 adapters on every linear layer."""
+def _has_bnb_backend() -> bool:
+    try:
+        importlib.import_module("loracast.quant.bnb")
+    except ImportError:
+        return False
+    return True
+
+
+NO_BNB = "loracast has no bitsandbytes backend yet (loracast.quant.bnb, issue 2)"
+
+
+def _qlora_model(impl: str, folder: str, size: Size):
     lib = library(impl)
-    if impl == "loracast":
-        try:
-            importlib.import_module("loracast.quant.bnb")
-        except ImportError:
-            return {"skipped": "loracast has no bitsandbytes backend yet (loracast.quant.bnb, issue 2)"}
+    return lib.get_peft_model(_load_4bit(folder), lora_config(lib, size))
+
+
+def case_qlora(size: Size, repeats: int) -> dict:
+    """A QLoRA step: bitsandbytes nf4 base (bf16 compute), fp32 adapters on every linear layer;
+    both libraries and the frozen 4-bit bound interleaved in this process."""
+    if not _has_bnb_backend():
+        return {"skipped": NO_BNB}
     with tempfile.TemporaryDirectory(prefix="loracast-bench-") as tmp:
         build_llama(size, torch.bfloat16).save_pretrained(tmp)
-        model = lib.get_peft_model(_load_4bit(tmp), lora_config(lib, size))
+        models = {impl: _qlora_model(impl, tmp, size) for impl in IMPLS}
         bound = _frozen(_load_4bit(tmp))
     ids = token_ids(size, size.batch, size.seq)
-    rows = _train_timings(impl, lib, model, bound, ids, repeats)
-    return {"rows": rows, "info": {"adapter_dtype": str(_adapter_dtype(model)), "tokens": size.batch * size.seq}}
+    times = interleave(_step_plan(models, ids, bound), repeats, warmup=1)
+    return {"rows": {name: {"times": values} for name, values in times.items()},
+            "info": {"adapter_dtype": str(_adapter_dtype(models["loracast"])), "tokens": size.batch * size.seq}}
 
 
-CASES = {
+def memory_qlora(impl: str, size: Size) -> dict:
+    """Peak RSS of a QLoRA step of one library, alone in its process."""
+    if not _has_bnb_backend():
+        return {}
+    with tempfile.TemporaryDirectory(prefix="loracast-bench-") as tmp:
+        build_llama(size, torch.bfloat16).save_pretrained(tmp)
+        model = _qlora_model(impl, tmp, size)
+    return step_memory(model, impl, token_ids(size, size.batch, size.seq))
+
+
+CASES = {  # name -> fn(size, repeats): timings of both libraries, in one process
     "inject_deep": case_inject_deep,
     "inject_meta": case_inject_meta,
     "save_load": case_save_load,
-    "train_bf16_fp32": lambda impl, size, repeats: case_train(impl, size, repeats, "bf16_fp32"),
-    "train_bf16_bf16": lambda impl, size, repeats: case_train(impl, size, repeats, "bf16_bf16"),
-    "train_fp32_fp32": lambda impl, size, repeats: case_train(impl, size, repeats, "fp32_fp32"),
+    "train_bf16_fp32": lambda size, repeats: case_train(size, repeats, "bf16_fp32"),
+    "train_bf16_bf16": lambda size, repeats: case_train(size, repeats, "bf16_bf16"),
+    "train_fp32_fp32": lambda size, repeats: case_train(size, repeats, "fp32_fp32"),
     "infer": case_infer,
     "merge": case_merge,
     "qlora": case_qlora,
+}
+
+MEMORY = {  # name -> fn(impl, size): peak RSS per variant of one library, alone in a process
+    "train_bf16_fp32": lambda impl, size: memory_train(impl, size, "bf16_fp32"),
+    "train_bf16_bf16": lambda impl, size: memory_train(impl, size, "bf16_bf16"),
+    "train_fp32_fp32": lambda impl, size: memory_train(impl, size, "fp32_fp32"),
+    "qlora": memory_qlora,
 }

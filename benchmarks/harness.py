@@ -72,11 +72,12 @@ def peak_rss_of(fn: Callable[[], object]) -> int:
     return peak_rss_bytes()
 
 
-def interleave(variants: dict[str, tuple[Callable[[], None] | None, Callable[[], None]]], repeats: int,
+def interleave(variants: dict[str, tuple[Callable[[], object] | None, Callable[..., object]]], repeats: int,
                warmup: int = 1) -> dict[str, list[float]]:
     """Time each variant `repeats` times, one of each per round, rotating the order every round.
 
-    `variants` maps a name to (setup or None, fn); setup runs untimed right before fn.
+    `variants` maps a name to (setup or None, fn). setup runs untimed right before fn; when it
+    returns something other than None, fn gets that as its argument (a fresh model, say).
     Returns name -> seconds per call. `warmup` untimed rounds come first.
     """
     names = list(variants)
@@ -85,28 +86,13 @@ def interleave(variants: dict[str, tuple[Callable[[], None] | None, Callable[[],
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             setup, fn = variants[name]
-            if setup is not None:
-                setup()
+            arg = setup() if setup is not None else None
             start = time.perf_counter()
-            fn()
+            fn() if arg is None else fn(arg)
             elapsed = time.perf_counter() - start
+            del arg
             if round_index >= warmup:
                 times[name].append(elapsed)
-    return times
-
-
-def time_each(fn: Callable[[], None], repeats: int, warmup: int = 1,
-              prepare: Callable[[], object] | None = None) -> list[float]:
-    """Seconds per call of ``fn(prepared)`` (or ``fn()``), `prepare` running untimed before each call."""
-    times = []
-    for index in range(warmup + repeats):
-        arg = prepare() if prepare is not None else None
-        gc.collect()
-        start = time.perf_counter()
-        fn(arg) if prepare is not None else fn()
-        elapsed = time.perf_counter() - start
-        if index >= warmup:
-            times.append(elapsed)
     return times
 
 
