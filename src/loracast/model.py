@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .config import CONFIG_NAME, LoraConfig
-from .inject import TASK_HEADS, inject_adapter, iter_lora_layers, iter_wrappers, wrap_modules_to_save
+from .inject import (TASK_HEADS, inject_adapter, iter_adapter_modules, iter_lora_layers, iter_wrappers,
+                     wrap_modules_to_save)
 from .io import (KEY_PREFIX, WEIGHTS_NAME, adapter_tensors, atomic_save_safetensors, load_adapter_tensors,
                  prepare_for_safetensors, read_adapter_weights, trained_bias_tensors)
 from .layers import LoraLayer
@@ -75,7 +76,7 @@ class LoraModel(nn.Module):
         if unknown:
             raise ValueError(f"adapter(s) {unknown} not found; this model has {sorted(self.peft_config)}")
         trainable = any(not self.peft_config[n].inference_mode for n in names)
-        for _, module in list(self.lora_layers()) + list(self.wrappers()):
+        for module in iter_adapter_modules(self.model):
             module.set_adapter(names, trainable=trainable)
         self._apply_bias_mode(names)
         self._active_adapters = names
@@ -131,12 +132,22 @@ def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _checkpointing_enabled(model: nn.Module) -> bool:
-    # transformers 5 renamed is_gradient_checkpointing (now deprecated) to is_activation_checkpointing
-    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if attr in dir(type(model)):
-            return bool(getattr(model, attr))
-    return False
+def _freeze_all(model: nn.Module) -> bool:
+    """Freeze every parameter of `model`; returns whether activation checkpointing is on.
+
+    One walk for both. The flag is transformers' ``is_activation_checkpointing`` (some module's
+    ``gradient_checkpointing`` is set), read from each module's dict rather than through
+    nn.Module's slow attribute fallback.
+    """
+    checkpointing = False
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                param.requires_grad_(False)
+        if not checkpointing:
+            checkpointing = bool(module.__dict__.get("gradient_checkpointing",
+                                                     getattr(type(module), "gradient_checkpointing", False)))
+    return checkpointing
 
 
 class PeftModel(nn.Module):
@@ -154,13 +165,12 @@ class PeftModel(nn.Module):
         if not isinstance(peft_config, LoraConfig):
             raise TypeError(f"peft_config must be a loracast LoraConfig, got {type(peft_config).__name__}; "
                             "build it with loracast.LoraConfig(...) or LoraConfig.from_dict(peft_config.to_dict())")
-        for param in model.parameters():  # the base is frozen; adapters decide their own requires_grad
-            param.requires_grad_(False)
+        checkpointing = _freeze_all(model)  # the base is frozen; adapters decide their own requires_grad
         self.base_model = LoraModel(model)
         self._add(adapter_name, peft_config, autocast_adapter_dtype, parse_dtype(adapter_dtype, "adapter_dtype"),
                   _initialize)
         self.base_model.set_adapter(adapter_name)
-        if _checkpointing_enabled(model) and hasattr(model, "enable_input_require_grads"):
+        if checkpointing and hasattr(model, "enable_input_require_grads"):
             # reentrant checkpointing needs an input that requires grad, or no grad reaches the adapters
             model.enable_input_require_grads()
 

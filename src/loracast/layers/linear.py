@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ..precision import base_weight, cast_for_adapter
-from .base import LoraLayer, delta_dtype, init_kaiming_uniform_, init_zeros_, new_linear
+from . import build
+from .base import LoraLayer, delta_dtype, init_zeros_
 from .fastpath import exact_forward, fast_forward, single_adapter
 
 
@@ -28,34 +29,31 @@ class Linear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = fan_in_fan_out
-        self.in_features, self.out_features = linear_features(base_layer, fan_in_fan_out)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
+        in_features, out_features = linear_features(base_layer, fan_in_fan_out)
+        self.__dict__.update(fan_in_fan_out=fan_in_fan_out, in_features=in_features, out_features=out_features)
+        self._modules["lora_A"] = build.module_dict()
+        self._modules["lora_B"] = build.module_dict()
 
     def update_layer(self, adapter_name, r, lora_alpha, *, lora_dropout, init_lora_weights, use_rslora,
                      lora_bias, dtype, device):
         self._register_numbers(adapter_name, r, lora_alpha, use_rslora, lora_bias, lora_dropout)
-        lora_a = new_linear(self.in_features, r, False, dtype, device)
-        lora_b = new_linear(r, self.out_features, lora_bias, dtype, device)
-        self.lora_A[adapter_name] = lora_a
-        self.lora_B[adapter_name] = lora_b
-        if init_lora_weights is None:
+        # init False: nn.Linear's own init for both factors (a random, non-zero start); True: A as
+        # nn.Linear, B zero; "gaussian": A normal(0, 1/r), B zero; None: left for a load to fill
+        init_a = None if init_lora_weights in (None, "gaussian") else "kaiming"
+        init_b = None if init_lora_weights is None else ("kaiming" if init_lora_weights is False else "zeros")
+        lora_a = build.linear(self.in_features, r, False, dtype, device, init_a)
+        lora_b = build.linear(r, self.out_features, lora_bias, dtype, device, init_b)
+        build.put(self.lora_A, adapter_name, lora_a)
+        build.put(self.lora_B, adapter_name, lora_b)
+        if init_lora_weights == "gaussian" and lora_a.weight.device.type != "meta":
+            nn.init.normal_(lora_a.weight, std=1 / r)
+        if init_lora_weights is None or not lora_bias or lora_b.bias.device.type == "meta":
             return
-        if init_lora_weights is False:  # nn.Linear's own init for both: a random, non-zero start
-            for layer in (lora_a, lora_b):
-                init_kaiming_uniform_(layer.weight)
-            if lora_bias and lora_b.bias.device.type != "meta":
-                bound = 1 / math.sqrt(r)
-                nn.init.uniform_(lora_b.bias, -bound, bound)
-            return
-        if init_lora_weights == "gaussian":
-            if lora_a.weight.device.type != "meta":
-                nn.init.normal_(lora_a.weight, std=1 / r)
+        if init_lora_weights is False:
+            bound = 1 / math.sqrt(r)
+            nn.init.uniform_(lora_b.bias, -bound, bound)
         else:
-            init_kaiming_uniform_(lora_a.weight)
-        init_zeros_(lora_b.weight)
-        init_zeros_(lora_b.bias)
+            init_zeros_(lora_b.bias)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = None
