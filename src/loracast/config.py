@@ -47,6 +47,19 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
 }
 
 
+def unsupported_options(data: dict[str, Any]) -> dict[str, Any]:
+    """The options in a PEFT config dict that change the math and that loracast does not
+    implement (an initialisation other than SUPPORTED_INITS included): name -> value."""
+    found: dict[str, Any] = {}
+    for name, default in _UNSUPPORTED_DEFAULTS.items():
+        value = data.get(name, default)
+        if value != default and not (default == {} and value is None):
+            found[name] = value
+    if data.get("init_lora_weights", True) not in SUPPORTED_INITS:
+        found["init_lora_weights"] = data["init_lora_weights"]
+    return found
+
+
 def _help(text: str, default: Any = None, factory: Any = None) -> Any:
     if factory is not None:
         return field(default_factory=factory, metadata={"help": text})
@@ -187,13 +200,12 @@ class LoraConfig:
             raise ConfigError("layers_to_transform", None, "set together with layers_pattern")
 
     def _check_unsupported(self) -> None:
-        for name, default in _UNSUPPORTED_DEFAULTS.items():
-            value = getattr(self, name)
-            if value != default and not (default == {} and value is None):
-                raise ConfigError(
-                    name, value,
-                    f"{default!r}: loracast does not implement this PEFT option yet; "
-                    "remove it or use PEFT for this adapter")
+        found = unsupported_options({name: getattr(self, name) for name in _UNSUPPORTED_DEFAULTS})
+        for name, value in found.items():
+            raise ConfigError(
+                name, value,
+                f"{_UNSUPPORTED_DEFAULTS[name]!r}: loracast does not implement this PEFT option yet; "
+                "remove it or use PEFT for this adapter")
 
     # -- derived values ------------------------------------------------------------------------
 

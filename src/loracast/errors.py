@@ -28,3 +28,8 @@ class AdapterLoadError(ValueError):
 
 class PrecisionError(ValueError):
     """A requested dtype combination cannot be honoured."""
+
+
+class PrecisionWarning(UserWarning):
+    """Something about dtypes will make results differ from what the user expects (e.g. an adapter
+    loaded in an environment other than the one it was saved in)."""

@@ -20,7 +20,7 @@ from torch import nn
 from .config import LoraConfig
 from .layers import Conv, Embedding, LoraLayer, Linear
 from .modules_to_save import ModulesToSaveWrapper
-from .precision import adapter_device, resolve_adapter_dtype
+from .precision import adapter_device, declared_dtype, resolve_adapter_dtype
 from .quant import find_backend
 from .walk import Node, replace_child, walk
 
@@ -248,6 +248,7 @@ def inject_adapter(
     resolve_target_modules(model, config)
     matcher = TargetMatcher(config)
     init = config.init_lora_weights if initialize else None
+    model_dtype = declared_dtype(model)  # for bases with no float dtype of their own (8-bit)
     targeted: list[str] = []
     candidates: list[str] = []
     for name, module, parent, attr in _outside_wrappers(model):
@@ -264,7 +265,7 @@ def inject_adapter(
         layer.update_layer(
             adapter_name, r, alpha, lora_dropout=config.lora_dropout, init_lora_weights=init,
             use_rslora=config.use_rslora, lora_bias=config.lora_bias,
-            dtype=resolve_adapter_dtype(base, autocast_adapter_dtype, adapter_dtype),
+            dtype=resolve_adapter_dtype(base, autocast_adapter_dtype, adapter_dtype, model_dtype),
             device=adapter_device(base))
         if layer is not module:
             _freeze(base)

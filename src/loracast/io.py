@@ -141,6 +141,12 @@ def atomic_save_safetensors(path: str, tensors: dict[str, torch.Tensor], metadat
         save_file(tensors, tmp, metadata=metadata)
         _fsync(tmp)
         os.replace(tmp, path)
+    except Exception as exc:
+        _remove_quietly(tmp)
+        if isinstance(exc, OSError):
+            raise
+        # safetensors reports I/O failures (disk full, file too large) as its own error type
+        raise OSError(f"could not write {path}: {exc}; any earlier file there is unchanged") from exc
     except BaseException:
         _remove_quietly(tmp)
         raise

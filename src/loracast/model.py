@@ -16,13 +16,16 @@ import torch
 from torch import nn
 
 from .config import CONFIG_NAME, LoraConfig
+from .fingerprint import build_fingerprint, check_loaded_adapter, fingerprint_metadata, read_fingerprint
 from .inject import (TASK_HEADS, inject_adapter, iter_adapter_modules, iter_lora_layers, iter_wrappers,
                      wrap_modules_to_save)
 from .io import (KEY_PREFIX, WEIGHTS_NAME, adapter_tensors, atomic_save_safetensors, load_adapter_tensors,
                  prepare_for_safetensors, read_adapter_weights, trained_bias_tensors)
 from .layers import LoraLayer
 from .modules_to_save import ModulesToSaveWrapper
+from .policies import PrecisionPlan, apply_recorded_dtypes, resolve_precision
 from .precision import parse_dtype
+from .quant.merge import requantization_report
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 BASE_ONLY = "__base__"  # per-sample adapter name meaning "no adapter"
@@ -96,8 +99,9 @@ class LoraModel(nn.Module):
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Merge adapters (default: the active ones) into the base weights, keeping exact restore data."""
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        for _, layer in self.lora_layers():
-            layer.merge(names, safe_merge=safe_merge)
+        with requantization_report():  # one warning for all quantized layers merged
+            for _, layer in self.lora_layers():
+                layer.merge(names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Restore every base weight exactly as it was before merging."""
@@ -106,12 +110,13 @@ class LoraModel(nn.Module):
 
     def _unload(self, merge: bool, safe_merge: bool, adapter_names: Sequence[str] | None) -> nn.Module:
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        for name, layer in list(self.lora_layers()):
-            if merge:
-                layer.merge(names, safe_merge=safe_merge, keep_restore=False)
-            elif layer.merged:
-                layer.unmerge()
-            _replace(self.model, name, layer.get_base_layer())
+        with requantization_report():
+            for name, layer in list(self.lora_layers()):
+                if merge:
+                    layer.merge(names, safe_merge=safe_merge, keep_restore=False)
+                elif layer.merged:
+                    layer.unmerge()
+                _replace(self.model, name, layer.get_base_layer())
         for name, wrapper in list(self.wrappers()):
             _replace(self.model, name, wrapper.unwrap(names[0] if (merge and names) else None))
         return self.model
@@ -153,22 +158,26 @@ def _freeze_all(model: nn.Module) -> bool:
 class PeftModel(nn.Module):
     """A model with LoRA adapters, with PEFT's `PeftModel` API.
 
-    Adapter dtypes follow `loracast.precision` (explicit `adapter_dtype` > autocast flag > base dtype).
+    Adapter dtypes follow `loracast.precision` (explicit `adapter_dtype` > autocast flag > base dtype),
+    or a named `precision` policy (`loracast.policies`).
     """
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
-                 autocast_adapter_dtype: bool = True, adapter_dtype: torch.dtype | str | None = None,
-                 low_cpu_mem_usage: bool = False, *, _initialize: bool = True) -> None:
+                 autocast_adapter_dtype: bool | None = None, adapter_dtype: torch.dtype | str | None = None,
+                 low_cpu_mem_usage: bool = False, *, precision: str | None = None, _initialize: bool = True,
+                 _plan: PrecisionPlan | None = None) -> None:
         super().__init__()
+        self._precision_plans: dict[str, PrecisionPlan] = {}  # adapter -> how its dtypes were chosen
+        self._fingerprints: dict[str, dict] = {}  # adapter -> fingerprint of the file it was loaded from
         if isinstance(model, PeftModel):
             raise ValueError("the model already is a PeftModel; use add_adapter() to add another adapter")
         if not isinstance(peft_config, LoraConfig):
             raise TypeError(f"peft_config must be a loracast LoraConfig, got {type(peft_config).__name__}; "
                             "build it with loracast.LoraConfig(...) or LoraConfig.from_dict(peft_config.to_dict())")
         checkpointing = _freeze_all(model)  # the base is frozen; adapters decide their own requires_grad
+        plan = _plan or resolve_precision(model, precision, autocast_adapter_dtype, adapter_dtype)
         self.base_model = LoraModel(model)
-        self._add(adapter_name, peft_config, autocast_adapter_dtype, parse_dtype(adapter_dtype, "adapter_dtype"),
-                  _initialize)
+        self._add(adapter_name, peft_config, plan, _initialize)
         self.base_model.set_adapter(adapter_name)
         if checkpointing and hasattr(model, "enable_input_require_grads"):
             # reentrant checkpointing needs an input that requires grad, or no grad reaches the adapters
@@ -206,8 +215,7 @@ class PeftModel(nn.Module):
 
     # -- adapters -------------------------------------------------------------------------------
 
-    def _add(self, adapter_name: str, config: LoraConfig, autocast_adapter_dtype: bool,
-             adapter_dtype: torch.dtype | None, initialize: bool) -> None:
+    def _add(self, adapter_name: str, config: LoraConfig, plan: PrecisionPlan, initialize: bool) -> None:
         check_adapter_name(adapter_name)
         if adapter_name in self.base_model.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
@@ -218,26 +226,30 @@ class PeftModel(nn.Module):
         if heads:
             config.modules_to_save = list(dict.fromkeys((config.modules_to_save or []) + heads))
         self.base_model.peft_config[adapter_name] = config
+        self._precision_plans[adapter_name] = plan
         try:
-            inject_adapter(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                           adapter_dtype=adapter_dtype, initialize=initialize)
-            wrap_modules_to_save(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                                 adapter_dtype=adapter_dtype)
+            inject_adapter(model, config, adapter_name, autocast_adapter_dtype=plan.autocast_adapter_dtype,
+                           adapter_dtype=plan.adapter_dtype, initialize=initialize)
+            wrap_modules_to_save(model, config, adapter_name, autocast_adapter_dtype=plan.autocast_adapter_dtype,
+                                 adapter_dtype=plan.adapter_dtype)
         except BaseException:
             self._remove_everywhere(adapter_name)
             raise
 
     def _remove_everywhere(self, adapter_name: str) -> None:
         self.base_model.peft_config.pop(adapter_name, None)
+        self._precision_plans.pop(adapter_name, None)
+        self._fingerprints.pop(adapter_name, None)
         for _, module in list(self.base_model.lora_layers()) + list(self.base_model.wrappers()):
             if adapter_name in module.adapter_names:
                 module.delete_adapter(adapter_name)
 
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False,
-                    autocast_adapter_dtype: bool = True, adapter_dtype: torch.dtype | str | None = None) -> None:
-        """Add a new, inactive adapter (activate it with `set_adapter`)."""
-        self._add(adapter_name, peft_config, autocast_adapter_dtype,
-                  parse_dtype(adapter_dtype, "adapter_dtype"), True)
+                    autocast_adapter_dtype: bool | None = None, adapter_dtype: torch.dtype | str | None = None,
+                    precision: str | None = None) -> None:
+        """Add a new, inactive adapter (activate it with `set_adapter`); dtypes as in `get_peft_model`."""
+        plan = resolve_precision(self.base_model.model, precision, autocast_adapter_dtype, adapter_dtype)
+        self._add(adapter_name, peft_config, plan, True)
         self.base_model.set_adapter(self.active_adapters)
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
@@ -256,6 +268,9 @@ class PeftModel(nn.Module):
         """
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} not found; this model has {sorted(self.peft_config)}")
+        if any(adapter_name in layer.merged_adapters for _, layer in self.base_model.lora_layers()):
+            raise RuntimeError(f"adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() "
+                               "before deleting it")
         active = [n for n in self.active_adapters if n != adapter_name]
         self._remove_everywhere(adapter_name)
         if not active and self.peft_config:
@@ -280,10 +295,11 @@ class PeftModel(nn.Module):
                 wrapper.enable_adapters(False)
             yield
         finally:
-            for layer in layers:
-                layer.enable_adapters(True)
-                if id(layer) in merged:
-                    layer.merge(merged[id(layer)])
+            with requantization_report():
+                for layer in layers:
+                    layer.enable_adapters(True)
+                    if id(layer) in merged:
+                        layer.merge(merged[id(layer)])
             for wrapper in wrappers:
                 wrapper.enable_adapters(True)
 
@@ -403,35 +419,47 @@ class PeftModel(nn.Module):
             folder = root if name == "default" else os.path.join(root, check_adapter_name(name))
             os.makedirs(folder, exist_ok=True)
             tensors = self.adapter_state_dict(name, dtype)
-            atomic_save_safetensors(os.path.join(folder, WEIGHTS_NAME), tensors, self._file_metadata(name))
+            atomic_save_safetensors(os.path.join(folder, WEIGHTS_NAME), tensors, self._file_metadata(name, dtype))
             self.peft_config[name].save_pretrained(folder)
 
-    def _file_metadata(self, adapter_name: str) -> dict[str, str]:
-        """safetensors header metadata; PEFT writes exactly {"format": "pt"} and ignores extras."""
-        return {"format": "pt"}
+    def _file_metadata(self, adapter_name: str, save_dtype: torch.dtype | None = None) -> dict[str, str]:
+        """safetensors header metadata: PEFT's {"format": "pt"} plus the precision fingerprint
+        (`loracast.fingerprint`; PEFT ignores metadata it does not know)."""
+        fingerprint = build_fingerprint(self.base_model.model, adapter_name,
+                                        self._precision_plans.get(adapter_name), save_dtype)
+        return {"format": "pt", **fingerprint_metadata(fingerprint)}
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     autocast_adapter_dtype: bool = True, adapter_dtype: torch.dtype | str | None = None,
-                     allow_pickle: bool = False, **kwargs: Any) -> None:
+                     autocast_adapter_dtype: bool | None = None, adapter_dtype: torch.dtype | str | None = None,
+                     allow_pickle: bool = False, *, precision: str | None = None, strict_precision: bool = False,
+                     **kwargs: Any) -> None:
         """Add an adapter read from a folder written by loracast or PEFT (inactive until `set_adapter`).
+
+        Dtypes as in `from_pretrained`; the saved fingerprint is compared with this model and
+        environment (a `PrecisionWarning`, or with `strict_precision` a `PrecisionError`).
 
         Raises:
             FileNotFoundError: no adapter files at `model_id`.
             AdapterLoadError / ConfigError: the files do not fit this model or are malformed.
+            PrecisionError: the precision arguments conflict, or `strict_precision` and the
+                fingerprint differs.
         """
         _reject_unknown_kwargs("load_adapter", kwargs)
         config = _read_config(model_id)
         config.inference_mode = not is_trainable
-        self._add(adapter_name, config, autocast_adapter_dtype, parse_dtype(adapter_dtype, "adapter_dtype"),
-                  initialize=False)
+        fingerprint = read_fingerprint(model_id)
+        plan = resolve_precision(self.base_model.model, precision, autocast_adapter_dtype, adapter_dtype,
+                                 fingerprint=fingerprint, loading=True)
+        self._add(adapter_name, config, plan, initialize=False)
         try:
-            self._load_weights(model_id, adapter_name, allow_pickle)
+            self._load_weights(model_id, adapter_name, allow_pickle, fingerprint, strict_precision)
         except BaseException:
             self._remove_everywhere(adapter_name)
             raise
         self.base_model.set_adapter(self.active_adapters)
 
-    def _load_weights(self, model_id: str | os.PathLike, adapter_name: str, allow_pickle: bool) -> None:
+    def _load_weights(self, model_id: str | os.PathLike, adapter_name: str, allow_pickle: bool,
+                      fingerprint: dict | None = None, strict_precision: bool = False) -> None:
         folder = os.fspath(model_id)
         tensors, _ = read_adapter_weights(folder, allow_pickle=allow_pickle)
         model = self.base_model.model
@@ -439,24 +467,41 @@ class PeftModel(nn.Module):
         targets = adapter_tensors(model, adapter_name)
         load_adapter_tensors(model, tensors, targets, source=os.path.join(folder, WEIGHTS_NAME),
                              optional=trained_bias_tensors(model, adapter_name, config.bias))
+        plan = self._precision_plans[adapter_name]
+        apply_recorded_dtypes(targets, plan)
+        if fingerprint is not None:
+            check_loaded_adapter(model, adapter_name, fingerprint, plan, source=folder, strict=strict_precision,
+                                 live=targets)
+            self._fingerprints[adapter_name] = fingerprint
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, config: LoraConfig | None = None,
-                        autocast_adapter_dtype: bool = True, adapter_dtype: torch.dtype | str | None = None,
-                        allow_pickle: bool = False, **kwargs: Any) -> "PeftModel":
+                        autocast_adapter_dtype: bool | None = None, adapter_dtype: torch.dtype | str | None = None,
+                        allow_pickle: bool = False, *, precision: str | None = None,
+                        strict_precision: bool = False, **kwargs: Any) -> "PeftModel":
         """Wrap `model` with an adapter read from a folder written by loracast or PEFT.
+
+        Adapter dtypes follow `precision` (a `loracast.policies` name; "match-training" restores
+        the dtypes recorded at save) or the knobs, as in `get_peft_model`. A loracast-written
+        adapter's fingerprint is compared with this model and environment: each difference is
+        listed in one `PrecisionWarning`, or raised as a `PrecisionError` with `strict_precision`.
 
         Raises:
             FileNotFoundError: no adapter at `model_id` (loracast reads local folders only).
             AdapterLoadError / ConfigError: the files do not fit this model or are malformed.
+            PrecisionError: the precision arguments conflict, or `strict_precision` and the
+                fingerprint differs.
         """
         _reject_unknown_kwargs("from_pretrained", kwargs)
         config = config or _read_config(model_id)
         config.inference_mode = not is_trainable
-        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype, adapter_dtype, _initialize=False)
+        fingerprint = read_fingerprint(model_id)
+        plan = resolve_precision(model, precision, autocast_adapter_dtype, adapter_dtype,
+                                 fingerprint=fingerprint, loading=True)
+        peft_model = cls(model, config, adapter_name, _initialize=False, _plan=plan)
         try:
-            peft_model._load_weights(model_id, adapter_name, allow_pickle)
+            peft_model._load_weights(model_id, adapter_name, allow_pickle, fingerprint, strict_precision)
         except BaseException:
             peft_model.base_model.unload()
             raise
@@ -486,17 +531,21 @@ def _read_config(model_id: str | os.PathLike) -> LoraConfig:
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
-                   mixed: bool = False, autocast_adapter_dtype: bool = True, revision: str | None = None,
-                   low_cpu_mem_usage: bool = False, adapter_dtype: torch.dtype | str | None = None) -> PeftModel:
+                   mixed: bool = False, autocast_adapter_dtype: bool | None = None, revision: str | None = None,
+                   low_cpu_mem_usage: bool = False, adapter_dtype: torch.dtype | str | None = None,
+                   precision: str | None = None) -> PeftModel:
     """Add a LoRA adapter to `model` and return it wrapped in a `PeftModel`.
 
     Adapter dtype, in order of precedence: `adapter_dtype` if given; else float32 when
-    `autocast_adapter_dtype` is True and the base is fp16/bf16; else the base layer's dtype
-    (a quantized layer's compute dtype). Base parameters are frozen.
+    `autocast_adapter_dtype` is True (the default) and the base is fp16/bf16; else the base
+    layer's dtype (a quantized layer's compute dtype). Or name a policy with `precision`
+    ("stable", "fast", "fsdp"; see `loracast.policies`), which sets all of these at once; a knob
+    passed with it must agree with it. Base parameters are frozen.
 
     Raises:
         ValueError: target_modules matches nothing (the message lists module names), or a matched
             module cannot carry LoRA.
+        PrecisionError: the precision arguments conflict, or the base cannot satisfy the policy.
     """
     if mixed:
         raise ValueError("mixed=True (PeftMixedModel) is not supported; loracast models hold several LoRA "
@@ -504,4 +553,4 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     if revision is not None:
         peft_config.revision = revision
     return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                     adapter_dtype=adapter_dtype)
+                     adapter_dtype=adapter_dtype, precision=precision)

@@ -6,9 +6,17 @@ Which dtype a new adapter gets, in order of precedence (first that applies wins)
 2. the autocast flag: with ``autocast_adapter_dtype=True`` (the default, as PEFT) an adapter
    whose dtype would be fp16, bf16 or an fp8 type is kept in float32 instead;
 3. the base layer's compute dtype, for a quantized base that declares one (bitsandbytes 4-bit
-   ``compute_dtype``);
+   ``compute_dtype``, whatever its ``quant_storage``);
 4. the base layer's storage dtype, when it is a float dtype;
-5. otherwise (an integer-stored base, such as bitsandbytes 8-bit) torch's default dtype.
+5. the model's declared dtype (transformers' ``config.dtype``, formerly ``torch_dtype``), for a
+   base with no float dtype of its own, such as bitsandbytes 8-bit (int8 storage);
+6. otherwise torch's default dtype.
+
+Rules 1 and 2 are PEFT's flag plus an explicit override; 3 and 4 give PEFT's dtypes on every
+bitsandbytes 4-bit case (base dtype x quant_storage x compute dtype x flag). Rule 5 goes beyond
+PEFT, which keeps an 8-bit base's adapters in float32 even with the flag off: here a bf16 model
+loaded in 8 bits gets bf16 adapters with ``autocast_adapter_dtype=False`` (and any dtype with
+``adapter_dtype=``).
 
 The adapter lives on the device of its base weight. The same rule runs in `get_peft_model`,
 `add_adapter`, `load_adapter` and `PeftModel.from_pretrained`; a loaded checkpoint's values are
@@ -20,6 +28,8 @@ decides the matmul dtype.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -83,15 +93,37 @@ def base_compute_dtype(base_layer: nn.Module) -> torch.dtype | None:
     return None
 
 
+def declared_dtype(model: nn.Module) -> torch.dtype | None:
+    """The float dtype a model declares for its weights (transformers' ``config.dtype`` or the older
+    ``config.torch_dtype``), or None when it declares none."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    for attr in ("dtype", "torch_dtype"):
+        with warnings.catch_warnings():  # transformers 5 warns on the old name
+            warnings.simplefilter("ignore")
+            value = getattr(config, attr, None)
+        if isinstance(value, str):
+            value = DTYPE_NAMES.get(value.removeprefix("torch.").lower())
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            return value
+    return None
+
+
 def resolve_adapter_dtype(
     base_layer: nn.Module,
     autocast_adapter_dtype: bool = True,
     adapter_dtype: torch.dtype | None = None,
+    model_dtype: torch.dtype | None = None,
 ) -> torch.dtype:
-    """The dtype a new adapter on `base_layer` gets (precedence in the module docstring)."""
+    """The dtype a new adapter on `base_layer` gets (precedence in the module docstring).
+
+    `model_dtype` is the model's declared dtype (`declared_dtype`), used only for a base layer
+    without a float dtype of its own.
+    """
     if adapter_dtype is not None:
         return adapter_dtype
-    dtype = base_compute_dtype(base_layer) or torch.get_default_dtype()
+    dtype = base_compute_dtype(base_layer) or model_dtype or torch.get_default_dtype()
     if autocast_adapter_dtype and dtype in HALF_DTYPES:
         return torch.float32
     return dtype

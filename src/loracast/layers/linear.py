@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from ..precision import base_weight, cast_for_adapter
+from ..quant import find_backend
+from ..quant import merge as quant_merge
 from . import build
 from .base import LoraLayer, delta_dtype, init_zeros_
 from .fastpath import exact_forward, fast_forward, single_adapter
@@ -20,6 +22,10 @@ class Linear(LoraLayer):
     `fan_in_fan_out` is True for bases that store their weight as (in, out), like GPT-2's Conv1D;
     it only changes the layout of `get_delta_weight`.
 
+    A quantized base (any layer a `QuantBackend` claims, e.g. bitsandbytes 4-bit/8-bit) runs the
+    same forward; merging goes through the backend: dequantize, add the exact delta, requantize,
+    and unmerge puts the backend's snapshot of the original quantized weight back.
+
     `lora_compute` picks how forward computes the LoRA branch: "exact" (default, PEFT's
     arithmetic bit for bit) or "fast" (in the activation dtype; see `loracast.layers.fastpath`
     and `loracast.set_lora_compute`).
@@ -30,7 +36,8 @@ class Linear(LoraLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         in_features, out_features = linear_features(base_layer, fan_in_fan_out)
-        self.__dict__.update(fan_in_fan_out=fan_in_fan_out, in_features=in_features, out_features=out_features)
+        self.__dict__.update(fan_in_fan_out=fan_in_fan_out, in_features=in_features, out_features=out_features,
+                             quant_backend=find_backend(base_layer))
         self._modules["lora_A"] = build.module_dict()
         self._modules["lora_B"] = build.module_dict()
 
@@ -71,6 +78,25 @@ class Linear(LoraLayer):
         dtype = delta_dtype(weight_a)
         delta = (weight_b.to(dtype) @ weight_a.to(dtype)) * self.scaling[adapter_name]  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
+
+    # Merge hooks: a quantized base is read, written and restored through its backend.
+
+    def _read_original_weight(self) -> torch.Tensor:
+        if self.quant_backend is None:
+            return super()._read_original_weight()
+        return quant_merge.read_original(self.quant_backend, self.base_layer, self._weight_restore)
+
+    def _write_merged_weight(self, original: torch.Tensor, merged: torch.Tensor, keep_restore: bool) -> None:
+        if self.quant_backend is None:
+            return super()._write_merged_weight(original, merged, keep_restore)
+        self._weight_restore = quant_merge.write_merged(self.quant_backend, self.base_layer, original, merged,
+                                                        self._weight_restore, keep_restore)
+
+    def _restore_original_weight(self) -> None:
+        if self.quant_backend is None:
+            return super()._restore_original_weight()
+        quant_merge.restore_original(self.quant_backend, self.base_layer, self._weight_restore)
+        self._weight_restore = None
 
     def _lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         lora_a = self.lora_A[adapter_name]

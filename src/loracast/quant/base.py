@@ -48,7 +48,7 @@ class QuantBackend(Protocol):
 
 _BACKENDS: list[QuantBackend] = []
 # (module that must already be imported, module of ours that registers the backend)
-_LAZY: list[tuple[str, str]] = []
+_LAZY: list[tuple[str, str]] = [("bitsandbytes", "loracast.quant.bnb")]
 
 
 def register_backend(backend: QuantBackend) -> None:
@@ -59,7 +59,7 @@ def register_backend(backend: QuantBackend) -> None:
 
 def _load_lazy_backends() -> None:
     for library, ours in list(_LAZY):
-        if library in sys.modules:
+        if sys.modules.get(library) is not None:  # None marks a module blocked from import
             _LAZY.remove((library, ours))
             importlib.import_module(ours)
 
