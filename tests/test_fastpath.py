@@ -275,3 +275,23 @@ def test_exact_mode_matches_peft_bit_for_bit(make_llama, lora_alpha, use_rslora)
     assert results[0][1].keys() == results[1][1].keys()
     for name, grad in results[0][1].items():
         assert torch.equal(grad, results[1][1][name]), name
+
+
+def test_mixed_policy_is_fp32_adapters_computed_fast_and_recorded(make_llama, tmp_path):
+    from loracast import PeftModel
+    from loracast.errors import PrecisionError
+
+    config = loracast.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    model = loracast.get_peft_model(make_llama(torch.bfloat16), config, precision="mixed")
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert loracast.get_lora_compute(model) == "fast"
+    model.add_adapter("plain", loracast.LoraConfig(r=4, target_modules=["k_proj"]))
+    layers = dict(model.base_model.lora_layers())
+    assert layers["model.layers.0.self_attn.k_proj"].lora_compute == "exact"  # stable: the default
+    assert layers["model.layers.0.self_attn.q_proj"].lora_compute == "fast"
+    with pytest.raises(PrecisionError, match="mixed"):
+        loracast.get_peft_model(make_llama(torch.bfloat16), config, precision="mixed", autocast_adapter_dtype=False)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_llama(torch.bfloat16), tmp_path, precision="match-training")
+    assert loracast.get_lora_compute(loaded) == "fast"
+    assert loracast.get_lora_compute(PeftModel.from_pretrained(make_llama(torch.bfloat16), tmp_path)) == "exact"

@@ -12,9 +12,10 @@ and gradients differ from "exact" by about one rounding in the activation dtype 
 relative on the LoRA term). This is the trade mixed-precision training makes for the base
 model (fp32 master weights, bf16 compute) and what ``torch.autocast`` does for matmuls.
 
-The mode is a per-layer attribute (`Linear.lora_compute`); other layer kinds always compute
-exactly. Layers added later (a new adapter on new modules) start in "exact": call
-`set_lora_compute` again after adding them.
+``get_peft_model(..., precision="mixed")`` is "fast" with float32 adapters. The mode is a
+per-layer attribute (`Linear.lora_compute`); other layer kinds always compute exactly. Layers
+added later (a new adapter on new modules) start in "exact" unless added with
+``precision="mixed"``; `set_lora_compute` switches any of them at any time.
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
-def set_lora_compute(model: nn.Module, mode: str) -> int:
-    """Set how every LoRA Linear layer in `model` computes its branch; returns how many were set.
+def set_lora_compute(model: nn.Module, mode: str, adapter_name: str | None = None) -> int:
+    """Set how the LoRA Linear layers in `model` compute their branch; returns how many were set.
+
+    ``get_peft_model(..., precision="mixed")`` does this for the new adapter.
 
     Args:
         model: a `PeftModel`, or any module holding loracast LoRA layers.
         mode: "exact" or "fast" (see the module docstring).
+        adapter_name: only the layers holding this adapter (default: all).
 
     Raises:
         ValueError: `mode` is not a compute mode, or `model` holds no LoRA Linear layer.
@@ -45,7 +49,7 @@ def set_lora_compute(model: nn.Module, mode: str) -> int:
     _check_mode(mode)
     count = 0
     for module in model.modules():
-        if isinstance(module, Linear):
+        if isinstance(module, Linear) and (adapter_name is None or adapter_name in module.r):
             module.lora_compute = mode
             count += 1
     if not count:

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from .compute import set_lora_compute
 from .config import CONFIG_NAME, LoraConfig
 from .fingerprint import build_fingerprint, check_loaded_adapter, fingerprint_metadata, read_fingerprint
 from .inject import (TASK_HEADS, inject_adapter, iter_adapter_modules, iter_lora_layers, iter_wrappers,
@@ -232,6 +233,8 @@ class PeftModel(nn.Module):
                            adapter_dtype=plan.adapter_dtype, initialize=initialize)
             wrap_modules_to_save(model, config, adapter_name, autocast_adapter_dtype=plan.autocast_adapter_dtype,
                                  adapter_dtype=plan.adapter_dtype)
+            if plan.lora_compute != "exact":
+                set_lora_compute(model, plan.lora_compute, adapter_name)
         except BaseException:
             self._remove_everywhere(adapter_name)
             raise
@@ -539,7 +542,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     Adapter dtype, in order of precedence: `adapter_dtype` if given; else float32 when
     `autocast_adapter_dtype` is True (the default) and the base is fp16/bf16; else the base
     layer's dtype (a quantized layer's compute dtype). Or name a policy with `precision`
-    ("stable", "fast", "fsdp"; see `loracast.policies`), which sets all of these at once; a knob
+    ("stable", "mixed", "fast", "fsdp"; see `loracast.policies`), which sets all of these at once; a knob
     passed with it must agree with it. Base parameters are frozen.
 
     Raises:
