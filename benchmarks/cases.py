@@ -23,6 +23,7 @@ import torch
 
 from harness import interleave, peak_rss_of
 from models import Size, build_llama, deep_template, fresh_copy, meta_llama, token_ids
+from qlora_step import load_4bit
 
 IMPLS = ("peft", "loracast")
 PRECISIONS = {  # case name -> (base dtype, adapter dtype)
@@ -77,6 +78,11 @@ def _adapter_dtype(model) -> torch.dtype:
 
 # -- injection and files ------------------------------------------------------------------------
 
+def _row(times: dict[str, list[float]]) -> dict[str, list[float]]:
+    """A result row: wall seconds ("times") and CPU seconds ("cpu") per call."""
+    return {"times": times["wall"], "cpu": times["cpu"]}
+
+
 def _fresh(factory):
     """A setup for `interleave`: a new model from `factory`, garbage collected beforehand."""
     def setup():
@@ -92,7 +98,7 @@ def _inject_case(size: Size, repeats: int, factory) -> dict:
     times = interleave(plan, repeats, warmup=1)
     targets = {impl: len(lora_modules(lib.get_peft_model(factory(), lora_config(lib, size))))
                for impl, lib in libs.items()}
-    return {"rows": {impl: {"times": times[impl]} for impl in libs}, "info": {"targets": targets}}
+    return {"rows": {impl: _row(times[impl]) for impl in libs}, "info": {"targets": targets}}
 
 
 def case_inject_deep(size: Size, repeats: int) -> dict:
@@ -125,7 +131,7 @@ def case_save_load(size: Size, repeats: int) -> dict:
                                  lambda base, lib=lib, impl=impl: lib.PeftModel.from_pretrained(base, folders[impl]))
                 for impl, lib in libs.items()}
         times.update(interleave(plan, repeats, warmup=1))
-    return {"rows": {name: {"times": values} for name, values in times.items()},
+    return {"rows": {name: _row(values) for name, values in times.items()},
             "info": {"targets": len(lora_modules(models["loracast"])), "file_bytes": file_bytes}}
 
 
@@ -183,7 +189,7 @@ def case_train(size: Size, repeats: int, precision: str) -> dict:
     models = {impl: _peft_model(impl, size, base_dtype, adapter_dtype) for impl in IMPLS}
     ids = token_ids(size, size.batch, size.seq)
     times = interleave(_step_plan(models, ids, _frozen(build_llama(size, base_dtype))), repeats, warmup=1)
-    return {"rows": {name: {"times": values} for name, values in times.items()},
+    return {"rows": {name: _row(values) for name, values in times.items()},
             "info": {"base_dtype": str(base_dtype), "adapter_dtype": str(adapter_dtype),
                      "tokens": size.batch * size.seq}}
 
@@ -228,7 +234,7 @@ def case_infer(size: Size, repeats: int) -> dict:
         for impl, model in models.items():
             merged[f"merged_{impl}"] = (None, lambda model=model: model(input_ids=ids))
         times.update(interleave(merged, repeats, warmup=2))
-    return {"rows": {name: {"times": values} for name, values in times.items()},
+    return {"rows": {name: _row(values) for name, values in times.items()},
             "info": {"tokens": size.infer_seq, "adapter_dtype": str(_adapter_dtype(models["loracast"]))}}
 
 
@@ -304,15 +310,6 @@ def case_merge(size: Size, repeats: int) -> dict:
 
 # -- 4-bit ----------------------------------------------------------------------------------------
 
-def _load_4bit(folder: str):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, device_map="cpu",
-                                                dtype=torch.bfloat16)
-
-
 def _has_bnb_backend() -> bool:
     try:
         importlib.import_module("loracast.quant.bnb")
@@ -326,21 +323,23 @@ NO_BNB = "loracast has no bitsandbytes backend yet (loracast.quant.bnb, issue 2)
 
 def _qlora_model(impl: str, folder: str, size: Size):
     lib = library(impl)
-    return lib.get_peft_model(_load_4bit(folder), lora_config(lib, size))
+    return lib.get_peft_model(load_4bit(folder), lora_config(lib, size))
 
 
 def case_qlora(size: Size, repeats: int) -> dict:
-    """A QLoRA step: bitsandbytes nf4 base (bf16 compute), fp32 adapters on every linear layer;
-    both libraries and the frozen 4-bit bound interleaved in this process."""
+    """A QLoRA step: bitsandbytes nf4 base (double quantization, bf16 compute; norms, embeddings
+    and head stay bf16, no gradient checkpointing), fp32 adapters on every linear layer; both
+    libraries and the frozen 4-bit bound interleaved in this process. `qlora_step.py` measures
+    PEFT's full recipe (prepare_model_for_kbit_training's fp32 upcasts, checkpointing)."""
     if not _has_bnb_backend():
         return {"skipped": NO_BNB}
     with tempfile.TemporaryDirectory(prefix="loracast-bench-") as tmp:
         build_llama(size, torch.bfloat16).save_pretrained(tmp)
         models = {impl: _qlora_model(impl, tmp, size) for impl in IMPLS}
-        bound = _frozen(_load_4bit(tmp))
+        bound = _frozen(load_4bit(tmp))
     ids = token_ids(size, size.batch, size.seq)
     times = interleave(_step_plan(models, ids, bound), repeats, warmup=1)
-    return {"rows": {name: {"times": values} for name, values in times.items()},
+    return {"rows": {name: _row(values) for name, values in times.items()},
             "info": {"adapter_dtype": str(_adapter_dtype(models["loracast"])), "tokens": size.batch * size.seq}}
 
 

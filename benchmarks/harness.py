@@ -2,7 +2,8 @@
 summary statistics, and the description of the machine a run used.
 
 Timing: the cores are shared, so the alternatives a case compares run in one process,
-interleaved round by round (the order rotates), and are summarised by median and min-max.
+interleaved round by round (the order rotates), and are summarised by median and min-max,
+as wall time and as the process's CPU time.
 
 Memory: the peak resident set size of one phase (one training step, say) is read from the
 kernel's high-water mark after resetting it (``/proc/self/clear_refs``) and after handing
@@ -16,7 +17,6 @@ import gc
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -73,37 +73,30 @@ def peak_rss_of(fn: Callable[[], object]) -> int:
 
 
 def interleave(variants: dict[str, tuple[Callable[[], object] | None, Callable[..., object]]], repeats: int,
-               warmup: int = 1) -> dict[str, list[float]]:
+               warmup: int = 1) -> dict[str, dict[str, list[float]]]:
     """Time each variant `repeats` times, one of each per round, rotating the order every round.
 
     `variants` maps a name to (setup or None, fn). setup runs untimed right before fn; when it
     returns something other than None, fn gets that as its argument (a fresh model, say).
-    Returns name -> seconds per call. `warmup` untimed rounds come first.
+    Returns name -> {"wall": seconds per call, "cpu": this process's CPU seconds per call}.
+    With one torch thread, CPU time is the work a call does; wall time adds the time spent
+    waiting for a shared core. `warmup` untimed rounds come first.
     """
     names = list(variants)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
     for round_index in range(warmup + repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             setup, fn = variants[name]
             arg = setup() if setup is not None else None
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             fn() if arg is None else fn(arg)
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             del arg
             if round_index >= warmup:
-                times[name].append(elapsed)
+                times[name]["wall"].append(elapsed)
+                times[name]["cpu"].append(cpu)
     return times
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    """Median, min and max of a list of numbers."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
-def paired_ratio(numerator: list[float], denominator: list[float]) -> dict[str, float]:
-    """Median and range of the per-round ratios of two interleaved series (robust to load drift)."""
-    return summary([a / b for a, b in zip(numerator, denominator)])
 
 
 def load_average() -> tuple[float, float, float] | None:

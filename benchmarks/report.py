@@ -23,21 +23,22 @@ class Results:
         result = self.by_case.get(case)
         return None if result is None or "error" in result or "skipped" in result else result
 
-    def times(self, case: str, row: str) -> list[float] | None:
+    def times(self, case: str, row: str, clock: str = "wall") -> list[float] | None:
+        """Seconds per call of one row: "wall" time or the process's "cpu" time."""
         result = self.ok(case)
         if result is None or row not in result["rows"]:
             return None
-        return result["rows"][row]["times"]
+        return result["rows"][row]["times" if clock == "wall" else "cpu"]
 
-    def ratio(self, case: str, row: str, reference: str) -> list[float] | None:
+    def ratio(self, case: str, row: str, reference: str, clock: str = "cpu") -> list[float] | None:
         """Per-round ratios row / reference (the two ran back to back in each round)."""
-        times, ref = self.times(case, row), self.times(case, reference)
+        times, ref = self.times(case, row, clock), self.times(case, reference, clock)
         if not times or not ref:
             return None
         return [a / b for a, b in zip(times, ref)]
 
-    def median_ratio(self, case: str, row: str, reference: str) -> float | None:
-        values = self.ratio(case, row, reference)
+    def median_ratio(self, case: str, row: str, reference: str, clock: str = "cpu") -> float | None:
+        values = self.ratio(case, row, reference, clock)
         return statistics.median(values) if values else None
 
     def memory(self, case: str, impl: str, row: str) -> int | None:
@@ -59,6 +60,10 @@ def _ms(values: list[float] | None) -> str:
     return f"{1e3 * statistics.median(values):.1f} ({1e3 * min(values):.1f}-{1e3 * max(values):.1f})"
 
 
+def _cpu_ms(values: list[float] | None) -> str:
+    return f"{1e3 * statistics.median(values):.1f}" if values else "n/a"
+
+
 def _ratio(values: list[float] | None) -> str:
     if not values:
         return ""
@@ -66,8 +71,8 @@ def _ratio(values: list[float] | None) -> str:
 
 
 def _training_table(res: Results, case: str) -> list[str]:
-    lines = ["| variant | step ms, median (min-max) | x frozen base, per round | x PEFT, per round | peak RSS MiB "
-             "| x PEFT RSS |", "|---|---|---|---|---|---|"]
+    lines = ["| variant | wall ms, median (min-max) | CPU ms | x frozen base (CPU, per round) | x PEFT (CPU, per "
+             "round) | x PEFT (wall, per round) | peak RSS MiB | x PEFT RSS |", "|---|---|---|---|---|---|---|---|"]
     for row, impl in (("bound", None), ("peft", "peft"), ("exact", "loracast"), ("fast", "loracast")):
         if res.times(case, row) is None:
             continue
@@ -75,16 +80,18 @@ def _training_table(res: Results, case: str) -> list[str]:
         mem = res.memory(case, impl, row) if impl else None
         mem_ratio = res.memory_ratio(case, row) if ours else None
         lines.append("| " + " | ".join([
-            ROW_LABELS[row], _ms(res.times(case, row)),
+            ROW_LABELS[row], _ms(res.times(case, row)), _cpu_ms(res.times(case, row, "cpu")),
             _ratio(res.ratio(case, row, "bound")) if row != "bound" else "1",
             _ratio(res.ratio(case, row, "peft")) if ours else "",
+            _ratio(res.ratio(case, row, "peft", "wall")) if ours else "",
             "n/a" if impl and mem is None else (f"{mem / MIB:.0f}" if mem else ""),
             f"{mem_ratio:.3f}x" if mem_ratio else ""]) + " |")
     return lines
 
 
 def _inference_table(res: Results) -> list[str]:
-    lines = ["| variant | forward ms, median (min-max) | x base, per round | x PEFT, per round |", "|---|---|---|---|"]
+    lines = ["| variant | wall ms, median (min-max) | CPU ms | x base (CPU, per round) | x PEFT (CPU, per round) "
+             "| x PEFT (wall, per round) |", "|---|---|---|---|---|---|"]
     rows = (("base", "base model alone", None, None), ("peft", "PEFT unmerged", "base", None),
             ("exact", "loracast exact (default) unmerged", "base", "peft"),
             ("fast", "loracast fast unmerged", "base", "peft"),
@@ -94,15 +101,16 @@ def _inference_table(res: Results) -> list[str]:
     for row, label, base, peft in rows:
         if res.times("infer", row) is None:
             continue
-        lines.append("| " + " | ".join([label, _ms(res.times("infer", row)),
+        lines.append("| " + " | ".join([label, _ms(res.times("infer", row)), _cpu_ms(res.times("infer", row, "cpu")),
                                         _ratio(res.ratio("infer", row, base)) if base else "1",
-                                        _ratio(res.ratio("infer", row, peft)) if peft else ""]) + " |")
+                                        _ratio(res.ratio("infer", row, peft)) if peft else "",
+                                        _ratio(res.ratio("infer", row, peft, "wall")) if peft else ""]) + " |")
     return lines
 
 
 def _injection_table(res: Results) -> list[str]:
-    lines = ["| case | targets | PEFT ms, median (min-max) | loracast ms | loracast / PEFT, per round |",
-             "|---|---|---|---|---|"]
+    lines = ["| case | targets | PEFT wall ms, median (min-max) | loracast wall ms | loracast / PEFT (CPU, per "
+             "round) | loracast / PEFT (wall, per round) |", "|---|---|---|---|---|---|"]
     for case, theirs, ours, label in (("inject_deep", "peft", "loracast", "get_peft_model, deep narrow Llama"),
                                       ("inject_meta", "peft", "loracast", "get_peft_model, 7B shape on meta device"),
                                       ("save_load", "save_peft", "save_loracast", "save_pretrained"),
@@ -113,7 +121,7 @@ def _injection_table(res: Results) -> list[str]:
         if isinstance(targets, dict):
             targets = targets.get("loracast")
         lines.append(f"| {label} | {targets} | {_ms(res.times(case, theirs))} | {_ms(res.times(case, ours))} | "
-                     f"{_ratio(res.ratio(case, ours, theirs))} |")
+                     f"{_ratio(res.ratio(case, ours, theirs))} | {_ratio(res.ratio(case, ours, theirs, 'wall'))} |")
     sizes = res.info("save_load").get("file_bytes")
     if sizes:
         lines.append(f"\nAdapter file: PEFT {sizes['peft']:,} bytes, loracast {sizes['loracast']:,} bytes.")
@@ -151,7 +159,8 @@ def _machine_lines(run: dict) -> list[str]:
         f"bitsandbytes {m['bitsandbytes']}, loracast {m['loracast']} ({m['loracast_commit']}).",
         f"- Load average (1, 5, 15 min) before / after: {load_text}. The cores are shared with other work, so both "
         "libraries run in the same process, interleaved round by round, and ratios are taken per round; every "
-        "figure is a median with its min-max.",
+        "figure is a median with its min-max. Ratios use the process's CPU time (with one torch thread, the work a "
+        "call does; wall time adds waiting for a shared core); wall-time ratios are given beside them.",
     ]
 
 
@@ -244,7 +253,7 @@ def write_chart(res: Results, out: str) -> str | None:
         left.barh(labels, values, color=["#2a7" if v <= 1 else "#c44" for v in values])
         left.axvline(1.0, color="black", lw=1)
         left.set_xscale("log")
-        left.set_xlabel("loracast time / PEFT time, per-round median (log; < 1 is faster)")
+        left.set_xlabel("loracast / PEFT, CPU time, per-round median (log; < 1 is faster)")
         left.invert_yaxis()
     width = 0.27
     for offset, row, color in ((0, "peft", "#888"), (1, "exact", "#48c"), (2, "fast", "#2a7")):
@@ -257,7 +266,7 @@ def write_chart(res: Results, out: str) -> str | None:
         right.bar(xs, ys, width, label=ROW_LABELS[row], color=color)
     right.axhline(1.0, color="black", lw=1)
     right.set_xticks(range(len(groups)), [g.replace("train_", "").replace("_", " + ") for g in groups])
-    right.set_ylabel("training step / frozen-base bound, per-round median")
+    right.set_ylabel("training step / frozen-base bound, CPU time, per-round median")
     right.set_ylim(bottom=0.9)
     right.legend()
     fig.tight_layout()

@@ -295,3 +295,21 @@ def test_mixed_policy_is_fp32_adapters_computed_fast_and_recorded(make_llama, tm
     loaded = PeftModel.from_pretrained(make_llama(torch.bfloat16), tmp_path, precision="match-training")
     assert loracast.get_lora_compute(loaded) == "fast"
     assert loracast.get_lora_compute(PeftModel.from_pretrained(make_llama(torch.bfloat16), tmp_path)) == "exact"
+
+
+@pytest.mark.parametrize("base_dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32)])
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("hooked", [False, True])
+def test_inference_without_autograd_gives_the_training_forward(base_dtype, adapter_dtype, mode, hooked):
+    # under no_grad the fast paths run their ops directly instead of through an autograd Function
+    layer = make_layer(base_dtype, adapter_dtype, alpha=12.0)
+    layer.lora_compute = mode
+    handle = layer.base_layer.register_forward_hook(lambda *a: None) if hooked else None
+    x, _ = inputs(base_dtype)
+    with_graph = layer(x.clone().requires_grad_(True)).detach()
+    with torch.no_grad():
+        without = layer(x)
+    assert not without.requires_grad
+    assert torch.equal(with_graph, without)
+    if handle is not None:
+        handle.remove()

@@ -78,6 +78,18 @@ def _weight_grad(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) ->
     return torch.mm(left, right).to(dtype)
 
 
+def fused_linear_lora(x: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float):
+    """`FusedLinearLora`'s forward computation: (output, x and x_lora flattened, h, A and B cast)."""
+    x2 = x.reshape(-1, x.shape[-1])                                      # (N, in)
+    xl2 = x2 if x_lora is x else x_lora.reshape(-1, x_lora.shape[-1])
+    a_c, b_c = lora_a.to(x.dtype), lora_b.to(x.dtype)                    # (r, in), (out, r)
+    h = torch.mm(xl2, a_c.t())                                           # (N, r)
+    out = F.linear(x2, weight, bias)                                     # the base layer's own result
+    out.addmm_(h, b_c.t(), alpha=scaling)                                # out += s * h @ B.T, one rounding
+    return out.view(*x.shape[:-1], out.shape[-1]), x2, xl2, h, a_c, b_c
+
+
 class FusedLinearLora(torch.autograd.Function):
     """``F.linear(x, W, b) + scaling * (x_lora @ A.T) @ B.T`` for a frozen `nn.Linear` base,
     the LoRA branch in the activation dtype, accumulated by one matmul-add.
@@ -91,19 +103,13 @@ class FusedLinearLora(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 scaling: float) -> torch.Tensor:
-        shared = x_lora is x
-        x2 = x.reshape(-1, x.shape[-1])                                  # (N, in)
-        xl2 = x2 if shared else x_lora.reshape(-1, x_lora.shape[-1])
-        a_c, b_c = lora_a.to(x.dtype), lora_b.to(x.dtype)                # (r, in), (out, r)
-        h = torch.mm(xl2, a_c.t())                                       # (N, r)
-        out = F.linear(x2, weight, bias)                                 # the base layer's own result
-        out.addmm_(h, b_c.t(), alpha=scaling)                            # out += s * h @ B.T, one rounding
-        ctx.shared = shared
+        out, x2, xl2, h, a_c, b_c = fused_linear_lora(x, x_lora, weight, bias, lora_a, lora_b, scaling)
+        ctx.shared = xl2 is x2
         ctx.scaling = scaling
         ctx.x_shape = x.shape
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
-        ctx.save_for_backward(x2 if not shared else None, xl2, h, weight, a_c, b_c)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        ctx.save_for_backward(None if ctx.shared else x2, xl2, h, weight, a_c, b_c)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
@@ -131,6 +137,16 @@ class FusedLinearLora(torch.autograd.Function):
         return grad_x, grad_xl, None, None, grad_a, grad_b, None
 
 
+def fast_lora_branch(x_lora: torch.Tensor, result: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                     scaling: float):
+    """`FastLoraBranch`'s forward computation: (output, x_lora flattened, h, A and B cast)."""
+    xl2 = x_lora.reshape(-1, x_lora.shape[-1])
+    a_c, b_c = lora_a.to(x_lora.dtype), lora_b.to(x_lora.dtype)
+    h = torch.mm(xl2, a_c.t())
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h, b_c.t(), alpha=scaling)
+    return out.view(result.shape), xl2, h, a_c, b_c
+
+
 class FastLoraBranch(torch.autograd.Function):
     """``result + scaling * (x_lora @ A.T) @ B.T`` for any base, the branch in the activation
     dtype; `result` is the base layer's output (same dtype as `x_lora`), left untouched."""
@@ -138,15 +154,12 @@ class FastLoraBranch(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_lora: torch.Tensor, result: torch.Tensor, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-        xl2 = x_lora.reshape(-1, x_lora.shape[-1])
-        a_c, b_c = lora_a.to(x_lora.dtype), lora_b.to(x_lora.dtype)
-        h = torch.mm(xl2, a_c.t())
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), h, b_c.t(), alpha=scaling)
+        out, xl2, h, a_c, b_c = fast_lora_branch(x_lora, result, lora_a, lora_b, scaling)
         ctx.scaling = scaling
         ctx.x_shape = x_lora.shape
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
         ctx.save_for_backward(xl2, h, a_c, b_c)
-        return out.view(result.shape)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
@@ -201,28 +214,36 @@ def single_adapter(layer: Any, x: torch.Tensor) -> str | None:
     return name
 
 
+def _needs_graph(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd will record this computation (else the plain ops run, without a Function)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def exact_forward(layer: Any, x: torch.Tensor, name: str, result: torch.Tensor | None = None) -> torch.Tensor:
     """The general path's result, bit for bit, with less work (see the module docstring).
 
     `result` is the base layer's output when the caller already has it.
     """
-    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    weight_a, weight_b = layer.lora_A[name].weight, layer.lora_B[name].weight
     scaling = layer.scaling[name]
     if result is None:
         result = layer.base_layer(x)
-    x_a = x if x.dtype == lora_a.weight.dtype else x.to(lora_a.weight.dtype)
-    h = F.linear(layer.lora_dropout[name](x_a), lora_a.weight)           # (..., r)
+    x_a = x if x.dtype == weight_a.dtype else x.to(weight_a.dtype)
+    dropout = layer.lora_dropout[name]
+    h = F.linear(x_a if isinstance(dropout, nn.Identity) else dropout(x_a), weight_a)  # (..., r)
     if scaling == 1.0:
-        y = F.linear(h, lora_b.weight)
+        y = F.linear(h, weight_b)
     elif is_exact_power_of_two(scaling):
-        y = F.linear(h * scaling, lora_b.weight)                         # scale the small tensor
+        y = F.linear(h * scaling, weight_b)                              # scale the small tensor
     else:
-        y = F.linear(h, lora_b.weight).mul_(scaling)
+        y = F.linear(h, weight_b).mul_(scaling)
     if y.dtype == result.dtype:
         return result + y
-    if torch.promote_types(result.dtype, y.dtype) == y.dtype:
+    if torch.promote_types(result.dtype, y.dtype) != y.dtype:
+        return (result + y).to(result.dtype)
+    if _needs_graph(result, y):
         return AddCast.apply(result, y)
-    return (result + y).to(result.dtype)
+    return torch.add(result, y, out=torch.empty_like(result))
 
 
 def fast_forward(layer: Any, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -240,6 +261,11 @@ def fast_forward(layer: Any, x: torch.Tensor, name: str) -> torch.Tensor:
         return exact_forward(layer, x, name, result)
     dropout = layer.lora_dropout[name]
     x_lora = x if isinstance(dropout, nn.Identity) or not dropout.training else dropout(x)
+    graph = _needs_graph(x, x_lora, lora_a, lora_b, result)
     if fused:
-        return FusedLinearLora.apply(x, x_lora, base.weight, base.bias, lora_a, lora_b, scaling)
-    return FastLoraBranch.apply(x_lora, result, lora_a, lora_b, scaling)
+        if graph:
+            return FusedLinearLora.apply(x, x_lora, base.weight, base.bias, lora_a, lora_b, scaling)
+        return fused_linear_lora(x, x_lora, base.weight, base.bias, lora_a, lora_b, scaling)[0]
+    if graph:
+        return FastLoraBranch.apply(x_lora, result, lora_a, lora_b, scaling)
+    return fast_lora_branch(x_lora, result, lora_a, lora_b, scaling)[0]
