@@ -54,8 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     total_lora, total_base = sum(lora.values()), sum(base.values())
     print(f"{args.variant} ({args.precision}, {args.threads} thread(s)): {total_lora:.0f} ms/step self CPU, "
           f"bound {total_base:.0f} ms/step, ratio {total_lora / total_base:.3f}")
+    matmuls = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+    mm_lora, mm_base = sum(lora.get(k, 0) for k in matmuls), sum(base.get(k, 0) for k in matmuls)
+    print(f"matrix products ({', '.join(matmuls)}): {mm_lora:.0f} ms/step, bound {mm_base:.0f} ms/step, "
+          f"added {mm_lora - mm_base:.0f} ms ({(mm_lora - mm_base) / total_base:.1%} of the bound); everything else "
+          f"added {(total_lora - mm_lora) - (total_base - mm_base):.0f} ms")
     print(f"{'operator':58s} {'variant ms':>10s} {'bound ms':>9s} {'added ms':>9s}")
-    for key in sorted(set(lora) | set(base), key=lambda k: base.get(k, 0) - lora.get(k, 0))[:args.rows]:
+    ranked = sorted(set(lora) | set(base), key=lambda k: base.get(k, 0) - lora.get(k, 0))
+    for key in ranked[:args.rows] + ranked[-3:]:
         print(f"{key[:58]:58s} {lora.get(key, 0):10.1f} {base.get(key, 0):9.1f} {lora.get(key, 0) - base.get(key, 0):9.1f}")
     return 0
 
