@@ -1,6 +1,6 @@
 # Set-up and the project's main commands. Each target builds its own virtual
 # environment: torch==2.13.0 first (the CPU build on this machine; a range would pull CUDA),
-# then loracast with its test extras.
+# then loracast with its test and demo extras.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -13,11 +13,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,demo]"
 	touch $@
 
 demo: venv
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/loracast train --out out/demo
 
 test: venv
 	$(BIN)/python -m pytest -q

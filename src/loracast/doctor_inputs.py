@@ -9,7 +9,6 @@ checks in `doctor_checks` read only the `Inventory`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -17,7 +16,7 @@ import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +25,7 @@ from .config import CONFIG_NAME
 from .doctor import UnreadableInput
 from .errors import PrecisionWarning
 from .fingerprint import Difference, build_fingerprint, compare_fingerprints, environment, parse_fingerprint
+from .integrations.hf_loading import quiet_transformers
 from .io import KEY_PREFIX, adapter_tensors, read_adapter_weights
 from .model_view import (ROLES, BaseLayerInfo, adapter_tensors_of, base_layer_info, base_parameters,
                          dtype_from_name, is_lora_layer, is_saved_wrapper, model_dtype,
@@ -311,26 +311,12 @@ def load_model_folder(path: str) -> nn.Module:
         architecture = (getattr(config, "architectures", None) or [None])[0]
         model_class = getattr(transformers, architecture, None) if architecture else None
         model_class = model_class or transformers.AutoModel
-        with warnings.catch_warnings(), _quiet_progress_bars():
+        with warnings.catch_warnings(), quiet_transformers():
             warnings.simplefilter("ignore")
             return model_class.from_pretrained(path, local_files_only=True).eval()
     except Exception as exc:  # transformers raises many types for a bad folder; all mean "unreadable"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise UnreadableInput(f"cannot load a model from {path}: {type(exc).__name__}: {first_line}") from None
-
-
-@contextlib.contextmanager
-def _quiet_progress_bars() -> Iterator[None]:
-    """transformers' loading progress bars off for the block (the report is the output)."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _with_base(path: str, folders: dict[str, str], files: dict[str, _AdapterFiles], base: Any,

@@ -97,6 +97,19 @@ def _temp_path(final_path: str) -> str:
     return tmp
 
 
+def _new_file_mode() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _publish(tmp: str, path: str) -> None:
+    # temporary files are created private (0600); the published file gets the usual
+    # permissions for a new file (0644 under the common umask), as an ordinary open() would
+    os.chmod(tmp, _new_file_mode())
+    os.replace(tmp, path)
+
+
 def _fsync(path: str) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
@@ -110,7 +123,7 @@ def atomic_write_text(path: str, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         _remove_quietly(tmp)
         raise
@@ -140,7 +153,7 @@ def atomic_save_safetensors(path: str, tensors: dict[str, torch.Tensor], metadat
     try:
         save_file(tensors, tmp, metadata=metadata)
         _fsync(tmp)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except Exception as exc:
         _remove_quietly(tmp)
         if isinstance(exc, OSError):

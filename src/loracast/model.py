@@ -18,6 +18,7 @@ from torch import nn
 from .compute import set_lora_compute
 from .config import CONFIG_NAME, LoraConfig
 from .fingerprint import build_fingerprint, check_loaded_adapter, fingerprint_metadata, read_fingerprint
+from .integrations import transformers as transformers_integration
 from .inject import (TASK_HEADS, inject_adapter, iter_adapter_modules, iter_lora_layers, iter_wrappers,
                      wrap_modules_to_save)
 from .io import (KEY_PREFIX, WEIGHTS_NAME, adapter_tensors, atomic_save_safetensors, load_adapter_tensors,
@@ -120,6 +121,7 @@ class LoraModel(nn.Module):
                 _replace(self.model, name, layer.get_base_layer())
         for name, wrapper in list(self.wrappers()):
             _replace(self.model, name, wrapper.unwrap(names[0] if (merge and names) else None))
+        transformers_integration.uninstall(self.model)  # a plain model again: saves in full
         return self.model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
@@ -183,6 +185,7 @@ class PeftModel(nn.Module):
         if checkpointing and hasattr(model, "enable_input_require_grads"):
             # reentrant checkpointing needs an input that requires grad, or no grad reaches the adapters
             model.enable_input_require_grads()
+        transformers_integration.install(self)  # Trainer / save_pretrained see an adapter model
 
     # -- attribute forwarding, as PEFT: unknown attributes come from the wrapped model ------------
 

@@ -1,0 +1,92 @@
+"""Helpers shared by the sub-commands: argument types and turning library errors into one-line
+`CommandError`s (exit status 2, no traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import textwrap
+from typing import Iterator
+
+import torch
+
+from ..cli import CommandError
+from ..errors import AdapterLoadError, ConfigError, PrecisionError
+from ..precision import parse_dtype
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number greater than 0")
+    return value
+
+
+def dtype_arg(text: str) -> torch.dtype:
+    """argparse type: fp32, bf16 or fp16 (or their long names)."""
+    try:
+        dtype = parse_dtype(text, "--dtype")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise argparse.ArgumentTypeError(f"{text!r}: use fp32, bf16 or fp16")
+    return dtype
+
+
+def add_command(subparsers: argparse._SubParsersAction, name: str, summary: str, description: str,
+                examples: str) -> argparse.ArgumentParser:
+    """A sub-command parser whose --help ends with `examples` (kept as written)."""
+    return subparsers.add_parser(name, help=summary, description=textwrap.fill(description, 88), epilog=examples,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+@contextlib.contextmanager
+def command_errors(value_errors: bool = False) -> Iterator[None]:
+    """Re-raise the errors a user can fix (bad paths, bad data, bad files, missing packages) as
+    `CommandError` with their first line; anything else is a bug and keeps its traceback.
+
+    `value_errors`: also treat a plain `ValueError` as the user's (for library calls that
+    document ValueError for bad arguments, such as an output path that is a file).
+    """
+    from ..integrations.hf_loading import ModelFolderError
+    from ..training.data import DataError
+    from ..training.runtime import LaunchError
+    from ..training.setup import SetupError
+
+    user_errors = (DataError, SetupError, ModelFolderError, LaunchError, AdapterLoadError, ConfigError,
+                   PrecisionError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+    try:
+        yield
+    except CommandError:
+        raise
+    except user_errors as exc:
+        raise CommandError(_first_line(exc)) from exc
+    except ValueError as exc:
+        if value_errors and type(exc) is ValueError:
+            raise CommandError(_first_line(exc)) from exc
+        raise
+    except ImportError as exc:
+        package = exc.name or "a package"
+        raise CommandError(f"{package} is not installed: pip install 'loracast[demo]' (or the package itself)") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    return text.splitlines()[0] if text else type(exc).__name__

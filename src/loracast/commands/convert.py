@@ -1,0 +1,48 @@
+"""`loracast convert`: rewrite an adapter's weights in another dtype."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..model_view import dtype_name
+from ._common import add_command, command_errors, dtype_arg
+
+EXAMPLES = """\
+examples:
+  loracast convert out/train/adapter out/adapter-bf16 --dtype bf16
+  loracast convert ./my-adapter ./my-adapter-fp16 --dtype fp16     (refused if a value exceeds 65504)
+
+Loading a converted adapter still gives the adapter dtypes of the precision rules (fp32 by
+default on a half-precision base); the file only stores the values in DTYPE.
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `convert`."""
+    parser = add_command(
+        subparsers, "convert", "rewrite an adapter in bf16, fp16 or fp32",
+        "Rewrite a saved adapter's weights in another dtype and report the rounding error and the size change. "
+        "Conversion to fp16 is refused when a value would overflow.", EXAMPLES)
+    parser.add_argument("adapter", metavar="ADAPTER", help="the adapter folder (adapter_config.json + weights)")
+    parser.add_argument("out", metavar="OUT", help="folder to write the converted adapter to (may be ADAPTER)")
+    parser.add_argument("--dtype", type=dtype_arg, required=True, metavar="bf16|fp16|fp32",
+                        help="dtype to store the weights in")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert and report."""
+    with command_errors(value_errors=True):
+        from ..convert import convert_adapter
+
+        report = convert_adapter(args.adapter, args.out, args.dtype)
+    source = ", ".join(f"{name} ({count:,} values)" for name, count in report.source_dtypes.items())
+    dtype = dtype_name(report.dtype)
+    change = report.bytes_after / report.bytes_before if report.bytes_before else float("nan")
+    print(f"converted {report.tensors} tensors from {source} to {dtype}: {report.out}")
+    print(f"rounding error: max abs {report.max_abs_error:.3g}, relative (||delta|| / ||x||) "
+          f"{report.relative_error:.3g}, max relative {report.max_relative_error:.3g}; "
+          f"{report.flushed_to_zero:,} non-zero values flushed to zero")
+    print(f"size: {report.bytes_before:,} -> {report.bytes_after:,} bytes ({change:.2f}x)")
+    return 0

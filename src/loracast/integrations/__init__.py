@@ -1,0 +1,1 @@
+"""Bridges to other libraries' training and saving machinery (imported lazily by them)."""

