@@ -22,7 +22,7 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
-# loracast against PEFT, side by side (about 10 minutes on 2 cores): writes benchmarks/RESULTS.md,
+# loracast against PEFT, side by side (about 7 minutes on 2 cores): writes benchmarks/RESULTS.md,
 # results.json and results.png
 bench: venv
 	$(BIN)/python -m pip install --quiet -e ".[bench]"

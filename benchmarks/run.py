@@ -7,7 +7,7 @@ memory of a training step is measured in one more fresh process per library (alo
 other library's model is not resident). Writes, next to this file unless --out says otherwise:
 RESULTS.md (tables, targets, machine), results.json (every number) and results.png (chart).
 
-    PYTHONPATH=src python benchmarks/run.py                 # the full run, ~10 minutes on 2 cores
+    PYTHONPATH=src python benchmarks/run.py                 # the full run, ~7 minutes on 2 cores
     PYTHONPATH=src python benchmarks/run.py --cases train_bf16_fp32 infer --repeats 3
     PYTHONPATH=src python benchmarks/run.py --size quick --out /tmp/bench   # a seconds-long smoke run
 
@@ -26,9 +26,9 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPEATS = {  # timed repeats per case in a full run
-    "inject_deep": 7, "inject_meta": 5, "save_load": 7, "train_bf16_fp32": 5, "train_bf16_bf16": 5,
-    "train_fp32_fp32": 3, "infer": 10, "merge": 1, "qlora": 4,
+REPEATS = {  # timed repeats per case in a full run (about 7 minutes on 2 cores)
+    "inject_deep": 9, "inject_meta": 7, "save_load": 9, "train_bf16_fp32": 8, "train_bf16_bf16": 8,
+    "train_fp32_fp32": 4, "infer": 15, "merge": 1, "qlora": 6,
 }
 IMPLS = ("peft", "loracast")
 
