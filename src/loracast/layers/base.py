@@ -285,12 +285,6 @@ class LoraLayer(nn.Module):
         return f"adapters={self.adapter_names}, active={self._active_adapters}, merged={self.merged_adapters}"
 
 
-def new_linear(in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
-               device: torch.device) -> nn.Linear:
-    """An `nn.Linear` with uninitialised tensors (its default init would be overwritten anyway)."""
-    return build.linear(in_features, out_features, bias, dtype, device)
-
-
 def init_kaiming_uniform_(weight: torch.Tensor) -> None:
     """nn.Linear's default init (kaiming uniform with a=sqrt(5)), skipped on the meta device."""
     if weight.device.type != "meta":

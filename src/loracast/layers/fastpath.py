@@ -77,7 +77,7 @@ def _weight_grad(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) ->
     As under ``torch.autocast``: the matmul multiplies bf16 values exactly and accumulates in
     fp32, and its result is rounded to bf16 once before it is stored into an fp32 gradient.
     (Keeping the fp32 sum instead needs fp32 operands; on CPUs where fp32 matmuls run at a
-    quarter of bf16's speed that costs ~3 % of a training step.)
+    quarter of bf16's speed that costs several percent of a training step.)
     """
     return torch.mm(left, right).to(dtype)
 
@@ -112,12 +112,12 @@ class FusedLinearLora(torch.autograd.Function):
         ctx.scaling = scaling
         ctx.x_shape = x.shape
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
-        ctx.save_for_backward(None if ctx.shared else x2, xl2, h, weight, a_c, b_c)
+        ctx.save_for_backward(xl2, h, weight, a_c, b_c)  # the base is frozen: its input is not needed
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
-        _, xl2, h, weight, a_c, b_c = ctx.saved_tensors
+        xl2, h, weight, a_c, b_c = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])                             # (N, out)
         need_x, need_xl = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_a, need_b = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
