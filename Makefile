@@ -1,11 +1,11 @@
-# Set-up and the project's two main commands. Each target builds its own virtual
+# Set-up and the project's main commands. Each target builds its own virtual
 # environment: torch==2.13.0 first (the CPU build on this machine; a range would pull CUDA),
 # then loracast with its test and demo extras.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test bench clean
 
 venv: $(VENV)/.installed
 
@@ -21,6 +21,12 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# loracast against PEFT, side by side (about 7 minutes on 2 cores): writes benchmarks/RESULTS.md,
+# results.json and results.png
+bench: venv
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

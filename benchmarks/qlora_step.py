@@ -62,6 +62,17 @@ def _rss_mib() -> float:
     return float("nan")
 
 
+def load_4bit(model_dir: str):
+    """The saved model at `model_dir` loaded in 4 bits (nf4, double quantization, bf16 compute) on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map="cpu",
+                                                dtype=torch.bfloat16)
+
+
 def _child(impl: str, model_dir: str, args: argparse.Namespace) -> dict:
     import logging
     import warnings
@@ -72,14 +83,10 @@ def _child(impl: str, model_dir: str, args: argparse.Namespace) -> dict:
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     lib = __import__(impl)
     torch.manual_seed(0)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map="cpu",
-                                                 dtype=torch.bfloat16)
+    model = load_4bit(model_dir)
     model = lib.prepare_model_for_kbit_training(model, use_gradient_checkpointing=not args.no_checkpointing)
     config = lib.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear",
                             lora_dropout=0.05, task_type="CAUSAL_LM")

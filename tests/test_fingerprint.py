@@ -56,7 +56,7 @@ def test_save_records_dtypes_quantization_policy_and_environment(make_llama, tmp
     assert record["base_layers"]["model.layers.0.self_attn.v_proj"] == "bfloat16"
     assert record["quantization"]["storage"] == ["int8"] and record["quantization"]["backends"] == ["fake-int8"]
     assert record["precision"] == {"policy": "fast", "autocast_adapter_dtype": False, "adapter_dtype": None,
-                                   "explicit": True}
+                                   "explicit": True, "lora_compute": "exact"}
     env = record["environment"]
     assert env["torch"] == torch.__version__.split("+")[0] and env["device_type"] == "cpu"
     assert env["transformers"] and env["loracast"]

@@ -5,6 +5,7 @@ Switch from PEFT by changing one import::
     from loracast import LoraConfig, get_peft_model, PeftModel
 """
 
+from .compute import get_lora_compute, set_lora_compute
 from .config import LoraConfig
 from .errors import AdapterLoadError, ConfigError, PrecisionError, PrecisionWarning
 from .kbit import prepare_model_for_kbit_training
@@ -39,8 +40,10 @@ __all__ = [
     "Finding",
     "Report",
     "doctor",
+    "get_lora_compute",
     "get_peft_model",
     "prepare_model_for_kbit_training",
     "resolve_adapter_dtype",
+    "set_lora_compute",
     "__version__",
 ]

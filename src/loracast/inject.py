@@ -10,6 +10,7 @@ weight's device in their final dtype, so injection costs little more than a walk
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Callable, Iterable, Iterator
 
@@ -21,6 +22,7 @@ from .layers import Conv, Embedding, LoraLayer, Linear
 from .modules_to_save import ModulesToSaveWrapper
 from .precision import adapter_device, declared_dtype, resolve_adapter_dtype
 from .quant import find_backend
+from .walk import Node, replace_child, walk
 
 # Default targets by transformers model_type when target_modules is None (PEFT's choice).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -42,6 +44,7 @@ TASK_HEADS: dict[str, list[str]] = {
 }
 
 
+@functools.cache
 def _conv1d_type() -> type | None:
     try:  # transformers is optional; GPT-2 style Conv1D only exists with it
         from transformers.pytorch_utils import Conv1D
@@ -57,9 +60,23 @@ def is_linear_like(module: nn.Module) -> bool:
         or find_backend(module) is not None
 
 
-def _suffix_regex(names: Iterable[str]) -> re.Pattern[str]:
-    alternatives = "|".join(re.escape(n) for n in sorted(set(names), key=len, reverse=True))
-    return re.compile(rf"(?:^|.*\.)(?:{alternatives})")
+class SuffixSet:
+    """Matches a module name equal to one of `names` or ending with "." + one of them (PEFT's
+    rule for a list of target names), by set lookups of the name's dotted suffixes."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = frozenset(names)
+
+    def fullmatch(self, name: str) -> bool:
+        names = self.names
+        if name in names:
+            return True
+        dot = name.find(".")
+        while dot != -1:
+            if name[dot + 1:] in names:
+                return True
+            dot = name.find(".", dot + 1)
+        return False
 
 
 class TargetMatcher:
@@ -86,12 +103,12 @@ class TargetMatcher:
             self._layer_index = [re.compile(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.") for p in patterns]
 
     @staticmethod
-    def _compile(spec: list[str] | str | None) -> re.Pattern[str] | None:
+    def _compile(spec: list[str] | str | None) -> re.Pattern[str] | SuffixSet | None:
         if spec is None:
             return None
         if isinstance(spec, str):
             return re.compile(spec)
-        return _suffix_regex(spec) if spec else None
+        return SuffixSet(spec) if spec else None
 
     def matches(self, name: str) -> bool:
         """True when module `name` is to be adapted."""
@@ -129,44 +146,33 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig) -> None:
                 "set target_modules, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
         config.target_modules = list(DEFAULT_TARGETS[model_type])
     elif isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
-        excluded = _output_head_names(model, config)
+        heads = {id(head) for head in _output_heads(model, config)}
         config.target_modules = [
-            name for name, module in _named_modules_outside_wrappers(model)
-            if name and name not in excluded and (is_linear_like(module) or
-                                                  (isinstance(module, Linear)))
+            name for name, module, _, _ in _outside_wrappers(model)
+            if name and id(module) not in heads and (is_linear_like(module) or isinstance(module, Linear))
         ]
 
 
-def _output_head_names(model: nn.Module, config: LoraConfig) -> set[str]:
-    heads: list[nn.Module] = []
+def _output_heads(model: nn.Module, config: LoraConfig) -> list[nn.Module]:
+    """The modules 'all-linear' leaves out: the output embedding (or, for SEQ_CLS, the classifier)."""
     get_output = getattr(model, "get_output_embeddings", None)
     output = get_output() if callable(get_output) else None
     if output is not None:
-        heads.append(output)
-    elif config.task_type == "SEQ_CLS":
+        return [output]
+    if config.task_type == "SEQ_CLS":
         for attr in ("classifier", "score"):
             if isinstance(getattr(model, attr, None), nn.Module):
-                heads.append(getattr(model, attr))
-                break
-    return {name for name, module in model.named_modules() if any(module is h for h in heads)}
+                return [getattr(model, attr)]
+    return []
 
 
-def _named_modules_outside_wrappers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def _named_modules_outside_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """named_modules(), skipping the insides of LoRA layers and modules_to_save wrappers."""
-    inside: str | None = None  # named_modules() is depth-first, so a wrapper's insides come in one run
-    for name, module in model.named_modules():
-        if inside is not None and name.startswith(inside):
-            continue
-        inside = None
-        yield name, module
-        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
-            inside = name + "."
+    return [(node.name, node.module) for node in _outside_wrappers(model)]
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+def _outside_wrappers(model: nn.Module) -> list[Node]:
+    return walk(model, stop=(LoraLayer, ModulesToSaveWrapper))
 
 
 # Dispatch: the first entry whose predicate accepts the base layer builds the LoRA wrapper.
@@ -197,6 +203,15 @@ DISPATCH: list[tuple[str, Callable[[nn.Module], bool], LayerFactory]] = [
     ("transformers Conv1D", lambda m: (_conv1d_type() is not None and isinstance(m, _conv1d_type())),
      _make_linear),
 ]
+
+
+def _freeze(module: nn.Module) -> None:
+    if module._modules:
+        module.requires_grad_(False)
+        return
+    for param in module._parameters.values():  # a leaf layer: no walk needed
+        if param is not None:
+            param.requires_grad_(False)
 
 
 def make_lora_layer(base: nn.Module, config: LoraConfig, name: str) -> LoraLayer:
@@ -236,7 +251,7 @@ def inject_adapter(
     model_dtype = declared_dtype(model)  # for bases with no float dtype of their own (8-bit)
     targeted: list[str] = []
     candidates: list[str] = []
-    for name, module in list(_named_modules_outside_wrappers(model)):
+    for name, module, parent, attr in _outside_wrappers(model):
         if not name:
             continue
         if len(candidates) < 400:
@@ -253,8 +268,8 @@ def inject_adapter(
             dtype=resolve_adapter_dtype(base, autocast_adapter_dtype, adapter_dtype, model_dtype),
             device=adapter_device(base))
         if layer is not module:
-            base.requires_grad_(False)
-            _set_submodule(model, name, layer)
+            _freeze(base)
+            replace_child(parent, attr, layer)
         targeted.append(name)
     if not targeted:
         raise ValueError(_no_match_message(config, candidates))
@@ -287,7 +302,7 @@ def wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str
         return []
     wrapped: list[str] = []
     found: set[str] = set()
-    for name, module in list(_named_modules_outside_wrappers(model)):
+    for name, module, parent, attr in _outside_wrappers(model):
         leaf_match = [w for w in wanted if name == w or name.endswith("." + w)]
         if not name or not leaf_match:
             continue
@@ -301,7 +316,7 @@ def wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str
                 torch.float16, torch.bfloat16) else float_params[0].dtype)
         wrapper.add_copy(adapter_name, dtype)
         if wrapper is not module:
-            _set_submodule(model, name, wrapper)
+            replace_child(parent, attr, wrapper)
         wrapped.append(name)
     task_heads = set(TASK_HEADS.get(config.task_type or "", []))
     missing = [w for w in wanted if w not in found and w not in task_heads]
@@ -313,13 +328,19 @@ def wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str
 
 def iter_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """(name, layer) for every LoRA layer in `model`."""
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            yield name, module
+    for node in walk(model, stop=(LoraLayer,)):
+        if isinstance(node.module, LoraLayer):
+            yield node.name, node.module
 
 
 def iter_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
     """(name, wrapper) for every modules_to_save wrapper in `model`."""
-    for name, module in model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper):
-            yield name, module
+    for node in walk(model, stop=(LoraLayer, ModulesToSaveWrapper)):
+        if isinstance(node.module, ModulesToSaveWrapper):
+            yield node.name, node.module
+
+
+def iter_adapter_modules(model: nn.Module) -> list[LoraLayer | ModulesToSaveWrapper]:
+    """Every LoRA layer and modules_to_save wrapper in `model`, in one walk."""
+    kinds = (LoraLayer, ModulesToSaveWrapper)
+    return [node.module for node in walk(model, stop=kinds) if isinstance(node.module, kinds)]

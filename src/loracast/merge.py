@@ -1,7 +1,7 @@
 """Exact merge and bit-for-bit unmerge.
 
 A merge writes ``round(W0 + sum of the merged adapters' deltas)`` into the base weight: the
-deltas are computed in at least fp32 and the sum in float64, so the base dtype is rounded to
+deltas are computed in float64 (fp32 on MPS) and the sum in float64, so the base dtype is rounded to
 exactly once, however many adapters are merged. Unmerge does not subtract (subtraction drifts:
 PEFT's bf16 merge/unmerge changes a few percent of the weights); it restores ``W0`` from a
 `BitResidual`, the difference between the bit patterns of the merged and the original weight.
@@ -26,6 +26,25 @@ _CHUNK = 1 << 22
 _BITS_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
 
+def round_once(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 `values` rounded to `dtype` once (to nearest, ties to even).
+
+    torch converts float64 to bf16 and fp16 through float32, which rounds twice: a value just
+    above a bf16 midpoint can first round onto the midpoint and then, as a tie, to even (the
+    wrong way). Rounding to float32 "to odd" instead (toward zero, then the last bit set when
+    inexact) keeps the information the second rounding needs; with 16 spare bits the result is
+    the correctly rounded one (Boldo & Melquiond's round-to-odd).
+    """
+    if values.dtype != torch.float64 or dtype not in (torch.bfloat16, torch.float16):
+        return values.to(dtype)
+    nearest = values.to(torch.float32)
+    back = nearest.to(torch.float64)
+    bits = nearest.view(torch.int32)
+    bits = bits - (back.abs() > values.abs()).to(torch.int32)  # toward zero (sign-magnitude: -1 shrinks |x|)
+    bits = bits | (back != values).to(torch.int32)  # odd when inexact
+    return bits.view(torch.float32).to(dtype)
+
+
 def exact_sum(weight: torch.Tensor, deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     """``weight + sum(deltas)`` computed in float64 and rounded once to ``weight.dtype``."""
     flat_w = weight.detach().reshape(-1)
@@ -36,7 +55,7 @@ def exact_sum(weight: torch.Tensor, deltas: Sequence[torch.Tensor]) -> torch.Ten
         acc = flat_w[start:end].to(torch.float64)
         for d in flat_d:
             acc += d[start:end].to(device=acc.device, dtype=torch.float64)
-        out[start:end] = acc.to(weight.dtype)
+        out[start:end] = round_once(acc, weight.dtype)
     return out.view(weight.shape)
 
 

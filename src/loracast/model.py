@@ -15,10 +15,12 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from .compute import set_lora_compute
 from .config import CONFIG_NAME, LoraConfig
 from .fingerprint import build_fingerprint, check_loaded_adapter, fingerprint_metadata, read_fingerprint
 from .integrations import transformers as transformers_integration
-from .inject import TASK_HEADS, inject_adapter, iter_lora_layers, iter_wrappers, wrap_modules_to_save
+from .inject import (TASK_HEADS, inject_adapter, iter_adapter_modules, iter_lora_layers, iter_wrappers,
+                     wrap_modules_to_save)
 from .io import (KEY_PREFIX, WEIGHTS_NAME, adapter_tensors, atomic_save_safetensors, load_adapter_tensors,
                  prepare_for_safetensors, read_adapter_weights, trained_bias_tensors)
 from .layers import LoraLayer
@@ -79,7 +81,7 @@ class LoraModel(nn.Module):
         if unknown:
             raise ValueError(f"adapter(s) {unknown} not found; this model has {sorted(self.peft_config)}")
         trainable = any(not self.peft_config[n].inference_mode for n in names)
-        for _, module in list(self.lora_layers()) + list(self.wrappers()):
+        for module in iter_adapter_modules(self.model):
             module.set_adapter(names, trainable=trainable)
         self._apply_bias_mode(names)
         self._active_adapters = names
@@ -138,12 +140,22 @@ def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _checkpointing_enabled(model: nn.Module) -> bool:
-    # transformers 5 renamed is_gradient_checkpointing (now deprecated) to is_activation_checkpointing
-    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if attr in dir(type(model)):
-            return bool(getattr(model, attr))
-    return False
+def _freeze_all(model: nn.Module) -> bool:
+    """Freeze every parameter of `model`; returns whether activation checkpointing is on.
+
+    One walk for both. The flag is transformers' ``is_activation_checkpointing`` (some module's
+    ``gradient_checkpointing`` is set), read from each module's dict rather than through
+    nn.Module's slow attribute fallback.
+    """
+    checkpointing = False
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                param.requires_grad_(False)
+        if not checkpointing:
+            checkpointing = bool(module.__dict__.get("gradient_checkpointing",
+                                                     getattr(type(module), "gradient_checkpointing", False)))
+    return checkpointing
 
 
 class PeftModel(nn.Module):
@@ -165,13 +177,12 @@ class PeftModel(nn.Module):
         if not isinstance(peft_config, LoraConfig):
             raise TypeError(f"peft_config must be a loracast LoraConfig, got {type(peft_config).__name__}; "
                             "build it with loracast.LoraConfig(...) or LoraConfig.from_dict(peft_config.to_dict())")
-        for param in model.parameters():  # the base is frozen; adapters decide their own requires_grad
-            param.requires_grad_(False)
+        checkpointing = _freeze_all(model)  # the base is frozen; adapters decide their own requires_grad
         plan = _plan or resolve_precision(model, precision, autocast_adapter_dtype, adapter_dtype)
         self.base_model = LoraModel(model)
         self._add(adapter_name, peft_config, plan, _initialize)
         self.base_model.set_adapter(adapter_name)
-        if _checkpointing_enabled(model) and hasattr(model, "enable_input_require_grads"):
+        if checkpointing and hasattr(model, "enable_input_require_grads"):
             # reentrant checkpointing needs an input that requires grad, or no grad reaches the adapters
             model.enable_input_require_grads()
         transformers_integration.install(self)  # Trainer / save_pretrained see an adapter model
@@ -225,6 +236,8 @@ class PeftModel(nn.Module):
                            adapter_dtype=plan.adapter_dtype, initialize=initialize)
             wrap_modules_to_save(model, config, adapter_name, autocast_adapter_dtype=plan.autocast_adapter_dtype,
                                  adapter_dtype=plan.adapter_dtype)
+            if plan.lora_compute != "exact":
+                set_lora_compute(model, plan.lora_compute, adapter_name)
         except BaseException:
             self._remove_everywhere(adapter_name)
             raise
@@ -535,7 +548,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     Adapter dtype, in order of precedence: `adapter_dtype` if given; else float32 when
     `autocast_adapter_dtype` is True (the default) and the base is fp16/bf16; else the base
     layer's dtype (a quantized layer's compute dtype). Or name a policy with `precision`
-    ("stable", "fast", "fsdp"; see `loracast.policies`), which sets all of these at once; a knob
+    ("stable", "mixed", "fast", "fsdp"; see `loracast.policies`), which sets all of these at once; a knob
     passed with it must agree with it. Base parameters are frozen.
 
     Raises:

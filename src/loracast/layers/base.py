@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..merge import BitResidual, check_finite, exact_sum
+from . import build
 
 
 class LoraLayer(nn.Module):
@@ -30,22 +31,26 @@ class LoraLayer(nn.Module):
     # Containers holding per-adapter tensors; every generic loop goes through this tuple.
     adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B")
 
+    r: dict[str, int]
+    lora_alpha: dict[str, float]
+    scaling: dict[str, float]
+    use_rslora: dict[str, bool]
+    lora_bias: dict[str, bool]
+    merged_adapters: list[str]
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        self.base_layer = base_layer
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.use_rslora: dict[str, bool] = {}
-        self.lora_bias: dict[str, bool] = {}
-        self.lora_dropout = nn.ModuleDict()
-        self._active_adapters: list[str] = []
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
-        self._weight_restore: Any = None  # BitResidual (float base) or a backend snapshot
-        self._bias_original: torch.Tensor | None = None
-        # Per-sample adapter names for a mixed batch; set only for the duration of one forward.
-        self._batch_adapter_names: Sequence[str] | None = None
+        # Straight into the module's dicts, where nn.Module.__setattr__ would put them after its
+        # checks: injection builds hundreds of these (see layers/build.py).
+        self._modules["base_layer"] = base_layer
+        self._modules["lora_dropout"] = build.module_dict()
+        self.__dict__.update(
+            r={}, lora_alpha={}, scaling={}, use_rslora={}, lora_bias={},
+            _active_adapters=[], _disable_adapters=False, merged_adapters=[],
+            _weight_restore=None,  # BitResidual (float base) or a backend snapshot
+            _bias_original=None,
+            _batch_adapter_names=None,  # per-sample adapter names, set only for the duration of one forward
+        )
 
     # -- adapter bookkeeping ---------------------------------------------------------------------
 
@@ -87,6 +92,8 @@ class LoraLayer(nn.Module):
             entry = container[adapter_name]
             if isinstance(entry, nn.Parameter):
                 yield entry
+            elif not entry._modules:  # a leaf module (nn.Linear): its own parameters, no walk
+                yield from (param for param in entry._parameters.values() if param is not None)
             else:
                 yield from entry.parameters()
 
@@ -128,7 +135,7 @@ class LoraLayer(nn.Module):
         self.use_rslora[adapter_name] = use_rslora
         self.lora_bias[adapter_name] = lora_bias
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        self.lora_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
+        build.put(self.lora_dropout, adapter_name, nn.Dropout(p=dropout) if dropout > 0.0 else build.identity())
 
     def set_scale(self, adapter_name: str, scale: float) -> None:
         """Multiply an adapter's update by `scale` (relative to alpha/r)."""
@@ -148,7 +155,7 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The update one adapter adds to the base weight, in at least float32, base layout."""
+        """The update one adapter adds to the base weight, in float64 (one layer's worth of memory at a time), base layout."""
         raise NotImplementedError
 
     def _lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
@@ -278,21 +285,6 @@ class LoraLayer(nn.Module):
         return f"adapters={self.adapter_names}, active={self._active_adapters}, merged={self.merged_adapters}"
 
 
-def new_linear(in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
-               device: torch.device) -> nn.Linear:
-    """An `nn.Linear` with uninitialised tensors (its default init would be overwritten anyway)."""
-    layer = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(layer)
-    layer.in_features = in_features
-    layer.out_features = out_features
-    layer.weight = nn.Parameter(torch.empty((out_features, in_features), dtype=dtype, device=device))
-    if bias:
-        layer.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device))
-    else:
-        layer.register_parameter("bias", None)
-    return layer
-
-
 def init_kaiming_uniform_(weight: torch.Tensor) -> None:
     """nn.Linear's default init (kaiming uniform with a=sqrt(5)), skipped on the meta device."""
     if weight.device.type != "meta":
@@ -304,3 +296,9 @@ def init_zeros_(tensor: torch.Tensor | None) -> None:
     if tensor is not None and tensor.device.type != "meta":
         with torch.no_grad():
             tensor.zero_()
+
+
+def delta_dtype(factor: torch.Tensor) -> torch.dtype:
+    """The dtype deltas are computed in: float64, where the device has it (not MPS), so that the
+    product of the factors is exact to ~1e-16 and a merge rounds only once, into the base dtype."""
+    return torch.float32 if factor.device.type == "mps" else torch.float64

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..precision import cast_for_adapter
-from .base import LoraLayer, init_kaiming_uniform_, init_zeros_
+from .base import LoraLayer, delta_dtype, init_kaiming_uniform_, init_zeros_
 
 
 class Conv(LoraLayer):
@@ -56,7 +56,7 @@ class Conv(LoraLayer):
                              "holds only the in-group connections the LoRA update spans; keep the adapter unmerged")
         weight_a = self.lora_A[adapter_name].weight  # (r, in, *kernel)
         weight_b = self.lora_B[adapter_name].weight  # (out, r, 1, ...)
-        dtype = torch.promote_types(weight_a.dtype, torch.float32)
+        dtype = delta_dtype(weight_a)
         delta = weight_b.to(dtype).flatten(1) @ weight_a.to(dtype).flatten(1)  # (out, in * prod(kernel))
         return delta.view(base.weight.shape) * self.scaling[adapter_name]
 

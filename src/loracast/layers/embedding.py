@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LoraLayer, init_zeros_
+from .base import LoraLayer, delta_dtype, init_zeros_
 
 
 class Embedding(LoraLayer):
@@ -48,7 +48,7 @@ class Embedding(LoraLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         weight_a = self.lora_embedding_A[adapter_name]
         weight_b = self.lora_embedding_B[adapter_name]
-        dtype = torch.promote_types(weight_a.dtype, torch.float32)
+        dtype = delta_dtype(weight_a)
         return (weight_b.to(dtype) @ weight_a.to(dtype)).T * self.scaling[adapter_name]  # (num_embeddings, dim)
 
     def _lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:

@@ -10,7 +10,9 @@ from torch import nn
 from ..precision import base_weight, cast_for_adapter
 from ..quant import find_backend
 from ..quant import merge as quant_merge
-from .base import LoraLayer, init_kaiming_uniform_, init_zeros_, new_linear
+from . import build
+from .base import LoraLayer, delta_dtype, init_zeros_
+from .fastpath import exact_forward, fast_forward, single_adapter
 
 
 class Linear(LoraLayer):
@@ -23,44 +25,57 @@ class Linear(LoraLayer):
     A quantized base (any layer a `QuantBackend` claims, e.g. bitsandbytes 4-bit/8-bit) runs the
     same forward; merging goes through the backend: dequantize, add the exact delta, requantize,
     and unmerge puts the backend's snapshot of the original quantized weight back.
+
+    `lora_compute` picks how forward computes the LoRA branch: "exact" (default, PEFT's
+    arithmetic bit for bit) or "fast" (in the activation dtype; see `loracast.layers.fastpath`
+    and `loracast.set_lora_compute`).
     """
+
+    lora_compute: str = "exact"
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = fan_in_fan_out
-        self.in_features, self.out_features = linear_features(base_layer, fan_in_fan_out)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.quant_backend = find_backend(base_layer)
+        in_features, out_features = linear_features(base_layer, fan_in_fan_out)
+        self.__dict__.update(fan_in_fan_out=fan_in_fan_out, in_features=in_features, out_features=out_features,
+                             quant_backend=find_backend(base_layer))
+        self._modules["lora_A"] = build.module_dict()
+        self._modules["lora_B"] = build.module_dict()
 
     def update_layer(self, adapter_name, r, lora_alpha, *, lora_dropout, init_lora_weights, use_rslora,
                      lora_bias, dtype, device):
         self._register_numbers(adapter_name, r, lora_alpha, use_rslora, lora_bias, lora_dropout)
-        lora_a = new_linear(self.in_features, r, False, dtype, device)
-        lora_b = new_linear(r, self.out_features, lora_bias, dtype, device)
-        self.lora_A[adapter_name] = lora_a
-        self.lora_B[adapter_name] = lora_b
-        if init_lora_weights is None:
+        # init False: nn.Linear's own init for both factors (a random, non-zero start); True: A as
+        # nn.Linear, B zero; "gaussian": A normal(0, 1/r), B zero; None: left for a load to fill
+        init_a = None if init_lora_weights in (None, "gaussian") else "kaiming"
+        init_b = None if init_lora_weights is None else ("kaiming" if init_lora_weights is False else "zeros")
+        lora_a = build.linear(self.in_features, r, False, dtype, device, init_a)
+        lora_b = build.linear(r, self.out_features, lora_bias, dtype, device, init_b)
+        build.put(self.lora_A, adapter_name, lora_a)
+        build.put(self.lora_B, adapter_name, lora_b)
+        if init_lora_weights == "gaussian" and lora_a.weight.device.type != "meta":
+            nn.init.normal_(lora_a.weight, std=1 / r)
+        if init_lora_weights is None or not lora_bias or lora_b.bias.device.type == "meta":
             return
-        if init_lora_weights is False:  # nn.Linear's own init for both: a random, non-zero start
-            for layer in (lora_a, lora_b):
-                init_kaiming_uniform_(layer.weight)
-            if lora_bias and lora_b.bias.device.type != "meta":
-                bound = 1 / math.sqrt(r)
-                nn.init.uniform_(lora_b.bias, -bound, bound)
-            return
-        if init_lora_weights == "gaussian":
-            if lora_a.weight.device.type != "meta":
-                nn.init.normal_(lora_a.weight, std=1 / r)
+        if init_lora_weights is False:
+            bound = 1 / math.sqrt(r)
+            nn.init.uniform_(lora_b.bias, -bound, bound)
         else:
-            init_kaiming_uniform_(lora_a.weight)
-        init_zeros_(lora_b.weight)
-        init_zeros_(lora_b.bias)
+            init_zeros_(lora_b.bias)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = None
+        if not args and not kwargs and type(self)._lora_output is Linear._lora_output:
+            name = single_adapter(self, x)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        if self.lora_compute == "fast":
+            return fast_forward(self, x, name)
+        return exact_forward(self, x, name)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         weight_a = self.lora_A[adapter_name].weight
         weight_b = self.lora_B[adapter_name].weight
-        dtype = torch.promote_types(weight_a.dtype, torch.float32)
+        dtype = delta_dtype(weight_a)
         delta = (weight_b.to(dtype) @ weight_a.to(dtype)) * self.scaling[adapter_name]  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
