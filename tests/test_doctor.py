@@ -133,7 +133,25 @@ def test_fsdp_with_adapters_in_another_dtype(make_llama, monkeypatch):
     assert the(doctor(stable), "fsdp-mixed-dtypes").title.startswith("ACCELERATE_USE_FSDP is set, and adapters")
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     uniform = get_peft_model(make_llama(torch.bfloat16), config(), precision="fsdp")
+    # one dtype, but accelerate's default FSDP1 (one root unit, use_orig_params=False) also needs one
+    # requires_grad per unit: only the flattening finding remains, and it goes with use_orig_params=True
+    assert doctor(uniform).ids == ["fsdp1-flatten"] and doctor(uniform, fsdp=True).ids == ["fsdp1-flatten"]
+    monkeypatch.setenv("FSDP_USE_ORIG_PARAMS", "true")
     assert doctor(uniform).findings == [] and doctor(uniform, fsdp=True).findings == []
+
+
+def test_fsdp1_flattening_is_predicted_from_accelerates_setup(make_llama, monkeypatch):
+    stable = get_peft_model(make_llama(torch.bfloat16), config())  # fp32 adapters on a bf16 base
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
+    finding = the(doctor(stable), "fsdp1-flatten")
+    assert finding.severity == "error"  # accelerate's launch says exactly how it will wrap
+    assert "TRANSFORMER_BASED_WRAP (LlamaDecoderLayer), use_orig_params=False" in finding.title
+    assert finding.title.endswith("would fail to flatten 2 units")
+    assert finding.seen[0].startswith("unit 'base_model.model.model.layers.0' holds parameters of several dtypes")
+    assert "fsdp1_auto_wrap_policy(model)" in finding.fix
+    monkeypatch.setenv("FSDP_VERSION", "2")  # FSDP2 shards each tensor on its own
+    assert "fsdp1-flatten" not in doctor(stable).ids
 
 
 def test_base_weights_requiring_grad(make_llama):

@@ -56,7 +56,7 @@ def test_adapter_dtype_other_than_the_compute_dtype():
     assert "quant-compute-mismatch" not in ids(doctor(fast))
 
 
-def test_fsdp_findings_and_policy_on_4bit_storage():
+def test_fsdp_findings_and_policy_on_4bit_storage(monkeypatch):
     packed = get_peft_model(load_llama(4, "bf16", "uint8", "bf16"), config())
     assert "fsdp-integer-storage" in ids(doctor(packed, fsdp=True))
     with pytest.raises(PrecisionError, match="cannot flatten integer tensors"):
@@ -65,6 +65,9 @@ def test_fsdp_findings_and_policy_on_4bit_storage():
     assert "fsdp-storage-dtype" in ids(doctor(wide, fsdp=True))
     uniform = get_peft_model(load_llama(4, "bf16", "bf16", "bf16"), config(), precision="fsdp")
     assert {p.dtype for p in uniform.parameters()} == {torch.bfloat16}
+    # one dtype; a unit that mixes trainable and frozen tensors still needs use_orig_params=True
+    assert ids(doctor(uniform, fsdp=True)) == ["fsdp1-flatten"]
+    monkeypatch.setenv("FSDP_USE_ORIG_PARAMS", "true")
     assert doctor(uniform, fsdp=True).findings == []
 
 

@@ -9,6 +9,7 @@
 | fsdp-integer-storage | error | FSDP in use or requested, integer-stored (quantized) weights |
 | fsdp-storage-dtype | error | FSDP, float quant storage != the model dtype |
 | fsdp-mixed-dtypes | warning | FSDP, adapters in a dtype other than the model's |
+| fsdp1-flatten | error (warning when assumed) | FSDP1 as accelerate would wrap it cannot flatten some units |
 | base-requires-grad | warning | base weights that require grad |
 | non-finite-adapter | error | inf or nan in adapter tensors |
 | near-fp16-limit | warning | adapter values within 16x of float16's largest value |
@@ -24,6 +25,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import fields
 from typing import Callable
@@ -173,8 +175,28 @@ def check_fsdp(inv: Inventory) -> list[Finding]:
             "mixed dtypes).",
             "model = loracast.get_peft_model(base_model, config, precision=\"fsdp\")  # adapters in the model dtype\n"
             "# or keep float32 adapters and give the LoRA modules their own FSDP units\n"
-            "# (FSDP1: auto_wrap_policy=peft.utils.other.fsdp_auto_wrap_policy(model); FSDP2: fully_shard)"))
+            "# (FSDP1: auto_wrap_policy=loracast.distributed.fsdp1_auto_wrap_policy(model);\n"
+            "#  FSDP2: loracast.distributed.shard_model(model))"))
     return out
+
+
+def check_fsdp1_flatten(inv: Inventory) -> list[Finding]:
+    if not inv.fsdp1_problems:
+        return []
+    launched = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    assumed = "" if launched else " (accelerate's defaults, as no accelerate FSDP launch was found)"
+    return [Finding(
+        "fsdp1-flatten", "error" if launched else "warning",
+        f"FSDP1 with {inv.fsdp1_setup}{assumed} would fail to flatten {_count(len(inv.fsdp1_problems), 'unit')}",
+        inv.fsdp1_problems,
+        "FSDP1 flattens the parameters of each unit into one tensor: they must share one float dtype and, with "
+        "use_orig_params=False, all be trainable or all frozen. Wrapping fails before the first step with "
+        "'Must flatten tensors with uniform dtype' (or '... uniform requires_grad'). The loracast wrap policy gives "
+        "the adapters units of their own, so both settings of use_orig_params work and adapters stay float32.",
+        "from loracast.distributed import fsdp1_auto_wrap_policy\n"
+        "plugin = FullyShardedDataParallelPlugin(fsdp_version=1, auto_wrap_policy=fsdp1_auto_wrap_policy(model))\n"
+        "# or FullyShardedDataParallel(model, auto_wrap_policy=fsdp1_auto_wrap_policy(model), ...)\n"
+        "# or FSDP2, which shards each tensor on its own: loracast.distributed.shard_model(model)")]
 
 
 def check_base_grad(inv: Inventory) -> list[Finding]:
@@ -355,7 +377,7 @@ def check_loading(inv: Inventory) -> list[Finding]:
 
 
 CHECKS: list[Callable[[Inventory], list[Finding]]] = [
-    check_no_adapters, check_mixed_dtypes, check_fp16_trainable, check_quant_compute, check_fsdp,
+    check_no_adapters, check_mixed_dtypes, check_fp16_trainable, check_quant_compute, check_fsdp, check_fsdp1_flatten,
     check_base_grad, check_values, check_saved_dtype, check_fingerprint_differences, check_config, check_loading,
 ]
 

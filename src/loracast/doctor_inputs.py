@@ -71,6 +71,8 @@ class Inventory:
     differences: dict[str, list[Difference]] = field(default_factory=dict)
     load_problems: dict[str, str] = field(default_factory=dict)
     fsdp_reason: str | None = None
+    fsdp1_setup: str | None = None  # the FSDP1 wrap the flatten prediction assumed (live models)
+    fsdp1_problems: list[str] = field(default_factory=list)  # units that wrap would fail to flatten
     peft_model: bool = False  # a live model of PEFT itself (its adapters work there whatever loracast supports)
     notes: list[str] = field(default_factory=list)
 
@@ -259,7 +261,35 @@ def _from_model(obj: nn.Module, subject: str, kind: str, fsdp: bool | None) -> I
         inventory.differences[name] = compare_fingerprints(fingerprint, now)
         _attach_trained_dtypes(inventory, model, name, fingerprint)
     _set_fsdp(inventory, fsdp, obj)
+    _predict_fsdp1(inventory, obj)
     return inventory
+
+
+def _fsdp_wrapped_path(obj: nn.Module) -> str | None:
+    """The path of the first module FSDP (1 or 2) wraps in `obj`, or None."""
+    for path, module in obj.named_modules():
+        if {c.__name__ for c in type(module).__mro__} & {"FullyShardedDataParallel", "FSDPModule"}:
+            return path
+    return None
+
+
+def _predict_fsdp1(inventory: Inventory, obj: nn.Module) -> None:
+    """Which units FSDP1 would fail to flatten, under accelerate's set-up from the environment
+    (its defaults when not launched by it); skipped when FSDP is not in play, already wraps the
+    model (it flattened), or accelerate is set to FSDP2."""
+    if not inventory.fsdp_reason or _fsdp_wrapped_path(obj) is not None:
+        return
+    from .distributed import accelerate_fsdp1_setup, fsdp1_flatten_problems
+
+    try:
+        setup = accelerate_fsdp1_setup(obj)
+    except ValueError as exc:
+        inventory.notes.append(f"FSDP1 flattening not predicted: {exc}")
+        return
+    if setup is not None:
+        inventory.fsdp1_setup = setup.description
+        problems = fsdp1_flatten_problems(obj, setup.policy, use_orig_params=setup.use_orig_params)
+        inventory.fsdp1_problems = [str(p) for p in problems]
 
 
 def _file_keys(model: nn.Module, adapter: str) -> dict[str, str]:
@@ -281,12 +311,10 @@ def _set_fsdp(inventory: Inventory, fsdp: bool | None, obj: nn.Module | None) ->
     if fsdp is not None:
         inventory.fsdp_reason = "FSDP was requested" if fsdp else None
         return
-    if obj is not None:
-        for path, module in obj.named_modules():
-            classes = {c.__name__ for c in type(module).__mro__}
-            if classes & {"FullyShardedDataParallel", "FSDPModule"}:
-                inventory.fsdp_reason = f"{path or 'the model'} is wrapped by FSDP"
-                return
+    wrapped = _fsdp_wrapped_path(obj) if obj is not None else None
+    if wrapped is not None:
+        inventory.fsdp_reason = f"{wrapped or 'the model'} is wrapped by FSDP"
+        return
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         inventory.fsdp_reason = "ACCELERATE_USE_FSDP is set"
     elif any(plan.get("policy") == "fsdp" for plan in inventory.plans.values()):

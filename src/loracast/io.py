@@ -12,6 +12,7 @@ only once complete, so a failed save leaves the previous adapter intact. Pickle 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import warnings
 from typing import Iterator
@@ -28,6 +29,9 @@ from .modules_to_save import ModulesToSaveWrapper
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
+# Module names torch's wrappers insert into paths (FSDP1, activation checkpointing, torch.compile);
+# files never hold them, so a wrapped model saves and loads the same keys as a plain one.
+_WRAPPER_NAMES = re.compile(r"(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 
 
 # -- key mapping ---------------------------------------------------------------------------------
@@ -55,7 +59,11 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for name, param in module.modules_to_save[adapter_name].named_parameters():
                 out[f"{prefix}{name}"] = param
-    return out
+    return _without_wrapper_names(out)
+
+
+def _without_wrapper_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {_WRAPPER_NAMES.sub("", key): tensor for key, tensor in tensors.items()}
 
 
 def trained_bias_tensors(model: nn.Module, adapter_name: str, bias: str) -> dict[str, torch.Tensor]:
@@ -72,7 +80,7 @@ def trained_bias_tensors(model: nn.Module, adapter_name: str, bias: str) -> dict
         for name, param in _params_outside_adapters(model):
             if name.rsplit(".", 1)[-1] == "bias":
                 out[KEY_PREFIX + name] = param
-    return out
+    return _without_wrapper_names(out)
 
 
 def _params_outside_adapters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -132,11 +140,12 @@ def atomic_write_text(path: str, text: str) -> None:
 def prepare_for_safetensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None
                             ) -> dict[str, torch.Tensor]:
     """Detached, contiguous CPU tensors that share no memory (safetensors refuses otherwise),
-    floating ones cast to `dtype` when given."""
+    floating ones cast to `dtype` when given. Sharded (FSDP2) tensors are gathered first, which
+    every rank must do together (see `full_tensor`)."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for key, tensor in tensors.items():
-        t = tensor.detach()
+        t = full_tensor(tensor.detach())
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         t = t.to("cpu").contiguous()
@@ -145,6 +154,16 @@ def prepare_for_safetensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype
         seen.add(t.data_ptr())
         out[key] = t
     return out
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` itself, or, for a parameter sharded by FSDP2 (a DTensor), all of it gathered from
+    its shards: a collective, so every rank must make the same calls in the same order."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support: nothing can be sharded
+        return tensor
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def atomic_save_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -400,7 +400,9 @@ class PeftModel(nn.Module):
         """Write adapters in PEFT's format: the default one in `save_directory`, others in sub-folders.
 
         `save_dtype` (e.g. torch.bfloat16) writes smaller files; loading still gives the dtypes of
-        the precision rules. Each file is written atomically.
+        the precision rules. Each file is written atomically. A model sharded with FSDP2 is saved
+        by calling this on every rank with ``is_main_process=(rank == 0)``: all ranks gather the
+        adapter tensors and rank 0 writes them.
 
         Raises:
             ValueError: an unknown adapter is selected, or `safe_serialization=False` is asked for.
@@ -411,8 +413,6 @@ class PeftModel(nn.Module):
         unknown_kwargs = set(kwargs) - {"save_embedding_layers", "max_shard_size", "push_to_hub"}
         if unknown_kwargs:
             raise TypeError(f"save_pretrained got unexpected arguments {sorted(unknown_kwargs)}")
-        if not is_main_process:
-            return
         dtype = parse_dtype(save_dtype, "save_dtype")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
@@ -422,9 +422,12 @@ class PeftModel(nn.Module):
         if os.path.isfile(root):
             raise ValueError(f"save_directory {root!r} is a file; give a folder path")
         for name in names:
+            # FSDP2-sharded tensors are gathered here, on every rank together; only the main process writes
+            tensors = self.adapter_state_dict(name, dtype)
+            if not is_main_process:
+                continue
             folder = root if name == "default" else os.path.join(root, check_adapter_name(name))
             os.makedirs(folder, exist_ok=True)
-            tensors = self.adapter_state_dict(name, dtype)
             atomic_save_safetensors(os.path.join(folder, WEIGHTS_NAME), tensors, self._file_metadata(name, dtype))
             self.peft_config[name].save_pretrained(folder)
 

@@ -104,11 +104,13 @@ def test_compare_precision_refuses_fp32_base(tmp_path, capsys):
     assert_one_line_error(status, err, "train", "half-precision base", "--dtype bf16")
 
 
-def test_distributed_launch_is_refused_clearly(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
+def test_a_half_set_distributed_launch_is_refused_clearly(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as if launched by torchrun, but RANK, MASTER_ADDR... are missing
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
     status, err = run_cli(["train", "--model", str(tmp_path), "--data", str(write(tmp_path / "d.csv", TWO_LABELS)),
                            "--out", str(tmp_path / "o")], capsys)
-    assert_one_line_error(status, err, "train", "WORLD_SIZE=2", "not supported yet")
+    assert_one_line_error(status, err, "train", "WORLD_SIZE=2", "RANK", "torchrun --nproc_per_node 2")
 
 
 def test_merge_bad_paths(tmp_path, trained_run, tiny_bert, capsys):

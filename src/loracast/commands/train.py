@@ -107,17 +107,20 @@ def run(args: argparse.Namespace) -> int:
                                labels=_names(args.labels, "--labels"), eval_fraction=args.eval_fraction,
                                loop=LoopSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                                  max_length=args.max_length, seed=args.seed))
-        runtime = runtime_from_environment(args.device)
-        if args.compare_precision:
-            results = compare_precision(options, runtime)
-            if runtime.is_main:
-                for result in results:
-                    print(f"\n== {result.policy} ==\n{format_run(result)}")
-                print("\n" + format_comparison(results, str(args.out / COMPARE_NAME)))
-        else:
-            result = run_training(options, runtime)
-            if runtime.is_main:
-                print(format_run(result))
+        runtime = runtime_from_environment(args.device)  # under torchrun: DDP, rank 0 writes and prints
+        try:
+            if args.compare_precision:
+                results = compare_precision(options, runtime)
+                if runtime.is_main:
+                    for result in results:
+                        print(f"\n== {result.policy} ==\n{format_run(result)}")
+                    print("\n" + format_comparison(results, str(args.out / COMPARE_NAME)))
+            else:
+                result = run_training(options, runtime)
+                if runtime.is_main:
+                    print(format_run(result))
+        finally:
+            runtime.close()
     return 0
 
 

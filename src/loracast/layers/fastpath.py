@@ -186,6 +186,12 @@ def _no_hooks(module: nn.Module) -> bool:
     return not (module._forward_hooks or module._forward_pre_hooks)
 
 
+def _plain_factor(module: nn.Module) -> bool:
+    """True for a LoRA factor whose weight the fast paths may read directly: a plain `nn.Linear`
+    without hooks. A wrapper (an FSDP1 unit) materialises the weight only inside its own forward."""
+    return type(module) is nn.Linear and _no_hooks(module)
+
+
 def _global_hooks() -> bool:
     hooks = nn.modules.module
     return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
@@ -202,8 +208,8 @@ def single_adapter(layer: Any, x: torch.Tensor) -> str | None:
     """The one active adapter when the fast paths apply to this call, else None.
 
     They apply to a float input of 2+ dims, one active adapter without ``lora_bias``, no
-    per-sample adapter names, nothing merged or disabled, no autocast, and no hooks on the
-    adapter's own modules (those are called as modules by the general path).
+    per-sample adapter names, nothing merged or disabled, no autocast, and adapter factors that
+    are plain `nn.Linear` modules without hooks (others are called as modules by the general path).
     """
     if layer._disable_adapters or layer.merged_adapters or layer._batch_adapter_names is not None:
         return None
@@ -213,7 +219,7 @@ def single_adapter(layer: Any, x: torch.Tensor) -> str | None:
     name = active[0]
     if layer.lora_bias.get(name) or autocast_active(x.device.type) or _global_hooks():
         return None
-    if not (_no_hooks(layer.lora_A[name]) and _no_hooks(layer.lora_B[name])):
+    if not (_plain_factor(layer.lora_A[name]) and _plain_factor(layer.lora_B[name])):
         return None
     return name
 

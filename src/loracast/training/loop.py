@@ -132,16 +132,20 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer: Tokenizer, data: LabelledTexts, batch_size: int, max_length: int,
-             device: torch.device) -> tuple[float, float]:
-    """(accuracy, mean loss) of `model` on `data` in eval mode (see `eval_mode`)."""
+             device: torch.device, runtime: Runtime | None = None) -> tuple[float, float]:
+    """(accuracy, mean loss) of `model` on `data` in eval mode (see `eval_mode`); with a
+    distributed `runtime` each process evaluates its share and the counts are summed."""
+    mine = data.subset(runtime.shard(range(len(data)))) if runtime is not None else data
     correct, loss_sum = 0, 0.0
     with eval_mode(model):
-        for start in range(0, len(data), batch_size):
-            texts = data.texts[start:start + batch_size]
-            labels = torch.tensor(data.labels[start:start + batch_size], device=device)
+        for start in range(0, len(mine), batch_size):
+            texts = mine.texts[start:start + batch_size]
+            labels = torch.tensor(mine.labels[start:start + batch_size], device=device)
             loss, logits = classification_loss(model, encode(tokenizer, texts, max_length, device), labels)
             correct += int((logits.argmax(-1) == labels).sum())
             loss_sum += float(loss) * len(texts)
+    if runtime is not None:
+        correct, loss_sum = runtime.sum([correct, loss_sum])
     return correct / len(data), loss_sum / len(data)
 
 
@@ -174,7 +178,7 @@ def train_classifier(model: nn.Module, tokenizer: Tokenizer, train: LabelledText
 
     def run_eval(step: int) -> None:
         accuracy, loss = evaluate(model, tokenizer, held_out, settings.batch_size * 2, settings.max_length,
-                                  runtime.device)
+                                  runtime.device, runtime)
         history.evals.append(EvalRecord(step, accuracy, loss))
         progress.message(f"{label}: step {step}/{total} eval accuracy {accuracy:.1%} (loss {loss:.4f})")
 
@@ -185,25 +189,26 @@ def train_classifier(model: nn.Module, tokenizer: Tokenizer, train: LabelledText
         order = torch.randperm(len(train), generator=generator).tolist()
         for start in range(0, len(order), settings.batch_size):
             began = time.perf_counter()
-            rows = runtime.shard(order[start:start + settings.batch_size])
+            global_rows = order[start:start + settings.batch_size]
+            rows, weight = runtime.share(global_rows)
             batch = train.subset(rows)
             labels = torch.tensor(batch.labels, device=runtime.device)
             loss, _ = classification_loss(forward, encode(tokenizer, batch.texts, settings.max_length,
                                                           runtime.device), labels)
-            value = runtime.mean(loss.detach().item())
+            value = runtime.mean(loss.detach().item(), len(rows) if weight else 0)
             if not math.isfinite(value):
                 history.diverged_at_step = step + 1
                 progress.message(f"{label}: loss is {value} at step {step + 1}; stopping (the adapters overflowed "
                                  "or the learning rate is too high)")
                 break
-            loss.backward()
+            (loss * weight).backward()  # weight 1.0 in one process
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             seconds = time.perf_counter() - began
-            history.steps.append(StepRecord(step, step / steps_per_epoch, value, seconds, len(rows)))
-            progress.update(step, value, len(rows))
+            history.steps.append(StepRecord(step, step / steps_per_epoch, value, seconds, len(global_rows)))
+            progress.update(step, value, len(global_rows))
             if step in eval_at:
                 run_eval(step)
         if history.diverged_at_step is not None:

@@ -104,7 +104,8 @@ def train_once(options: TrainOptions, policy: str, train: LabelledTexts, held_ou
         "lora": {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
                  "target_modules": sorted(config.target_modules) if isinstance(config.target_modules, (set, list))
                  else config.target_modules, "modules_to_save": config.modules_to_save},
-        "train": {**asdict(options.loop), "examples": len(train), "steps": len(history.steps)},
+        "train": {**asdict(options.loop), "examples": len(train), "steps": len(history.steps),
+                  "processes": runtime.world_size},
         "eval": {"examples": len(held_out), "accuracy_before": history.accuracy_before,
                  "accuracy_after": history.accuracy_after},
         "diverged_at_step": history.diverged_at_step,

@@ -1,13 +1,12 @@
 """Where a training run executes: the device, and this process's place among its peers.
 
 The training loop asks the runtime which rows of a global batch are its own, whether it may
-write files and the progress bar, and how to wrap the model. One process is the only case
-implemented here; a distributed runtime (torchrun + DDP) answers the same questions.
+write files and the progress bar, and how to wrap the model. Under torchrun (WORLD_SIZE > 1)
+`loracast.distributed.training.DistributedRuntime` answers the same questions with DDP.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Sequence, TypeVar
 
@@ -35,16 +34,28 @@ class Runtime:
         return self.rank == 0
 
     def shard(self, items: Sequence[T]) -> list[T]:
-        """This process's share of a global batch (every `world_size`-th item from `rank`)."""
+        """This process's share of `items` (all of them in one process)."""
         return list(items[self.rank::self.world_size])
+
+    def share(self, items: Sequence[T]) -> tuple[list[T], float]:
+        """(rows this process computes, factor for its mean loss) for one global training batch;
+        the factor makes the gradient averaged over processes that of the global-batch mean."""
+        return list(items), 1.0
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module to call for training steps (a DDP wrapper when distributed)."""
         return model
 
-    def mean(self, value: float) -> float:
-        """`value` averaged over processes (for logged losses)."""
+    def mean(self, value: float, count: int = 1) -> float:
+        """The mean over all processes' examples of `value`, this process's mean over `count` examples."""
         return value
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Each of `values` summed over processes."""
+        return list(values)
+
+    def close(self) -> None:
+        """Release what the runtime holds (the process group) at the end of a run."""
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -68,11 +79,16 @@ def runtime_from_environment(device: str = "auto") -> Runtime:
     """The runtime for this process.
 
     Raises:
-        LaunchError: the process was launched as one of several (torchrun sets WORLD_SIZE > 1);
-            distributed training is not supported by this version.
+        LaunchError: the device cannot be used, or the launcher's variables are malformed.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world_size > 1:
-        raise LaunchError(f"launched as {world_size} processes (WORLD_SIZE={world_size}), but distributed "
-                            "training is not supported yet; run one process")
+    from ..distributed.runtime import launched_world_size
+
+    try:
+        world_size = launched_world_size()
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
+    if world_size > 1:  # torchrun: DDP over gloo (CPU) or NCCL (CUDA)
+        from ..distributed.training import DistributedRuntime
+
+        return DistributedRuntime.start(device)
     return Runtime(device=pick_device(device))
