@@ -8,136 +8,23 @@ user's model with LoRA layers injected in place, so parameter names
 from __future__ import annotations
 
 import contextlib
-import os
-import re
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from .adapter_files import AdapterFiles
 from .compute import set_lora_compute
-from .config import CONFIG_NAME, LoraConfig
-from .fingerprint import build_fingerprint, check_loaded_adapter, fingerprint_metadata, read_fingerprint
+from .config import LoraConfig
 from .integrations import transformers as transformers_integration
-from .inject import (TASK_HEADS, inject_adapter, iter_adapter_modules, iter_lora_layers, iter_wrappers,
-                     wrap_modules_to_save)
-from .io import (KEY_PREFIX, WEIGHTS_NAME, adapter_tensors, atomic_save_safetensors, load_adapter_tensors,
-                 prepare_for_safetensors, read_adapter_weights, trained_bias_tensors)
+from .inject import TASK_HEADS, inject_adapter, wrap_modules_to_save
 from .layers import LoraLayer
-from .modules_to_save import ModulesToSaveWrapper
-from .policies import PrecisionPlan, apply_recorded_dtypes, resolve_precision
-from .precision import parse_dtype
+from .names import BASE_ONLY, check_adapter_name
+from .policies import PrecisionPlan, resolve_precision
 from .quant.merge import requantization_report
+from .tuner import LoraModel
 
-_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
-BASE_ONLY = "__base__"  # per-sample adapter name meaning "no adapter"
-
-
-def check_adapter_name(name: Any) -> str:
-    """Return `name` if it can name an adapter (a module key and a folder name).
-
-    Raises:
-        ValueError: it is empty, reserved, or holds characters other than letters, digits, '_' and '-'.
-    """
-    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name == BASE_ONLY:
-        raise ValueError(f"adapter name {name!r} is not allowed: use letters, digits, '_' and '-' (it becomes a "
-                         f"module key and a folder name), not starting with '-', and not {BASE_ONLY!r}")
-    return name
-
-
-class LoraModel(nn.Module):
-    """Holds the adapted model (``.model``) and the adapter configs; PEFT's tuner object."""
-
-    prefix = "lora_"
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.peft_config: dict[str, LoraConfig] = {}
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
-
-    def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
-        """(name, layer) for every LoRA layer."""
-        return iter_lora_layers(self.model)
-
-    def wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
-        """(name, wrapper) for every modules_to_save wrapper."""
-        return iter_wrappers(self.model)
-
-    def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
-        """Activate adapters on every layer; active ones train unless their config says inference_mode."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ValueError(f"adapter(s) {unknown} not found; this model has {sorted(self.peft_config)}")
-        trainable = any(not self.peft_config[n].inference_mode for n in names)
-        for module in iter_adapter_modules(self.model):
-            module.set_adapter(names, trainable=trainable)
-        self._apply_bias_mode(names)
-        self._active_adapters = names
-
-    def _apply_bias_mode(self, names: list[str]) -> None:
-        for name in names:
-            config = self.peft_config[name]
-            if config.bias != "none" and not config.inference_mode:
-                for tensor in trained_bias_tensors(self.model, name, config.bias).values():
-                    tensor.requires_grad_(True)
-
-    @property
-    def active_adapters(self) -> list[str]:
-        """The active adapters' names."""
-        return list(self.__dict__.get("_active_adapters", []))
-
-    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
-        """Merge adapters (default: the active ones) into the base weights, keeping exact restore data."""
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
-        with requantization_report():  # one warning for all quantized layers merged
-            for _, layer in self.lora_layers():
-                layer.merge(names, safe_merge=safe_merge)
-
-    def unmerge_adapter(self) -> None:
-        """Restore every base weight exactly as it was before merging."""
-        for _, layer in self.lora_layers():
-            layer.unmerge()
-
-    def _unload(self, merge: bool, safe_merge: bool, adapter_names: Sequence[str] | None) -> nn.Module:
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
-        with requantization_report():
-            for name, layer in list(self.lora_layers()):
-                if merge:
-                    layer.merge(names, safe_merge=safe_merge, keep_restore=False)
-                elif layer.merged:
-                    layer.unmerge()
-                _replace(self.model, name, layer.get_base_layer())
-        for name, wrapper in list(self.wrappers()):
-            _replace(self.model, name, wrapper.unwrap(names[0] if (merge and names) else None))
-        transformers_integration.uninstall(self.model)  # a plain model again: saves in full
-        return self.model
-
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: Sequence[str] | None = None) -> nn.Module:
-        """Merge adapters into the base and return the plain model (no LoRA layers left)."""
-        return self._unload(True, safe_merge, adapter_names)
-
-    def unload(self) -> nn.Module:
-        """Remove all LoRA layers without merging and return the plain model."""
-        return self._unload(False, False, None)
-
-
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
+__all__ = ["BASE_ONLY", "LoraModel", "PeftModel", "check_adapter_name", "get_peft_model"]
 
 
 def _freeze_all(model: nn.Module) -> bool:
@@ -158,7 +45,7 @@ def _freeze_all(model: nn.Module) -> bool:
     return checkpointing
 
 
-class PeftModel(nn.Module):
+class PeftModel(AdapterFiles, nn.Module):
     """A model with LoRA adapters, with PEFT's `PeftModel` API.
 
     Adapter dtypes follow `loracast.precision` (explicit `adapter_dtype` > autocast flag > base dtype),
@@ -381,163 +268,6 @@ class PeftModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         share = 100 * trainable / total if total else 0.0
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
-
-    # -- files -----------------------------------------------------------------------------------
-
-    def adapter_state_dict(self, adapter_name: str | None = None,
-                           save_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The tensors `save_pretrained` writes for one adapter, keyed as in PEFT's files."""
-        name = adapter_name or self.active_adapter
-        config = self.peft_config[name]
-        tensors = dict(trained_bias_tensors(self.base_model.model, name, config.bias))
-        tensors.update(adapter_tensors(self.base_model.model, name))
-        return prepare_for_safetensors(tensors, save_dtype)
-
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
-                        selected_adapters: Sequence[str] | None = None,
-                        save_dtype: torch.dtype | str | None = None, is_main_process: bool = True,
-                        **kwargs: Any) -> None:
-        """Write adapters in PEFT's format: the default one in `save_directory`, others in sub-folders.
-
-        `save_dtype` (e.g. torch.bfloat16) writes smaller files; loading still gives the dtypes of
-        the precision rules. Each file is written atomically. A model sharded with FSDP2 is saved
-        by calling this on every rank with ``is_main_process=(rank == 0)``: all ranks gather the
-        adapter tensors and rank 0 writes them.
-
-        Raises:
-            ValueError: an unknown adapter is selected, or `safe_serialization=False` is asked for.
-        """
-        if not safe_serialization:
-            raise ValueError("loracast writes only safetensors (pickle files can run code when read); "
-                             "drop safe_serialization=False")
-        unknown_kwargs = set(kwargs) - {"save_embedding_layers", "max_shard_size", "push_to_hub"}
-        if unknown_kwargs:
-            raise TypeError(f"save_pretrained got unexpected arguments {sorted(unknown_kwargs)}")
-        dtype = parse_dtype(save_dtype, "save_dtype")
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ValueError(f"selected_adapters {unknown} not found; this model has {sorted(self.peft_config)}")
-        root = os.fspath(save_directory)
-        if os.path.isfile(root):
-            raise ValueError(f"save_directory {root!r} is a file; give a folder path")
-        for name in names:
-            # FSDP2-sharded tensors are gathered here, on every rank together; only the main process writes
-            tensors = self.adapter_state_dict(name, dtype)
-            if not is_main_process:
-                continue
-            folder = root if name == "default" else os.path.join(root, check_adapter_name(name))
-            os.makedirs(folder, exist_ok=True)
-            atomic_save_safetensors(os.path.join(folder, WEIGHTS_NAME), tensors, self._file_metadata(name, dtype))
-            self.peft_config[name].save_pretrained(folder)
-
-    def _file_metadata(self, adapter_name: str, save_dtype: torch.dtype | None = None) -> dict[str, str]:
-        """safetensors header metadata: PEFT's {"format": "pt"} plus the precision fingerprint
-        (`loracast.fingerprint`; PEFT ignores metadata it does not know)."""
-        fingerprint = build_fingerprint(self.base_model.model, adapter_name,
-                                        self._precision_plans.get(adapter_name), save_dtype)
-        return {"format": "pt", **fingerprint_metadata(fingerprint)}
-
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     autocast_adapter_dtype: bool | None = None, adapter_dtype: torch.dtype | str | None = None,
-                     allow_pickle: bool = False, *, precision: str | None = None, strict_precision: bool = False,
-                     **kwargs: Any) -> None:
-        """Add an adapter read from a folder written by loracast or PEFT (inactive until `set_adapter`).
-
-        Dtypes as in `from_pretrained`; the saved fingerprint is compared with this model and
-        environment (a `PrecisionWarning`, or with `strict_precision` a `PrecisionError`).
-
-        Raises:
-            FileNotFoundError: no adapter files at `model_id`.
-            AdapterLoadError / ConfigError: the files do not fit this model or are malformed.
-            PrecisionError: the precision arguments conflict, or `strict_precision` and the
-                fingerprint differs.
-        """
-        _reject_unknown_kwargs("load_adapter", kwargs)
-        config = _read_config(model_id)
-        config.inference_mode = not is_trainable
-        fingerprint = read_fingerprint(model_id)
-        plan = resolve_precision(self.base_model.model, precision, autocast_adapter_dtype, adapter_dtype,
-                                 fingerprint=fingerprint, loading=True)
-        self._add(adapter_name, config, plan, initialize=False)
-        try:
-            self._load_weights(model_id, adapter_name, allow_pickle, fingerprint, strict_precision)
-        except BaseException:
-            self._remove_everywhere(adapter_name)
-            raise
-        self.base_model.set_adapter(self.active_adapters)
-
-    def _load_weights(self, model_id: str | os.PathLike, adapter_name: str, allow_pickle: bool,
-                      fingerprint: dict | None = None, strict_precision: bool = False) -> None:
-        folder = os.fspath(model_id)
-        tensors, _ = read_adapter_weights(folder, allow_pickle=allow_pickle)
-        model = self.base_model.model
-        config = self.peft_config[adapter_name]
-        targets = adapter_tensors(model, adapter_name)
-        load_adapter_tensors(model, tensors, targets, source=os.path.join(folder, WEIGHTS_NAME),
-                             optional=trained_bias_tensors(model, adapter_name, config.bias))
-        plan = self._precision_plans[adapter_name]
-        apply_recorded_dtypes(targets, plan)
-        if fingerprint is not None:
-            check_loaded_adapter(model, adapter_name, fingerprint, plan, source=folder, strict=strict_precision,
-                                 live=targets)
-            self._fingerprints[adapter_name] = fingerprint
-
-    @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, config: LoraConfig | None = None,
-                        autocast_adapter_dtype: bool | None = None, adapter_dtype: torch.dtype | str | None = None,
-                        allow_pickle: bool = False, *, precision: str | None = None,
-                        strict_precision: bool = False, **kwargs: Any) -> "PeftModel":
-        """Wrap `model` with an adapter read from a folder written by loracast or PEFT.
-
-        Adapter dtypes follow `precision` (a `loracast.policies` name; "match-training" restores
-        the dtypes recorded at save) or the knobs, as in `get_peft_model`. A loracast-written
-        adapter's fingerprint is compared with this model and environment: each difference is
-        listed in one `PrecisionWarning`, or raised as a `PrecisionError` with `strict_precision`.
-
-        Raises:
-            FileNotFoundError: no adapter at `model_id` (loracast reads local folders only).
-            AdapterLoadError / ConfigError: the files do not fit this model or are malformed.
-            PrecisionError: the precision arguments conflict, or `strict_precision` and the
-                fingerprint differs.
-        """
-        _reject_unknown_kwargs("from_pretrained", kwargs)
-        config = config or _read_config(model_id)
-        config.inference_mode = not is_trainable
-        fingerprint = read_fingerprint(model_id)
-        plan = resolve_precision(model, precision, autocast_adapter_dtype, adapter_dtype,
-                                 fingerprint=fingerprint, loading=True)
-        peft_model = cls(model, config, adapter_name, _initialize=False, _plan=plan)
-        try:
-            peft_model._load_weights(model_id, adapter_name, allow_pickle, fingerprint, strict_precision)
-        except BaseException:
-            peft_model.base_model.unload()
-            raise
-        return peft_model
-
-
-_IGNORED_KWARGS = {"low_cpu_mem_usage", "torch_device", "ephemeral_gpu_offload", "subfolder"}
-
-
-def _reject_unknown_kwargs(where: str, kwargs: dict[str, Any]) -> None:
-    unknown = sorted(set(kwargs) - _IGNORED_KWARGS)
-    if unknown:
-        hint = " (use adapter_dtype= to choose the adapter dtype)" if {"torch_dtype", "dtype"} & set(unknown) else ""
-        raise TypeError(f"{where}() got unexpected arguments {unknown}{hint}")
-    if kwargs.get("subfolder"):
-        raise TypeError(f"{where}(): pass the sub-folder in the path instead of subfolder=")
-
-
-def _read_config(model_id: str | os.PathLike) -> LoraConfig:
-    path = os.fspath(model_id)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"adapter folder {path!r} does not exist; loracast loads adapters from local folders "
-            f"(holding {CONFIG_NAME} and {WEIGHTS_NAME}). For a Hub repo, download it first with "
-            "huggingface_hub.snapshot_download")
-    return LoraConfig.from_pretrained(path)
-
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
                    mixed: bool = False, autocast_adapter_dtype: bool | None = None, revision: str | None = None,
