@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..merge import BitResidual, check_finite, exact_sum
+from ..precision import cast_for_adapter
 from . import build
 
 
@@ -159,8 +160,11 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def _lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """One adapter's contribution for input `x`, before the cast back to the output dtype."""
-        raise NotImplementedError
+        """One adapter's contribution for input `x`, before the cast back to the output dtype:
+        ``B(A(dropout(x))) * scaling`` in the adapter dtype, for layers whose factors are modules."""
+        lora_a = self.lora_A[adapter_name]
+        x = cast_for_adapter(x, lora_a.weight.dtype)
+        return self.lora_B[adapter_name](lora_a(self.lora_dropout[adapter_name](x))) * self.scaling[adapter_name]
 
     # -- forward ----------------------------------------------------------------------------------
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..precision import cast_for_adapter
 from .base import LoraLayer, delta_dtype, init_kaiming_uniform_, init_zeros_
 
 
@@ -59,8 +58,3 @@ class Conv(LoraLayer):
         dtype = delta_dtype(weight_a)
         delta = weight_b.to(dtype).flatten(1) @ weight_a.to(dtype).flatten(1)  # (out, in * prod(kernel))
         return delta.view(base.weight.shape) * self.scaling[adapter_name]
-
-    def _lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        lora_a = self.lora_A[adapter_name]
-        x = cast_for_adapter(x, lora_a.weight.dtype)
-        return self.lora_B[adapter_name](lora_a(self.lora_dropout[adapter_name](x))) * self.scaling[adapter_name]

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..precision import base_weight, cast_for_adapter
+from ..precision import base_weight
 from ..quant import find_backend
 from ..quant import merge as quant_merge
 from . import build
@@ -98,10 +98,6 @@ class Linear(LoraLayer):
         quant_merge.restore_original(self.quant_backend, self.base_layer, self._weight_restore)
         self._weight_restore = None
 
-    def _lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        lora_a = self.lora_A[adapter_name]
-        x = cast_for_adapter(x, lora_a.weight.dtype)
-        return self.lora_B[adapter_name](lora_a(self.lora_dropout[adapter_name](x))) * self.scaling[adapter_name]
 
 
 def linear_features(base_layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
