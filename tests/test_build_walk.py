@@ -7,6 +7,7 @@ import copy
 import math
 import re
 
+import pytest
 import torch
 from torch import nn
 
@@ -86,3 +87,22 @@ def test_suffix_set_is_peft_list_matching():
                   "model.layers.1.self_attn.v_proj", "model.layers.11.self_attn.v_proj", "xq_proj", ""]
     for name in candidates:
         assert matcher.fullmatch(name) == bool(pattern.fullmatch(name)), name
+
+
+def test_injection_restores_the_garbage_collector_state(make_llama):
+    import gc
+
+    from loracast import LoraConfig, get_peft_model
+
+    assert gc.isenabled()
+    get_peft_model(make_llama(), LoraConfig(target_modules=["q_proj"]))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        get_peft_model(make_llama(), LoraConfig(target_modules=["q_proj"]))
+        assert not gc.isenabled()  # a caller's choice to keep it off is respected
+    finally:
+        gc.enable()
+    with pytest.raises(ValueError):
+        get_peft_model(make_llama(), LoraConfig(target_modules=["nothing"]))
+    assert gc.isenabled()
