@@ -26,7 +26,8 @@ from conftest import tiny_llama_config  # noqa: E402
 from loracast import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from loracast.distributed import (FSDPSetupError, explain_flatten_errors, fsdp1_auto_wrap_policy,  # noqa: E402
                                   fsdp1_flatten_problems, global_mean_weight, init_distributed,
-                                  prepare_quantized_for_sharding, rank_share, save_adapter, shard_model, wrap_ddp)
+                                  prepare_quantized_for_sharding, rank_share, save_adapter, shard_model, shutdown,
+                                  wrap_ddp)
 from loracast.io import full_tensor  # noqa: E402
 
 STEPS = 3
@@ -272,7 +273,7 @@ def main() -> None:
     if ctx.is_main:
         with open(os.path.join(out, "results.json"), "w") as handle:
             json.dump(results, handle, indent=1)
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":
