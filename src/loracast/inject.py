@@ -22,7 +22,7 @@ from torch import nn
 from .config import LoraConfig
 from .layers import Conv, Embedding, LoraLayer, Linear
 from .modules_to_save import ModulesToSaveWrapper
-from .precision import adapter_device, declared_dtype, resolve_adapter_dtype
+from .precision import adapter_device, apply_adapter_rule, declared_dtype, resolve_adapter_dtype
 from .quant import find_backend
 from .walk import Node, replace_child, walk
 
@@ -332,9 +332,8 @@ def wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str
         original = wrapper.original_module
         float_params = [p for p in original.parameters() if p.is_floating_point()]
         dtype = None
-        if float_params:
-            dtype = adapter_dtype or (torch.float32 if autocast_adapter_dtype and float_params[0].dtype in (
-                torch.float16, torch.bfloat16) else float_params[0].dtype)
+        if float_params:  # the copy follows the adapter dtype rule, from the module's own dtype
+            dtype = apply_adapter_rule(float_params[0].dtype, autocast_adapter_dtype, adapter_dtype)
         wrapper.add_copy(adapter_name, dtype)
         if wrapper is not module:
             replace_child(parent, attr, wrapper)

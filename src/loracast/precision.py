@@ -123,10 +123,20 @@ def resolve_adapter_dtype(
     """
     if adapter_dtype is not None:
         return adapter_dtype
-    dtype = base_compute_dtype(base_layer) or model_dtype or torch.get_default_dtype()
-    if autocast_adapter_dtype and dtype in HALF_DTYPES:
+    base_dtype = base_compute_dtype(base_layer) or model_dtype or torch.get_default_dtype()
+    return apply_adapter_rule(base_dtype, autocast_adapter_dtype, None)
+
+
+def apply_adapter_rule(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True,
+                       adapter_dtype: torch.dtype | None = None) -> torch.dtype:
+    """Rules 1 and 2 of the precedence on a known base dtype: an explicit `adapter_dtype`, else
+    float32 for a half-precision base when autocasting, else the base dtype (used for adapters
+    and for modules_to_save copies alike)."""
+    if adapter_dtype is not None:
+        return adapter_dtype
+    if autocast_adapter_dtype and base_dtype in HALF_DTYPES:
         return torch.float32
-    return dtype
+    return base_dtype
 
 
 def adapter_device(base_layer: nn.Module) -> torch.device:
