@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from loracast.inject import SuffixSet
+from loracast.tuner.inject import SuffixSet
 from loracast.layers import Linear, build
-from loracast.walk import replace_child, walk
+from loracast.tuner.walk import replace_child, walk
 
 
 def test_built_linear_is_an_ordinary_linear():

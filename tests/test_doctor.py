@@ -16,11 +16,11 @@ import loracast
 from conftest import tiny_llama_config
 from fake_quant import fake_backend, quantize  # noqa: F401  (fixture)
 from loracast import LoraConfig, PeftModel, get_peft_model
-from loracast import fingerprint as fp
+from loracast.files import fingerprint as fp
 from loracast.cli import main
-from loracast.doctor import Report, UnreadableInput, doctor
-from loracast.doctor_checks import CHECKS
-from loracast.io import WEIGHTS_NAME
+from loracast.diagnostics import Report, UnreadableInput, doctor
+from loracast.diagnostics.checks import CHECKS
+from loracast.files.format import WEIGHTS_NAME
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -62,7 +62,7 @@ def test_a_clean_model_and_its_folder_report_nothing(make_llama, tmp_path):
 def test_every_check_is_exercised_by_this_file():
     names = {check.__name__ for check in CHECKS}
     text = Path(__file__).read_text()
-    ids = {line.split("|")[1].strip() for line in loracast.doctor_checks.__doc__.splitlines()
+    ids = {line.split("|")[1].strip() for line in loracast.diagnostics.checks.__doc__.splitlines()
            if line.startswith("| ") and not line.startswith("| id")}
     missing = [i for i in ids if f'"{i}"' not in text]
     assert not missing, f"no test asserts these finding ids: {missing}"

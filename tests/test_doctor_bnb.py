@@ -12,7 +12,7 @@ import torch
 from bnb_models import load_llama  # noqa: E402
 from fsdp_step import fsdp1_step  # noqa: E402
 from loracast import LoraConfig, PeftModel, PrecisionError, PrecisionWarning, get_peft_model  # noqa: E402
-from loracast.doctor import doctor  # noqa: E402
+from loracast.diagnostics import doctor  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from fake_quant import fake_backend, quantize  # noqa: F401  (fixture)
 from loracast import LoraConfig, PeftModel, PrecisionError, PrecisionWarning, get_peft_model
-from loracast import fingerprint as fp
-from loracast.io import WEIGHTS_NAME
-from loracast.model_view import adapter_tensors_of
+from loracast.files import fingerprint as fp
+from loracast.files.format import WEIGHTS_NAME
+from loracast.precision.view import adapter_tensors_of
 
 
 def config(**extra) -> LoraConfig:

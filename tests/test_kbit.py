@@ -10,7 +10,7 @@ from torch import nn
 
 import loracast
 from bnb_models import float_linear, linear4bit, load_llama
-from loracast.kbit import upcast_parameters
+from loracast.quant.kbit import upcast_parameters
 
 
 def _dtypes(model):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from loracast import LoraConfig, NonFiniteMergeError, get_peft_model
-from loracast.merge import BitResidual, exact_sum
+from loracast.layers.merge import BitResidual, exact_sum
 from tests.models import LAYER_TARGETS, mixed_net, randomize_adapters
 from tests.rounding_oracle import nearest_even
 

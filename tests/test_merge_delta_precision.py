@@ -67,7 +67,7 @@ def _hard_values(dtype: torch.dtype, significand_bits: int) -> torch.Tensor:
 
 
 def test_round_once_is_correct_rounding_where_torch_rounds_twice():
-    from loracast.merge import round_once
+    from loracast.layers.merge import round_once
 
     for dtype, significand_bits in ((torch.bfloat16, 8), (torch.float16, 11)):
         values = _hard_values(dtype, significand_bits)

@@ -23,7 +23,7 @@ import torch
 
 import loracast
 from bnb_models import DTYPES, copy_lora, linear4bit, linear8bit, float_linear, load_llama
-from loracast.precision import resolve_adapter_dtype
+from loracast.precision.rules import resolve_adapter_dtype
 
 CASES = list(itertools.product(["fp32", "bf16"], ["uint8", "bf16", "fp32"], ["fp32", "bf16", "fp16"], [True, False]))
 IDS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))

@@ -17,7 +17,7 @@ from bitsandbytes import functional as bnb_f
 import loracast
 from bnb_models import DTYPES, float_linear, linear4bit, linear8bit, load_llama, packed_bytes
 from loracast import RequantizationWarning
-from loracast.merge import exact_sum
+from loracast.layers.merge import exact_sum
 
 
 def _wrap(layer, **config):

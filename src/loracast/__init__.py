@@ -5,20 +5,19 @@ Switch from PEFT by changing one import::
     from loracast import LoraConfig, get_peft_model, PeftModel
 """
 
-from .compute import get_lora_compute, set_lora_compute
-from .config import LoraConfig
-from .errors import AdapterLoadError, ConfigError, PrecisionError, PrecisionWarning
-from .kbit import prepare_model_for_kbit_training
-from .layers import Conv, Embedding, Linear, LoraLayer
-from .merge import NonFiniteMergeError
-from .model import LoraModel, PeftModel, get_peft_model
-from .modules_to_save import ModulesToSaveWrapper
-from .precision import resolve_adapter_dtype
-from .quant.merge import RequantizationWarning
-from .policies import POLICIES, PrecisionPlan
-from .doctor import Finding, Report, doctor  # noqa: E402  (binds loracast.doctor to the function)
-
-__version__ = "0.1.0"
+from loracast._version import __version__
+from loracast.layers.compute import get_lora_compute, set_lora_compute
+from loracast.config import LoraConfig
+from loracast.errors import AdapterLoadError, ConfigError, PrecisionError, PrecisionWarning
+from loracast.quant.kbit import prepare_model_for_kbit_training
+from loracast.layers import Conv, Embedding, Linear, LoraLayer
+from loracast.layers.merge import NonFiniteMergeError
+from loracast.tuner.peft_model import LoraModel, PeftModel, get_peft_model
+from loracast.layers.modules_to_save import ModulesToSaveWrapper
+from loracast.precision.rules import resolve_adapter_dtype
+from loracast.quant.merge import RequantizationWarning
+from loracast.precision.policies import POLICIES, PrecisionPlan
+from loracast.diagnostics import Finding, Report, doctor  # binds loracast.doctor to the function
 
 __all__ = [
     "AdapterLoadError",

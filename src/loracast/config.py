@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Union
 
-from .errors import ConfigError
+from loracast.errors import ConfigError
 
 CONFIG_NAME = "adapter_config.json"
 PEFT_VERSION_WRITTEN = "0.21.2"  # the PEFT release whose file layout we write
@@ -279,7 +279,7 @@ class LoraConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `adapter_config.json` atomically into `save_directory`."""
-        from .io import atomic_write_text
+        from loracast.files.format import atomic_write_text
 
         os.makedirs(save_directory, exist_ok=True)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from loracast.training.data import (DataError, default_data_path, label_order, read_examples, split_examples)
+from loracast.training.data import DataError, default_data_path, label_order, read_examples, split_examples
 from loracast.training.runtime import Runtime
 
 

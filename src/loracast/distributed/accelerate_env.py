@@ -14,8 +14,8 @@ from typing import Callable, Mapping
 
 from torch import nn
 
-from .fsdp1 import BlockWrapPolicy
-from .units import transformer_block_classes
+from loracast.distributed.fsdp1 import BlockWrapPolicy
+from loracast.distributed.units import transformer_block_classes
 
 _TRUE = ("1", "true", "yes", "y", "on", "t")
 

@@ -13,8 +13,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from ..model import PeftModel
-from .runtime import barrier, is_main_process
+from loracast.tuner.peft_model import PeftModel
+from loracast.distributed.runtime import barrier, is_main_process
 
 
 def unwrap_peft_model(model: nn.Module) -> PeftModel:

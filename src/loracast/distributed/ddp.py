@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .runtime import DistContext
+from loracast.distributed.runtime import DistContext
 
 
 def wrap_ddp(model: nn.Module, context: DistContext) -> nn.Module:

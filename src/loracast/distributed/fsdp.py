@@ -24,9 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .quantized import prepare_quantized_for_sharding
-from .units import (FSDPSetupError, UnitProblem, format_problems, group_names, label, transformer_block_classes,
-                    unit_parameters)
+from loracast.quant.sharding import prepare_quantized_for_sharding
+from loracast.distributed.units import FSDPSetupError, UnitProblem, format_problems, group_names, label, transformer_block_classes, unit_parameters
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh

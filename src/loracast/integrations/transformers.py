@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..io import KEY_PREFIX, adapter_tensors, prepare_for_safetensors, trained_bias_tensors
+from loracast.files.format import KEY_PREFIX, adapter_tensors, prepare_for_safetensors, trained_bias_tensors
 
 if TYPE_CHECKING:
-    from ..model import PeftModel
+    from loracast.tuner.peft_model import PeftModel
 
 
 def is_transformers_model(model: nn.Module) -> bool:

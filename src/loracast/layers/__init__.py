@@ -1,8 +1,8 @@
 """LoRA layer wrappers, one module per base layer kind."""
 
-from .base import LoraLayer
-from .conv import Conv
-from .embedding import Embedding
-from .linear import Linear
+from loracast.layers.base import LoraLayer
+from loracast.layers.conv import Conv
+from loracast.layers.embedding import Embedding
+from loracast.layers.linear import Linear
 
 __all__ = ["LoraLayer", "Linear", "Embedding", "Conv"]

@@ -15,9 +15,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..merge import BitResidual, check_finite, exact_sum
-from ..precision import cast_for_adapter
-from . import build
+from loracast.layers.merge import BitResidual, check_finite, exact_sum
+from loracast.precision.rules import cast_for_adapter
+from loracast.layers import build
 
 
 class LoraLayer(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import LoraLayer, delta_dtype, init_kaiming_uniform_, init_zeros_
+from loracast.layers.base import LoraLayer, delta_dtype, init_kaiming_uniform_, init_zeros_
 
 
 class Conv(LoraLayer):

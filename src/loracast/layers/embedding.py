@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LoraLayer, delta_dtype, init_zeros_
+from loracast.layers.base import LoraLayer, delta_dtype, init_zeros_
 
 
 class Embedding(LoraLayer):

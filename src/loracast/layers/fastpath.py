@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..precision import autocast_active
+from loracast.precision.rules import autocast_active
 
 LORA_COMPUTE_MODES: tuple[str, ...] = ("exact", "fast")
 

@@ -31,7 +31,7 @@ import torch
 from bitsandbytes import functional as bnb_f
 from torch import nn
 
-from .base import register_backend
+from loracast.quant.base import register_backend
 
 
 def _nbytes(*tensors: Any) -> int:

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .base import QuantBackend
+from loracast.quant.base import QuantBackend
 
 
 class RequantizationWarning(UserWarning):

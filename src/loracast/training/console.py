@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .run import RunResult
+from loracast.training.run import RunResult
 
 MIB = 1024 * 1024
 KIND_ORDER = ("base", "adapters", "modules_to_save", "trainable_other")

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import LabelledTexts
-from .progress import ProgressBar
-from .runtime import Runtime
+from loracast.training.data import LabelledTexts
+from loracast.training.progress import ProgressBar
+from loracast.training.runtime import Runtime
 
 
 @dataclass

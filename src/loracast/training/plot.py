@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from .loop import History
+from loracast.training.loop import History
 
 
 def _smooth(values: list[float], window: int) -> list[float]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..policies import POLICIES
+from loracast.precision.policies import POLICIES
 
 TRAIN_POLICIES = tuple(name for name in POLICIES if name != "match-training")
 

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model_view import dtype_name
-from .loop import History
+from loracast.precision.view import dtype_name
+from loracast.training.loop import History
 
 
 def _kind(name: str, param: torch.Tensor) -> str:

@@ -17,14 +17,14 @@ from typing import Any, Sequence
 
 import torch
 
-from .. import __version__
-from ..io import atomic_write_text
-from .data import LabelledTexts
-from .loop import History, LoopSettings, train_classifier
-from .plot import plot_runs
-from .report import precision_summary, reset_peak_memory
-from .runtime import Runtime
-from .setup import ModelSpec, SetupError, base_dtype_name, build_classifier, display_name, load_data
+from loracast._version import __version__
+from loracast.files.format import atomic_write_text
+from loracast.training.data import LabelledTexts
+from loracast.training.loop import History, LoopSettings, train_classifier
+from loracast.training.plot import plot_runs
+from loracast.training.report import precision_summary, reset_peak_memory
+from loracast.training.runtime import Runtime
+from loracast.training.setup import ModelSpec, SetupError, base_dtype_name, build_classifier, display_name, load_data
 
 ADAPTER_DIR = "adapter"
 METRICS_NAME = "metrics.json"

@@ -2,7 +2,7 @@
 
 The training loop asks the runtime which rows of a global batch are its own, whether it may
 write files and the progress bar, and how to wrap the model. Under torchrun (WORLD_SIZE > 1)
-`loracast.distributed.training.DistributedRuntime` answers the same questions with DDP.
+`loracast.training.ddp_runtime.DistributedRuntime` answers the same questions with DDP.
 """
 
 from __future__ import annotations
@@ -81,14 +81,14 @@ def runtime_from_environment(device: str = "auto") -> Runtime:
     Raises:
         LaunchError: the device cannot be used, or the launcher's variables are malformed.
     """
-    from ..distributed.runtime import launched_world_size
+    from loracast.distributed.runtime import launched_world_size
 
     try:
         world_size = launched_world_size()
     except ValueError as exc:
         raise LaunchError(str(exc)) from None
     if world_size > 1:  # torchrun: DDP over gloo (CPU) or NCCL (CUDA)
-        from ..distributed.training import DistributedRuntime
+        from loracast.training.ddp_runtime import DistributedRuntime
 
         return DistributedRuntime.start(device)
     return Runtime(device=pick_device(device))

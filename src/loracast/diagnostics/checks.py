@@ -32,10 +32,10 @@ from typing import Callable
 
 import torch
 
-from .config import LoraConfig, unsupported_options
-from .doctor import Finding
-from .doctor_inputs import Inventory, TensorRecord
-from .model_view import dtype_name
+from loracast.config import LoraConfig, unsupported_options
+from loracast.diagnostics.report import Finding
+from loracast.diagnostics.inputs import Inventory, TensorRecord
+from loracast.precision.view import dtype_name
 
 FP16_MAX = torch.finfo(torch.float16).max
 NEAR_FP16_FACTOR = 16.0  # headroom below float16's largest value that the LoRA product and merge can eat

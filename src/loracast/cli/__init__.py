@@ -14,7 +14,7 @@ import pkgutil
 import sys
 from typing import Sequence
 
-from . import __version__
+from loracast._version import __version__
 
 
 class CommandError(Exception):
@@ -23,7 +23,7 @@ class CommandError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every discovered sub-command."""
-    from . import commands
+    from loracast.cli import commands
 
     parser = argparse.ArgumentParser(
         prog="loracast",

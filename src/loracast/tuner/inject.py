@@ -19,12 +19,12 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .config import LoraConfig
-from .layers import Conv, Embedding, LoraLayer, Linear
-from .modules_to_save import ModulesToSaveWrapper
-from .precision import adapter_device, apply_adapter_rule, declared_dtype, resolve_adapter_dtype
-from .quant import find_backend
-from .walk import Node, replace_child, walk
+from loracast.config import LoraConfig
+from loracast.layers import Conv, Embedding, LoraLayer, Linear
+from loracast.layers.modules_to_save import ModulesToSaveWrapper
+from loracast.precision.rules import adapter_device, apply_adapter_rule, declared_dtype, resolve_adapter_dtype
+from loracast.quant import find_backend
+from loracast.tuner.walk import Node, replace_child, walk
 
 # Default targets by transformers model_type when target_modules is None (PEFT's choice).
 DEFAULT_TARGETS: dict[str, list[str]] = {

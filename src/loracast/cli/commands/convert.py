@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..model_view import dtype_name
-from ._common import add_command, command_errors, dtype_arg
+from loracast.precision.view import dtype_name
+from loracast.cli.commands._common import add_command, command_errors, dtype_arg
 
 EXAMPLES = """\
 examples:
@@ -34,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """Convert and report."""
     with command_errors(value_errors=True):
-        from ..convert import convert_adapter
+        from loracast.files.convert import convert_adapter
 
         report = convert_adapter(args.adapter, args.out, args.dtype)
     source = ", ".join(f"{name} ({count:,} values)" for name, count in report.source_dtypes.items())

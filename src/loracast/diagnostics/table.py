@@ -1,12 +1,12 @@
-"""The doctor's table and dtype summary, as data (rendered by `doctor_render`, or as JSON)."""
+"""The doctor's table and dtype summary, as data (rendered by `render`, or as JSON)."""
 
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from typing import Any
 
-from .doctor_inputs import Inventory, TensorRecord
-from .model_view import dtype_name
+from loracast.diagnostics.inputs import Inventory, TensorRecord
+from loracast.precision.view import dtype_name
 
 
 def table_rows(inventory: Inventory) -> list[dict[str, Any]]:

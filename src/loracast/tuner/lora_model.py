@@ -1,7 +1,7 @@
 """`LoraModel`: PEFT's tuner object, holding the adapted model and the adapter configs.
 
 It owns what acts on every LoRA layer at once: activating adapters, merging, unmerging and
-unloading. `PeftModel` (model.py) is the user-facing wrapper around it.
+unloading. `PeftModel` (peft_model.py) is the user-facing wrapper around it.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from typing import Any, Iterator, Sequence
 
 from torch import nn
 
-from .config import LoraConfig
-from .inject import iter_adapter_modules, iter_lora_layers, iter_wrappers
-from .integrations import transformers as transformers_integration
-from .io import trained_bias_tensors
-from .layers import LoraLayer
-from .modules_to_save import ModulesToSaveWrapper
-from .quant.merge import requantization_report
+from loracast.config import LoraConfig
+from loracast.tuner.inject import iter_adapter_modules, iter_lora_layers, iter_wrappers
+from loracast.integrations import transformers as transformers_integration
+from loracast.files.format import trained_bias_tensors
+from loracast.layers import LoraLayer
+from loracast.layers.modules_to_save import ModulesToSaveWrapper
+from loracast.quant.merge import requantization_report
 
 
 class LoraModel(nn.Module):

@@ -6,11 +6,11 @@ import argparse
 import os
 from pathlib import Path
 
-from ..cli import CommandError
-from ..training.loop import LoopSettings
-from ..training.policy import TRAIN_POLICIES
-from ..training.setup import ModelSpec
-from ._common import add_command, command_errors, dtype_arg, positive_float, positive_int
+from loracast.cli import CommandError
+from loracast.training.loop import LoopSettings
+from loracast.training.policy import TRAIN_POLICIES
+from loracast.training.setup import ModelSpec
+from loracast.cli.commands._common import add_command, command_errors, dtype_arg, positive_float, positive_int
 
 LOOP = LoopSettings()
 SPEC = ModelSpec(folder=Path("."))
@@ -92,10 +92,10 @@ def run(args: argparse.Namespace) -> int:
     """Train as asked; print the summary."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the Hub
     with command_errors():
-        from ..training.console import format_comparison, format_run
-        from ..training.run import COMPARE_NAME, TrainOptions, compare_precision, run_training
-        from ..training.runtime import runtime_from_environment
-        from ..training.setup import default_model_path
+        from loracast.training.console import format_comparison, format_run
+        from loracast.training.run import COMPARE_NAME, TrainOptions, compare_precision, run_training
+        from loracast.training.runtime import runtime_from_environment
+        from loracast.training.setup import default_model_path
 
         _require("matplotlib", "the training plot")
         targets = _names(args.target_modules, "--target-modules")

@@ -10,7 +10,7 @@ import argparse
 import shutil
 import sys
 
-from ..cli import CommandError
+from loracast.cli import CommandError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Run the doctor and print its report; returns the exit status."""
-    from ..doctor import UnreadableInput, doctor
+    from loracast.diagnostics import UnreadableInput, doctor
 
     try:
         report = doctor(args.path, base=args.base, fsdp=True if args.fsdp else None)

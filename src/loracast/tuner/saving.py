@@ -2,7 +2,7 @@
 
 `AdapterFiles` is a mixin: `PeftModel` inherits `save_pretrained`, `load_adapter` and
 `from_pretrained` from it, and it relies on `PeftModel`'s `base_model`, `peft_config`,
-`_add`, `_remove_everywhere` and `_precision_plans`. Kept apart so that model.py holds the
+`_add`, `_remove_everywhere` and `_precision_plans`. Kept apart so that peft_model.py holds the
 adapter API and this module the file I/O around it.
 """
 
@@ -14,13 +14,12 @@ from typing import Any, Sequence, TypeVar
 import torch
 from torch import nn
 
-from .config import CONFIG_NAME, LoraConfig
-from .fingerprint import build_fingerprint, check_loaded_adapter, fingerprint_metadata, read_fingerprint
-from .io import (WEIGHTS_NAME, adapter_tensors, atomic_save_safetensors, load_adapter_tensors,
-                 prepare_for_safetensors, read_adapter_weights, trained_bias_tensors)
-from .names import check_adapter_name
-from .policies import apply_recorded_dtypes, resolve_precision
-from .precision import parse_dtype
+from loracast.config import CONFIG_NAME, LoraConfig
+from loracast.files.fingerprint import build_fingerprint, check_loaded_adapter, fingerprint_metadata, read_fingerprint
+from loracast.files.format import WEIGHTS_NAME, adapter_tensors, atomic_save_safetensors, load_adapter_tensors, prepare_for_safetensors, read_adapter_weights, trained_bias_tensors
+from loracast.tuner.names import check_adapter_name
+from loracast.precision.policies import apply_recorded_dtypes, resolve_precision
+from loracast.precision.rules import parse_dtype
 
 
 _Model = TypeVar("_Model", bound="AdapterFiles")

@@ -18,8 +18,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .precision import base_compute_dtype, base_weight
-from .quant import find_backend
+from loracast.precision.rules import base_compute_dtype, base_weight
+from loracast.quant import find_backend
 
 # Container name -> the role its tensors play, as the doctor's table shows it.
 ROLES: dict[str, str] = {

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..model_view import dtype_name
-from ._common import add_command, command_errors, dtype_arg
+from loracast.precision.view import dtype_name
+from loracast.cli.commands._common import add_command, command_errors, dtype_arg
 
 EXAMPLES = """\
 examples:
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     """Merge, save, compare, print."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with command_errors(value_errors=True):
-        from ..merged_model import merge_to_folder
+        from loracast.cli.merge_folder import merge_to_folder
 
         report = merge_to_folder(args.base, args.adapter, args.out, dtype=args.dtype)
     for note in report.notes:

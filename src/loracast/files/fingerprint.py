@@ -26,11 +26,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .errors import PrecisionError, PrecisionWarning
-from .io import WEIGHTS_NAME, adapter_tensors
-from .layers import LoraLayer
-from .model_view import BaseLayerInfo, base_layer_info, dtype_name, model_dtype
-from .quant import find_backend
+from loracast.errors import PrecisionError, PrecisionWarning
+from loracast.files.format import WEIGHTS_NAME, adapter_tensors
+from loracast.layers import LoraLayer
+from loracast.precision.view import BaseLayerInfo, base_layer_info, dtype_name, model_dtype
+from loracast.quant import find_backend
 
 FINGERPRINT_KEY = "loracast.fingerprint"
 FINGERPRINT_VERSION = 1
@@ -52,7 +52,7 @@ def package_version(distribution: str) -> str | None:
 
 def environment(device_type: str | None = None) -> dict[str, str | None]:
     """Versions of the libraries that decide the numbers, and the device type."""
-    from . import __version__
+    from loracast._version import __version__
 
     return {"torch": torch.__version__.split("+")[0], "transformers": package_version("transformers"),
             "bitsandbytes": package_version("bitsandbytes"), "loracast": __version__, "device_type": device_type}

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..training.runtime import LaunchError, Runtime, pick_device
-from .ddp import wrap_ddp
-from .runtime import DistContext, global_mean_weight, init_distributed, rank_share, shutdown
+from loracast.training.runtime import LaunchError, Runtime, pick_device
+from loracast.distributed.ddp import wrap_ddp
+from loracast.distributed.runtime import DistContext, global_mean_weight, init_distributed, rank_share, shutdown
 
 T = TypeVar("T")
 

@@ -34,7 +34,7 @@ import warnings
 import torch
 from torch import nn
 
-from .quant import find_backend
+from loracast.quant import find_backend
 
 # Dtypes an adapter is upcast from when autocast_adapter_dtype is on (PEFT's list).
 HALF_DTYPES: frozenset[torch.dtype] = frozenset(

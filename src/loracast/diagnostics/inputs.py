@@ -1,10 +1,10 @@
 """What the doctor inspects, read into one `Inventory` whatever the input was.
 
-A live model is walked with `model_view`; a saved adapter folder is read from its files
+A live model is walked with `loracast.precision.view`; a saved adapter folder is read from its files
 (config JSON, safetensors tensors and metadata, the fingerprint when loracast wrote it); an
 adapter with a base model is loaded into a copy of the base the way `PeftModel.from_pretrained`
 does and then walked like a live model, with the files' dtypes and fingerprint attached. The
-checks in `doctor_checks` read only the `Inventory`.
+checks in `checks` read only the `Inventory`.
 """
 
 from __future__ import annotations
@@ -21,15 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import CONFIG_NAME
-from .doctor import UnreadableInput
-from .errors import PrecisionWarning
-from .fingerprint import Difference, build_fingerprint, compare_fingerprints, environment, parse_fingerprint
-from .integrations.hf_loading import quiet_transformers
-from .io import KEY_PREFIX, adapter_tensors, read_adapter_weights
-from .model_view import (ROLES, BaseLayerInfo, adapter_tensors_of, base_layer_info, base_parameters,
-                         dtype_from_name, is_lora_layer, is_saved_wrapper, model_dtype,
-                         quantized_layers)
+from loracast.config import CONFIG_NAME
+from loracast.diagnostics.report import UnreadableInput
+from loracast.errors import PrecisionWarning
+from loracast.files.fingerprint import Difference, build_fingerprint, compare_fingerprints, environment, parse_fingerprint
+from loracast.integrations.hf_loading import quiet_transformers
+from loracast.files.format import KEY_PREFIX, adapter_tensors, read_adapter_weights
+from loracast.precision.view import ROLES, BaseLayerInfo, adapter_tensors_of, base_layer_info, base_parameters, dtype_from_name, is_lora_layer, is_saved_wrapper, model_dtype, quantized_layers
 
 _FILE_KEY = re.compile(r"^(?P<module>.+)\.(?P<container>" + "|".join(ROLES) + r")(?:\.(?P<param>[^.]+))?$")
 
@@ -279,7 +277,7 @@ def _predict_fsdp1(inventory: Inventory, obj: nn.Module) -> None:
     model (it flattened), or accelerate is set to FSDP2."""
     if not inventory.fsdp_reason or _fsdp_wrapped_path(obj) is not None:
         return
-    from .distributed import accelerate_fsdp1_setup, fsdp1_flatten_problems
+    from loracast.distributed import accelerate_fsdp1_setup, fsdp1_flatten_problems
 
     try:
         setup = accelerate_fsdp1_setup(obj)
@@ -349,7 +347,7 @@ def load_model_folder(path: str) -> nn.Module:
 
 def _with_base(path: str, folders: dict[str, str], files: dict[str, _AdapterFiles], base: Any,
                fsdp: bool | None) -> Inventory:
-    from .model import PeftModel
+    from loracast.tuner.peft_model import PeftModel
 
     if isinstance(base, nn.Module):
         model, base_label = copy.deepcopy(base), type(base).__name__

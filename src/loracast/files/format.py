@@ -22,9 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import AdapterLoadError
-from .layers import LoraLayer
-from .modules_to_save import ModulesToSaveWrapper
+from loracast.errors import AdapterLoadError
+from loracast.layers import LoraLayer
+from loracast.layers.modules_to_save import ModulesToSaveWrapper
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"

@@ -43,9 +43,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import PrecisionError
-from .model_view import dtype_from_name, dtype_name
-from .precision import HALF_DTYPES, parse_dtype
+from loracast.errors import PrecisionError
+from loracast.precision.view import dtype_from_name, dtype_name
+from loracast.precision.rules import HALF_DTYPES, parse_dtype
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .quant import find_backend
+from loracast.quant import find_backend
 
 UPCAST_GROUPS: tuple[str, ...] = ("norms", "embeddings", "lm_head", "other")
 

@@ -10,9 +10,9 @@ from typing import Iterator
 
 import torch
 
-from ..cli import CommandError
-from ..errors import AdapterLoadError, ConfigError, PrecisionError
-from ..precision import parse_dtype
+from loracast.cli import CommandError
+from loracast.errors import AdapterLoadError, ConfigError, PrecisionError
+from loracast.precision.rules import parse_dtype
 
 
 def positive_int(text: str) -> int:
@@ -63,10 +63,10 @@ def command_errors(value_errors: bool = False) -> Iterator[None]:
     `value_errors`: also treat a plain `ValueError` as the user's (for library calls that
     document ValueError for bad arguments, such as an output path that is a file).
     """
-    from ..integrations.hf_loading import ModelFolderError
-    from ..training.data import DataError
-    from ..training.runtime import LaunchError
-    from ..training.setup import SetupError
+    from loracast.integrations.hf_loading import ModelFolderError
+    from loracast.training.data import DataError
+    from loracast.training.runtime import LaunchError
+    from loracast.training.setup import SetupError
 
     user_errors = (DataError, SetupError, ModelFolderError, LaunchError, AdapterLoadError, ConfigError,
                    PrecisionError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .layers import Linear, LoraLayer
-from .layers.fastpath import LORA_COMPUTE_MODES
+from loracast.layers import Linear, LoraLayer
+from loracast.layers.fastpath import LORA_COMPUTE_MODES
 
 
 def _check_mode(mode: str) -> str:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .config import CONFIG_NAME
-from .errors import PrecisionError
-from .fingerprint import fingerprint_metadata, parse_fingerprint
-from .io import WEIGHTS_NAME, atomic_save_safetensors, read_adapter_weights
-from .model_view import dtype_name
+from loracast.config import CONFIG_NAME
+from loracast.errors import PrecisionError
+from loracast.files.fingerprint import fingerprint_metadata, parse_fingerprint
+from loracast.files.format import WEIGHTS_NAME, atomic_save_safetensors, read_adapter_weights
+from loracast.precision.view import dtype_name
 
 
 @dataclass

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import LoraConfig
-from .integrations.hf_loading import (auto_class, check_model_folder, load_model, load_tokenizer, quiet_transformers)
-from .errors import AdapterLoadError, PrecisionWarning
-from .io import read_adapter_weights
-from .model import PeftModel
+from loracast.config import LoraConfig
+from loracast.integrations.hf_loading import auto_class, check_model_folder, load_model, load_tokenizer, quiet_transformers
+from loracast.errors import AdapterLoadError, PrecisionWarning
+from loracast.files.format import read_adapter_weights
+from loracast.tuner.peft_model import PeftModel
 
 PROBE_TEXTS = [
     "My parcel has not arrived after ten days.",

@@ -13,16 +13,16 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .adapter_files import AdapterFiles
-from .compute import set_lora_compute
-from .config import LoraConfig
-from .integrations import transformers as transformers_integration
-from .inject import TASK_HEADS, inject_adapter, wrap_modules_to_save
-from .layers import LoraLayer
-from .names import BASE_ONLY, check_adapter_name
-from .policies import PrecisionPlan, resolve_precision
-from .quant.merge import requantization_report
-from .tuner import LoraModel
+from loracast.tuner.saving import AdapterFiles
+from loracast.layers.compute import set_lora_compute
+from loracast.config import LoraConfig
+from loracast.integrations import transformers as transformers_integration
+from loracast.tuner.inject import TASK_HEADS, inject_adapter, wrap_modules_to_save
+from loracast.layers import LoraLayer
+from loracast.tuner.names import BASE_ONLY, check_adapter_name
+from loracast.precision.policies import PrecisionPlan, resolve_precision
+from loracast.quant.merge import requantization_report
+from loracast.tuner.lora_model import LoraModel
 
 __all__ = ["BASE_ONLY", "LoraModel", "PeftModel", "check_adapter_name", "get_peft_model"]
 
