@@ -19,7 +19,10 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/loracast train --out out/demo
 
+# lint, then the architecture's import contracts (layers, no cycles), then the tests
 test: venv
+	$(BIN)/ruff check src tests benchmarks scripts examples
+	PYTHONPATH=src $(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # loracast against PEFT, side by side (about 7 minutes on 2 cores): writes benchmarks/RESULTS.md,

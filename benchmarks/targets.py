@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+
 
 def _fmt(value, unit="x"):
     return "n/a" if value is None else f"{value:.3f}{unit}"

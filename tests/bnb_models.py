@@ -26,7 +26,7 @@ from conftest import tiny_llama_config  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "uint8": torch.uint8}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _saved_llama(tie_word_embeddings: bool) -> str:
     from transformers import LlamaForCausalLM
 
@@ -37,7 +37,7 @@ def _saved_llama(tie_word_embeddings: bool) -> str:
     return folder
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _loaded(bits: int, dtype: str, storage: str, compute: str, quant_type: str, double_quant: bool,
             tie_word_embeddings: bool) -> nn.Module:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

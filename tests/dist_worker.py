@@ -21,11 +21,23 @@ from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import tiny_llama_config  # noqa: E402
-
-from loracast import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from loracast.distributed import FSDPSetupError, explain_flatten_errors, fsdp1_auto_wrap_policy, fsdp1_flatten_problems, global_mean_weight, init_distributed, prepare_quantized_for_sharding, rank_share, save_adapter, shard_model, shutdown, wrap_ddp
-from loracast.files.format import full_tensor  # noqa: E402
+from conftest import tiny_llama_config
+from loracast import LoraConfig, PeftModel, get_peft_model
+from loracast.distributed import (
+    FSDPSetupError,
+    explain_flatten_errors,
+    fsdp1_auto_wrap_policy,
+    fsdp1_flatten_problems,
+    global_mean_weight,
+    init_distributed,
+    prepare_quantized_for_sharding,
+    rank_share,
+    save_adapter,
+    shard_model,
+    shutdown,
+    wrap_ddp,
+)
+from loracast.files.format import full_tensor
 
 STEPS = 3
 BATCH_SIZES = [6, 5, 6]  # 5: ranks hold 3 and 2 examples, so the loss weighting is exercised

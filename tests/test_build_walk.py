@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from loracast.tuner.inject import SuffixSet
 from loracast.layers import Linear, build
+from loracast.tuner.inject import SuffixSet
 from loracast.tuner.walk import replace_child, walk
 
 

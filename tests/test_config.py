@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import peft
 import pytest
 
-import peft
 from loracast import ConfigError, LoraConfig
 
 SHARED_FIELDS = ["r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "fan_in_fan_out", "bias",

@@ -11,7 +11,6 @@ import json
 import math
 
 import pytest
-
 from tests.launch import torchrun
 
 # fp32 DDP: the only difference from one process is the order of the gradient sums.

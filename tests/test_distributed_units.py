@@ -12,14 +12,30 @@ import functools
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.conftest import tiny_llama_config
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from loracast import LoraConfig, PeftModel, get_peft_model
-from loracast.distributed import FSDPSetupError, check_fsdp1, explain_flatten_errors, fsdp1_auto_wrap_policy, fsdp1_flatten_problems, fsdp2_shard_problems, global_mean_weight, init_distributed, mixed_precision_policy, rank_share, save_adapter, shard_model, transformer_block_classes, unwrap_peft_model, wrap_ddp
+from loracast.distributed import (
+    FSDPSetupError,
+    check_fsdp1,
+    explain_flatten_errors,
+    fsdp1_auto_wrap_policy,
+    fsdp1_flatten_problems,
+    fsdp2_shard_problems,
+    global_mean_weight,
+    init_distributed,
+    mixed_precision_policy,
+    rank_share,
+    save_adapter,
+    shard_model,
+    transformer_block_classes,
+    unwrap_peft_model,
+    wrap_ddp,
+)
 from loracast.distributed.runtime import choose_backend
 from loracast.distributed.units import unit_parameters
-from tests.conftest import tiny_llama_config
 
 QV = dict(target_modules=["q_proj", "v_proj"])
 

@@ -16,10 +16,10 @@ import loracast
 from conftest import tiny_llama_config
 from fake_quant import fake_backend, quantize  # noqa: F401  (fixture)
 from loracast import LoraConfig, PeftModel, get_peft_model
-from loracast.files import fingerprint as fp
 from loracast.cli import main
 from loracast.diagnostics import Report, UnreadableInput, doctor
 from loracast.diagnostics.checks import CHECKS
+from loracast.files import fingerprint as fp
 from loracast.files.format import WEIGHTS_NAME
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -9,10 +9,10 @@ import warnings
 import pytest
 import torch
 
-from bnb_models import load_llama  # noqa: E402
-from fsdp_step import fsdp1_step  # noqa: E402
-from loracast import LoraConfig, PeftModel, PrecisionError, PrecisionWarning, get_peft_model  # noqa: E402
-from loracast.diagnostics import doctor  # noqa: E402
+from bnb_models import load_llama
+from fsdp_step import fsdp1_step
+from loracast import LoraConfig, PeftModel, PrecisionError, PrecisionWarning, get_peft_model
+from loracast.diagnostics import doctor
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

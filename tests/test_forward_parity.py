@@ -7,12 +7,12 @@ must be bit-identical, since loracast casts at the same two points as PEFT.
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
-
-import peft
-from loracast import LoraConfig, get_peft_model
 from tests.models import LAYER_TARGETS, copy_params, mixed_net, randomize_adapters
+
+from loracast import LoraConfig, get_peft_model
 
 ALL_TARGETS = [t for names in LAYER_TARGETS.values() for t in names]
 

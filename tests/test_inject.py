@@ -5,10 +5,10 @@ Oracle: PEFT 0.21 on the same tiny transformers model.
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 
-import peft
 from loracast import LoraConfig, LoraLayer, get_peft_model
 
 CASES = {

@@ -12,13 +12,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-import peft
-from loracast import AdapterLoadError, ConfigError, LoraConfig, PeftModel, get_peft_model
 from tests.models import mixed_net, randomize_adapters
+
+from loracast import AdapterLoadError, ConfigError, LoraConfig, PeftModel, get_peft_model
 
 TARGETS = ["lin", "emb", "gpt_conv", "conv1d", "conv2d"]
 IDS = torch.randint(0, 32, (3, 8), generator=torch.Generator().manual_seed(0))

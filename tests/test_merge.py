@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.models import LAYER_TARGETS, mixed_net, randomize_adapters
+from tests.rounding_oracle import nearest_even
 
 from loracast import LoraConfig, NonFiniteMergeError, get_peft_model
 from loracast.layers.merge import BitResidual, exact_sum
-from tests.models import LAYER_TARGETS, mixed_net, randomize_adapters
-from tests.rounding_oracle import nearest_even
 
 ALL_TARGETS = [t for names in LAYER_TARGETS.values() for t in names if t != "conv2d"] + ["conv2d"]
 IDS = torch.randint(0, 32, (3, 8), generator=torch.Generator().manual_seed(0))

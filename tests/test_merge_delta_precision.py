@@ -2,10 +2,10 @@
 decide the rounding of the merged weight (an fp32 delta drops them)."""
 
 import torch
+from tests.rounding_oracle import nearest_even
 from torch import nn
 
 from loracast.layers import Linear
-from tests.rounding_oracle import nearest_even
 
 
 def _layer_with(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, adapter_dtype) -> Linear:

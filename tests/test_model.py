@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
-
-import peft
-from loracast import LoraConfig, PeftModel, get_peft_model
 from tests.models import randomize_adapters
+
+from loracast import LoraConfig, PeftModel, get_peft_model
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 

@@ -8,8 +8,8 @@ import torch
 from fake_quant import fake_backend, quantize  # noqa: F401  (fixture)
 from fsdp_step import fsdp1_step
 from loracast import LoraConfig, PrecisionError, get_peft_model
-from loracast.precision.view import adapter_tensors_of
 from loracast.precision.policies import resolve_precision, uniform_flat_dtype
+from loracast.precision.view import adapter_tensors_of
 
 
 def config(**extra) -> LoraConfig:

@@ -5,12 +5,12 @@ Oracle: PEFT 0.21 itself, run on an identical model in the same process.
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
-
-import peft
-from loracast import LoraConfig, PeftModel, get_peft_model, resolve_adapter_dtype
 from tests.models import LAYER_TARGETS, mixed_net, param_dtypes
+
+from loracast import LoraConfig, PeftModel, get_peft_model, resolve_adapter_dtype
 
 BASE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

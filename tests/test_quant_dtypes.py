@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import loracast
-from bnb_models import DTYPES, copy_lora, linear4bit, linear8bit, float_linear, load_llama
+from bnb_models import DTYPES, copy_lora, float_linear, linear4bit, linear8bit, load_llama
 from loracast.precision.rules import resolve_adapter_dtype
 
 CASES = list(itertools.product(["fp32", "bf16"], ["uint8", "bf16", "fp32"], ["fp32", "bf16", "fp16"], [True, False]))

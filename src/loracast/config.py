@@ -13,7 +13,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any, Union
+from typing import Any
 
 from loracast.errors import ConfigError
 
@@ -78,32 +78,32 @@ class LoraConfig:
     r: int = _help("LoRA rank: the inner dimension of B @ A.", 8)
     lora_alpha: float = _help("Scale numerator: the update is scaled by lora_alpha / r.", 8)
     lora_dropout: float = _help("Dropout probability on the LoRA branch input.", 0.0)
-    target_modules: Union[list[str], str, None] = _help(
+    target_modules: list[str] | str | None = _help(
         "Modules to adapt: names matched exactly or as a dotted suffix, a regex matched against the "
         "full name, 'all-linear', or None for the model type's default.", None)
-    exclude_modules: Union[list[str], str, None] = _help(
+    exclude_modules: list[str] | str | None = _help(
         "Modules never to adapt, matched like target_modules.", None)
     fan_in_fan_out: bool = _help("True when the base stores weight as (in, out), as GPT-2's Conv1D.", False)
     bias: str = _help("Which biases train: 'none', 'all', or 'lora_only' (those of adapted layers).", "none")
     use_rslora: bool = _help("Rank-stabilised scaling lora_alpha / sqrt(r) instead of lora_alpha / r.", False)
-    modules_to_save: Union[list[str], None] = _help(
+    modules_to_save: list[str] | None = _help(
         "Modules trained in full as a per-adapter copy (e.g. a classification head).", None)
-    init_lora_weights: Union[bool, str] = _help(
+    init_lora_weights: bool | str = _help(
         "True: kaiming A, zero B (no-op at start); 'gaussian': normal A; False: random A and B.", True)
-    layers_to_transform: Union[list[int], int, None] = _help("Only adapt these layer indices.", None)
-    layers_pattern: Union[list[str], str, None] = _help(
+    layers_to_transform: list[int] | int | None = _help("Only adapt these layer indices.", None)
+    layers_pattern: list[str] | str | None = _help(
         "Name of the module list holding the layers (e.g. 'layers', 'h'); needs layers_to_transform.", None)
     rank_pattern: dict = _help("Per-module rank overrides: {regex: r}.", factory=dict)
     alpha_pattern: dict = _help("Per-module alpha overrides: {regex: alpha}.", factory=dict)
     lora_bias: bool = _help("Give lora_B a bias (changes the base bias on merge).", False)
     inference_mode: bool = _help("Adapters frozen when True.", False)
-    base_model_name_or_path: Union[str, None] = _help("Where the base model came from (informational).", None)
-    revision: Union[str, None] = _help("Base model revision (informational).", None)
-    task_type: Union[str, None] = _help("PEFT task type, e.g. 'CAUSAL_LM' or 'SEQ_CLS'.", None)
+    base_model_name_or_path: str | None = _help("Where the base model came from (informational).", None)
+    revision: str | None = _help("Base model revision (informational).", None)
+    task_type: str | None = _help("PEFT task type, e.g. 'CAUSAL_LM' or 'SEQ_CLS'.", None)
     peft_type: str = _help("Always 'LORA'.", "LORA")
-    auto_mapping: Union[dict, None] = _help("PEFT's AutoPeftModel hint (kept, unused).", None)
-    peft_version: Union[str, None] = _help("PEFT version the file layout follows.", PEFT_VERSION_WRITTEN)
-    megatron_core: Union[str, None] = _help("PEFT's Megatron module name (kept, unused).", "megatron.core")
+    auto_mapping: dict | None = _help("PEFT's AutoPeftModel hint (kept, unused).", None)
+    peft_version: str | None = _help("PEFT version the file layout follows.", PEFT_VERSION_WRITTEN)
+    megatron_core: str | None = _help("PEFT's Megatron module name (kept, unused).", "megatron.core")
     qalora_group_size: int = _help("PEFT's QALoRA group size (kept, unused).", 16)
     # PEFT options loracast refuses unless left at their default (see _UNSUPPORTED_DEFAULTS).
     use_dora: bool = _help("DoRA: not implemented by loracast; must be False.", False)
@@ -226,7 +226,7 @@ class LoraConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "LoraConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> LoraConfig:
         """Build a config from a PEFT-style dict; unknown fields are kept with a warning.
 
         Raises:
@@ -256,7 +256,7 @@ class LoraConfig:
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "LoraConfig":
+    def from_pretrained(cls, path: str | os.PathLike) -> LoraConfig:
         """Read `adapter_config.json` from a folder (or the file itself).
 
         Raises:
@@ -279,7 +279,7 @@ class LoraConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `adapter_config.json` atomically into `save_directory`."""
-        from loracast.files.format import atomic_write_text
+        from loracast._atomic import atomic_write_text
 
         os.makedirs(save_directory, exist_ok=True)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
@@ -300,7 +300,7 @@ def _expect_bool(name: str, value: Any) -> None:
         raise ConfigError(name, value, "true or false")
 
 
-def _names_or_regex(name: str, value: Any) -> Union[list[str], str, None]:
+def _names_or_regex(name: str, value: Any) -> list[str] | str | None:
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, (list, set, tuple)) and all(isinstance(v, str) for v in value):

@@ -12,9 +12,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.launch import torchrun
 
 from loracast.cli import main
-from tests.launch import torchrun
 
 from .cli_helpers import save_tiny_bert
 

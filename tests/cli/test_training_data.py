@@ -48,7 +48,7 @@ def test_stratified_split_holds_out_the_fraction_of_each_label_and_is_seeded(tmp
 def test_label_names_fix_the_order_and_the_set(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("text,label\n" + "".join(f"t{i},{'pos' if i % 2 else 'neg'}\n" for i in range(10)))
-    train, held = split_examples(read_examples(path), "d", label_names=["pos", "neg"])
+    train, _held = split_examples(read_examples(path), "d", label_names=["pos", "neg"])
     assert train.label_names == ["pos", "neg"] and all(
         (label == 0) == (int(text[1:]) % 2 == 1) for text, label in zip(train.texts, train.labels))
     with pytest.raises(DataError, match="unknown label 'neg'"):
@@ -71,4 +71,4 @@ def test_runtime_shards_a_global_batch():
     batch = list(range(10))
     assert Runtime().shard(batch) == batch and Runtime().is_main
     ranks = [Runtime(rank=r, world_size=3).shard(batch) for r in range(3)]
-    assert sorted(sum(ranks, [])) == batch and not Runtime(rank=1, world_size=3).is_main
+    assert sorted(item for share in ranks for item in share) == batch and not Runtime(rank=1, world_size=3).is_main

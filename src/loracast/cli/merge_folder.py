@@ -17,9 +17,15 @@ import torch
 from torch import nn
 
 from loracast.config import LoraConfig
-from loracast.integrations.hf_loading import auto_class, check_model_folder, load_model, load_tokenizer, quiet_transformers
 from loracast.errors import AdapterLoadError, PrecisionWarning
 from loracast.files.format import read_adapter_weights
+from loracast.integrations.hf_loading import (
+    auto_class,
+    check_model_folder,
+    load_model,
+    load_tokenizer,
+    quiet_transformers,
+)
 from loracast.tuner.peft_model import PeftModel
 
 PROBE_TEXTS = [

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import fields
-from typing import Callable
 
 import torch
 
 from loracast.config import LoraConfig, unsupported_options
-from loracast.diagnostics.report import Finding
 from loracast.diagnostics.inputs import Inventory, TensorRecord
+from loracast.diagnostics.report import Finding
 from loracast.precision.view import dtype_name
 
 FP16_MAX = torch.finfo(torch.float16).max

@@ -24,10 +24,27 @@ from torch import nn
 from loracast.config import CONFIG_NAME
 from loracast.diagnostics.report import UnreadableInput
 from loracast.errors import PrecisionWarning
-from loracast.files.fingerprint import Difference, build_fingerprint, compare_fingerprints, environment, parse_fingerprint
-from loracast.integrations.hf_loading import quiet_transformers
+from loracast.files.fingerprint import (
+    Difference,
+    build_fingerprint,
+    compare_fingerprints,
+    environment,
+    parse_fingerprint,
+)
 from loracast.files.format import KEY_PREFIX, adapter_tensors, read_adapter_weights
-from loracast.precision.view import ROLES, BaseLayerInfo, adapter_tensors_of, base_layer_info, base_parameters, dtype_from_name, is_lora_layer, is_saved_wrapper, model_dtype, quantized_layers
+from loracast.integrations.hf_loading import quiet_transformers
+from loracast.precision.view import (
+    ROLES,
+    BaseLayerInfo,
+    adapter_tensors_of,
+    base_layer_info,
+    base_parameters,
+    dtype_from_name,
+    is_lora_layer,
+    is_saved_wrapper,
+    model_dtype,
+    quantized_layers,
+)
 
 _FILE_KEY = re.compile(r"^(?P<module>.+)\.(?P<container>" + "|".join(ROLES) + r")(?:\.(?P<param>[^.]+))?$")
 

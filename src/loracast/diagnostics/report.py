@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-from torch import nn
 
 SEVERITIES = ("error", "warning", "info")
 

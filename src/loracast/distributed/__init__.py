@@ -18,10 +18,26 @@ from loracast.distributed.accelerate_env import FSDP1Setup, accelerate_fsdp1_set
 from loracast.distributed.checkpoint import save_adapter, unwrap_peft_model
 from loracast.distributed.ddp import wrap_ddp
 from loracast.distributed.fsdp import fsdp2_shard_problems, mixed_precision_policy, shard_model
-from loracast.distributed.fsdp1 import SeparateAdaptersPolicy, check_fsdp1, explain_flatten_errors, fsdp1_auto_wrap_policy, fsdp1_flatten_problems
-from loracast.quant.sharding import prepare_quantized_for_sharding
-from loracast.distributed.runtime import DistContext, barrier, choose_backend, current_context, global_mean_weight, init_distributed, is_main_process, rank_share, shutdown
+from loracast.distributed.fsdp1 import (
+    SeparateAdaptersPolicy,
+    check_fsdp1,
+    explain_flatten_errors,
+    fsdp1_auto_wrap_policy,
+    fsdp1_flatten_problems,
+)
+from loracast.distributed.runtime import (
+    DistContext,
+    barrier,
+    choose_backend,
+    current_context,
+    global_mean_weight,
+    init_distributed,
+    is_main_process,
+    rank_share,
+    shutdown,
+)
 from loracast.distributed.units import FSDPSetupError, UnitProblem, transformer_block_classes
+from loracast.quant.sharding import prepare_quantized_for_sharding
 
 __all__ = [
     "DistContext",

@@ -9,8 +9,8 @@ predict, before training starts, whether accelerate's FSDP1 will fail to flatten
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 from torch import nn
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from loracast.tuner.peft_model import PeftModel
 from loracast.distributed.runtime import barrier, is_main_process
+from loracast.tuner.peft_model import PeftModel
 
 
 def unwrap_peft_model(model: nn.Module) -> PeftModel:

@@ -18,14 +18,23 @@ shards and rank 0 writes PEFT's files, loadable in a single process.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from loracast.distributed.units import (
+    FSDPSetupError,
+    UnitProblem,
+    format_problems,
+    group_names,
+    label,
+    transformer_block_classes,
+    unit_parameters,
+)
 from loracast.quant.sharding import prepare_quantized_for_sharding
-from loracast.distributed.units import FSDPSetupError, UnitProblem, format_problems, group_names, label, transformer_block_classes, unit_parameters
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -38,7 +47,7 @@ def _trainable_dtypes(model: nn.Module) -> set[torch.dtype]:
     return {p.dtype for p in model.parameters() if p.requires_grad}
 
 
-def mixed_precision_policy(model: nn.Module, compute_dtype: torch.dtype | None = None) -> "MixedPrecisionPolicy":
+def mixed_precision_policy(model: nn.Module, compute_dtype: torch.dtype | None = None) -> MixedPrecisionPolicy:
     """FSDP2's `MixedPrecisionPolicy` matching the model's precision rules.
 
     `compute_dtype` None: parameters are gathered and used in their stored dtype (the numerics of
@@ -77,7 +86,7 @@ def fsdp2_shard_problems(model: nn.Module, units: Iterable[nn.Module]) -> list[U
     return problems
 
 
-def _default_mesh(model: nn.Module) -> "DeviceMesh":
+def _default_mesh(model: nn.Module) -> DeviceMesh:
     from torch.distributed.device_mesh import init_device_mesh
 
     device = next(model.parameters()).device
@@ -86,8 +95,8 @@ def _default_mesh(model: nn.Module) -> "DeviceMesh":
 
 
 def shard_model(model: nn.Module, *, block_classes: Iterable[type | str] | None = None,
-                compute_dtype: torch.dtype | None = None, mp_policy: "MixedPrecisionPolicy | None" = None,
-                mesh: "DeviceMesh | None" = None,
+                compute_dtype: torch.dtype | None = None, mp_policy: MixedPrecisionPolicy | None = None,
+                mesh: DeviceMesh | None = None,
                 reshard_after_forward: bool = True) -> nn.Module:
     """Shard a loracast model with FSDP2: one unit per transformer block, then the root; in place.
 

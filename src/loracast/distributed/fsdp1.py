@@ -22,13 +22,21 @@ into one that names the fix.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
+from loracast.distributed.units import (
+    FSDPSetupError,
+    UnitProblem,
+    format_problems,
+    group_names,
+    label,
+    transformer_block_classes,
+    unit_parameters,
+)
 from loracast.quant.sharding import prepare_quantized_for_sharding
-from loracast.distributed.units import FSDPSetupError, UnitProblem, format_problems, group_names, label, transformer_block_classes, unit_parameters
 
 POLICY_FIX = "auto_wrap_policy=loracast.distributed.fsdp1_auto_wrap_policy(model)"
 QUANT_FIX = ("load the quantized model with a float storage dtype equal to its dtype, e.g. "

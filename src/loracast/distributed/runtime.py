@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping, Sequence, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist

@@ -37,7 +37,7 @@ FINGERPRINT_VERSION = 1
 _QUANT_CONFIG_TYPES = (str, int, float, bool, type(None))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _installed_version(distribution: str) -> str | None:
     try:
         return importlib_metadata.version(distribution)

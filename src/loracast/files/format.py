@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from loracast.errors import AdapterLoadError
@@ -96,47 +94,6 @@ def _params_outside_adapters(model: nn.Module) -> Iterator[tuple[str, nn.Paramet
             yield name, param
 
 
-# -- atomic writes -------------------------------------------------------------------------------
-
-def _temp_path(final_path: str) -> str:
-    folder, base = os.path.split(final_path)
-    handle, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder or ".")
-    os.close(handle)
-    return tmp
-
-
-def _new_file_mode() -> int:
-    mask = os.umask(0)  # reading the umask means setting it; put it back at once
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _publish(tmp: str, path: str) -> None:
-    # temporary files are created private (0600); the published file gets the usual
-    # permissions for a new file (0644 under the common umask), as an ordinary open() would
-    os.chmod(tmp, _new_file_mode())
-    os.replace(tmp, path)
-
-
-def _fsync(path: str) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the complete new one."""
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _publish(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
 def prepare_for_safetensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None
                             ) -> dict[str, torch.Tensor]:
     """Detached, contiguous CPU tensors that share no memory (safetensors refuses otherwise),
@@ -164,31 +121,6 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     except ImportError:  # torch built without distributed support: nothing can be sharded
         return tensor
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def atomic_save_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """`safetensors.torch.save_file`, written to a temporary file and renamed into place."""
-    tmp = _temp_path(path)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        _fsync(tmp)
-        _publish(tmp, path)
-    except Exception as exc:
-        _remove_quietly(tmp)
-        if isinstance(exc, OSError):
-            raise
-        # safetensors reports I/O failures (disk full, file too large) as its own error type
-        raise OSError(f"could not write {path}: {exc}; any earlier file there is unchanged") from exc
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
 
 
 # -- reading -------------------------------------------------------------------------------------

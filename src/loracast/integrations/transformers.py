@@ -26,15 +26,28 @@ pins the behaviour this module relies on.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from loracast.files.format import KEY_PREFIX, adapter_tensors, prepare_for_safetensors, trained_bias_tensors
 
-if TYPE_CHECKING:
-    from loracast.tuner.peft_model import PeftModel
+
+class PeftModel(Protocol):
+    """What the bridge needs of a `loracast.PeftModel` (declared here so that integrations, which
+    the tuner uses, never import the tuner back)."""
+
+    peft_config: dict[str, Any]
+    active_adapters: list[str]
+    base_model: Any
+
+    def get_base_model(self) -> nn.Module: ...
+    def set_adapter(self, adapter_name: str) -> None: ...
+    def add_adapter(self, adapter_name: str, peft_config: Any) -> None: ...
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, **kwargs: Any) -> Any: ...
+    def delete_adapter(self, adapter_name: str) -> None: ...
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -53,7 +66,7 @@ class _Installed:
     (``torch.save(model)``) and deep-copied, and the copy's methods act on the copy.
     """
 
-    def __init__(self, name: str, peft_model: "PeftModel") -> None:
+    def __init__(self, name: str, peft_model: PeftModel) -> None:
         self.name = name
         self.peft_model = peft_model
 
@@ -64,7 +77,7 @@ class _Installed:
         return f"<loracast {self.name} for transformers>"
 
 
-def install(peft_model: "PeftModel") -> bool:
+def install(peft_model: PeftModel) -> bool:
     """Give the `PreTrainedModel` inside `peft_model` transformers' PEFT-integration attributes.
 
     Returns False (and does nothing) when the wrapped model is not a `PreTrainedModel`.
@@ -86,31 +99,31 @@ def uninstall(model: nn.Module) -> None:
         model.__dict__.pop(name, None)
 
 
-def _active_adapters(peft_model: "PeftModel") -> list[str]:
+def _active_adapters(peft_model: PeftModel) -> list[str]:
     active = peft_model.active_adapters
     if not active:
         raise ValueError("the model has no active adapter; add one with get_peft_model or load_adapter")
     return active
 
 
-def _enable(peft_model: "PeftModel", enabled: bool) -> None:
+def _enable(peft_model: PeftModel, enabled: bool) -> None:
     tuner = peft_model.base_model
     for _, module in list(tuner.lora_layers()) + list(tuner.wrappers()):
         module.enable_adapters(enabled)
 
 
-def _delete(peft_model: "PeftModel", adapter_names: str | Sequence[str]) -> None:
+def _delete(peft_model: PeftModel, adapter_names: str | Sequence[str]) -> None:
     for name in [adapter_names] if isinstance(adapter_names, str) else list(adapter_names):
         peft_model.delete_adapter(name)
 
 
-def _get_adapter_state_dict(peft_model: "PeftModel", adapter_name: str | None = None,
+def _get_adapter_state_dict(peft_model: PeftModel, adapter_name: str | None = None,
                             state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     return adapter_state_dict_for_transformers(peft_model.get_base_model(), peft_model.peft_config,
                                                adapter_name or _active_adapters(peft_model)[0], state_dict)
 
 
-def _load_adapter(peft_model: "PeftModel", peft_model_id: str, adapter_name: str | None = None,
+def _load_adapter(peft_model: PeftModel, peft_model_id: str, adapter_name: str | None = None,
                   is_trainable: bool = False, **kwargs: Any) -> None:
     peft_model.load_adapter(peft_model_id, adapter_name or "default", is_trainable=is_trainable, **kwargs)
 

@@ -5,4 +5,4 @@ from loracast.layers.conv import Conv
 from loracast.layers.embedding import Embedding
 from loracast.layers.linear import Linear
 
-__all__ = ["LoraLayer", "Linear", "Embedding", "Conv"]
+__all__ = ["Conv", "Embedding", "Linear", "LoraLayer"]

@@ -10,14 +10,15 @@ how to apply it in forward, and what delta it adds to the base weight.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from loracast.layers import build
 from loracast.layers.merge import BitResidual, check_finite, exact_sum
 from loracast.precision.rules import cast_for_adapter
-from loracast.layers import build
 
 
 class LoraLayer(nn.Module):

@@ -9,8 +9,9 @@ adapter weights cast once per forward (they are tiny), and is added to the base 
 matmul-add. Adapter weights, their gradients and the optimizer state stay in the adapter dtype
 (the weight gradients are bf16 matmuls accumulated in fp32, as under ``torch.autocast``, stored
 in fp32). What changes is where the branch is rounded: outputs and gradients differ from "exact"
-by about one rounding in the activation dtype (bf16: ~0.4 % relative on the LoRA term). This is the trade mixed-precision training makes for the base
-model (fp32 master weights, bf16 compute) and what ``torch.autocast`` does for matmuls.
+by about one rounding in the activation dtype (bf16: ~0.4 % relative on the LoRA term). This is
+the trade mixed-precision training makes for the base model (fp32 master weights, bf16 compute)
+and what ``torch.autocast`` does for matmuls.
 
 ``get_peft_model(..., precision="mixed")`` is "fast" with float32 adapters. The mode is a
 per-layer attribute (`Linear.lora_compute`); other layer kinds always compute exactly. Layers

@@ -7,12 +7,12 @@ import math
 import torch
 from torch import nn
 
-from loracast.precision.rules import base_weight
-from loracast.quant import find_backend
-from loracast.quant import merge as quant_merge
 from loracast.layers import build
 from loracast.layers.base import LoraLayer, delta_dtype, init_zeros_
 from loracast.layers.fastpath import exact_forward, fast_forward, single_adapter
+from loracast.precision.rules import base_weight
+from loracast.quant import find_backend
+from loracast.quant import merge as quant_merge
 
 
 class Linear(LoraLayer):

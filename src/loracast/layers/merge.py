@@ -15,8 +15,8 @@ model reports the total. `merge_and_unload` keeps nothing.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 
@@ -90,7 +90,7 @@ class BitResidual:
         return total
 
     @classmethod
-    def between(cls, original: torch.Tensor, merged: torch.Tensor) -> "BitResidual":
+    def between(cls, original: torch.Tensor, merged: torch.Tensor) -> BitResidual:
         """The record that restores `original` from `merged` (same shape and dtype)."""
         original = original.detach()
         int_view = _BITS_VIEW.get(original.dtype)

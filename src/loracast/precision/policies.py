@@ -37,15 +37,16 @@ plan's `lora_compute` field is how "mixed" reaches the LoRA layers.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from loracast.errors import PrecisionError
-from loracast.precision.view import dtype_from_name, dtype_name
 from loracast.precision.rules import HALF_DTYPES, parse_dtype
+from loracast.precision.view import dtype_from_name, dtype_name
 
 
 @dataclass(frozen=True)

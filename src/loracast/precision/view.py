@@ -12,8 +12,8 @@ ModuleDict. Both libraries name their parts this way.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn

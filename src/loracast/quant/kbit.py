@@ -14,7 +14,7 @@ fp32 can outweigh the 4-bit transformer layers. ``upcast=`` picks the groups to 
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

@@ -11,10 +11,10 @@ from __future__ import annotations
 import csv
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
 
 TEXT, LABEL, SPLIT = "text", "label", "split"
 TRAIN_SPLITS = frozenset({"train"})
@@ -47,7 +47,7 @@ class LabelledTexts:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, indices: Sequence[int]) -> "LabelledTexts":
+    def subset(self, indices: Sequence[int]) -> LabelledTexts:
         """The rows at `indices`, in that order."""
         return LabelledTexts([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names)
 

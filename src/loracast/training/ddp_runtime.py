@@ -9,16 +9,17 @@ Only rank 0 writes files and the progress bar; evaluation is split across proces
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from loracast.training.runtime import LaunchError, Runtime, pick_device
 from loracast.distributed.ddp import wrap_ddp
 from loracast.distributed.runtime import DistContext, global_mean_weight, init_distributed, rank_share, shutdown
+from loracast.training.runtime import LaunchError, Runtime, pick_device
 
 T = TypeVar("T")
 
@@ -31,7 +32,7 @@ class DistributedRuntime(Runtime):
     backend: str = "gloo"
 
     @classmethod
-    def start(cls, device: str = "auto") -> "DistributedRuntime":
+    def start(cls, device: str = "auto") -> DistributedRuntime:
         """Join torchrun's process group: gloo on the CPU, NCCL on CUDA (one GPU per process).
 
         Raises:
@@ -78,3 +79,20 @@ class DistributedRuntime(Runtime):
 
     def close(self) -> None:
         shutdown()
+
+
+def runtime_from_environment(device: str = "auto") -> Runtime:
+    """The runtime for this process.
+
+    Raises:
+        LaunchError: the device cannot be used, or the launcher's variables are malformed.
+    """
+    from loracast.distributed.runtime import launched_world_size
+
+    try:
+        world_size = launched_world_size()
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
+    if world_size > 1:  # torchrun: DDP over gloo (CPU) or NCCL (CUDA)
+        return DistributedRuntime.start(device)
+    return Runtime(device=pick_device(device))

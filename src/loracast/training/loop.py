@@ -11,8 +11,9 @@ import contextlib
 import math
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -185,7 +186,7 @@ def train_classifier(model: nn.Module, tokenizer: Tokenizer, train: LabelledText
     run_eval(0)
     model.train()
     step = 0
-    for epoch in range(settings.epochs):
+    for _epoch in range(settings.epochs):
         order = torch.randperm(len(train), generator=generator).tolist()
         for start in range(0, len(order), settings.batch_size):
             began = time.perf_counter()

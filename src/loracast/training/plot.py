@@ -6,8 +6,8 @@ matplotlib is imported lazily with the Agg backend (no display needed).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from loracast.training.loop import History
 

@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
+from loracast._atomic import atomic_write_text
 from loracast._version import __version__
-from loracast.files.format import atomic_write_text
 from loracast.training.data import LabelledTexts
 from loracast.training.loop import History, LoopSettings, train_classifier
 from loracast.training.plot import plot_runs

@@ -7,8 +7,9 @@ write files and the progress bar, and how to wrap the model. Under torchrun (WOR
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -73,22 +74,3 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LaunchError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
     return device
-
-
-def runtime_from_environment(device: str = "auto") -> Runtime:
-    """The runtime for this process.
-
-    Raises:
-        LaunchError: the device cannot be used, or the launcher's variables are malformed.
-    """
-    from loracast.distributed.runtime import launched_world_size
-
-    try:
-        world_size = launched_world_size()
-    except ValueError as exc:
-        raise LaunchError(str(exc)) from None
-    if world_size > 1:  # torchrun: DDP over gloo (CPU) or NCCL (CUDA)
-        from loracast.training.ddp_runtime import DistributedRuntime
-
-        return DistributedRuntime.start(device)
-    return Runtime(device=pick_device(device))

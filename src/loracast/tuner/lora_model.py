@@ -6,17 +6,18 @@ unloading. `PeftModel` (peft_model.py) is the user-facing wrapper around it.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from torch import nn
 
 from loracast.config import LoraConfig
-from loracast.tuner.inject import iter_adapter_modules, iter_lora_layers, iter_wrappers
-from loracast.integrations import transformers as transformers_integration
 from loracast.files.format import trained_bias_tensors
+from loracast.integrations import transformers as transformers_integration
 from loracast.layers import LoraLayer
 from loracast.layers.modules_to_save import ModulesToSaveWrapper
 from loracast.quant.merge import requantization_report
+from loracast.tuner.inject import iter_adapter_modules, iter_lora_layers, iter_wrappers
 
 
 class LoraModel(nn.Module):

@@ -8,21 +8,22 @@ user's model with LoRA layers injected in place, so parameter names
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from loracast.tuner.saving import AdapterFiles
-from loracast.layers.compute import set_lora_compute
 from loracast.config import LoraConfig
 from loracast.integrations import transformers as transformers_integration
-from loracast.tuner.inject import TASK_HEADS, inject_adapter, wrap_modules_to_save
 from loracast.layers import LoraLayer
-from loracast.tuner.names import BASE_ONLY, check_adapter_name
+from loracast.layers.compute import set_lora_compute
 from loracast.precision.policies import PrecisionPlan, resolve_precision
 from loracast.quant.merge import requantization_report
+from loracast.tuner.inject import TASK_HEADS, inject_adapter, wrap_modules_to_save
 from loracast.tuner.lora_model import LoraModel
+from loracast.tuner.names import BASE_ONLY, check_adapter_name
+from loracast.tuner.saving import AdapterFiles
 
 __all__ = ["BASE_ONLY", "LoraModel", "PeftModel", "check_adapter_name", "get_peft_model"]
 

@@ -9,18 +9,26 @@ adapter API and this module the file I/O around it.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+from loracast._atomic import atomic_save_safetensors
 from loracast.config import CONFIG_NAME, LoraConfig
 from loracast.files.fingerprint import build_fingerprint, check_loaded_adapter, fingerprint_metadata, read_fingerprint
-from loracast.files.format import WEIGHTS_NAME, adapter_tensors, atomic_save_safetensors, load_adapter_tensors, prepare_for_safetensors, read_adapter_weights, trained_bias_tensors
-from loracast.tuner.names import check_adapter_name
+from loracast.files.format import (
+    WEIGHTS_NAME,
+    adapter_tensors,
+    load_adapter_tensors,
+    prepare_for_safetensors,
+    read_adapter_weights,
+    trained_bias_tensors,
+)
 from loracast.precision.policies import apply_recorded_dtypes, resolve_precision
 from loracast.precision.rules import parse_dtype
-
+from loracast.tuner.names import check_adapter_name
 
 _Model = TypeVar("_Model", bound="AdapterFiles")
 

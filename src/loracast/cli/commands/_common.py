@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import textwrap
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

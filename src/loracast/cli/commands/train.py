@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 
 from loracast.cli import CommandError
+from loracast.cli.commands._common import add_command, command_errors, dtype_arg, positive_float, positive_int
 from loracast.training.loop import LoopSettings
 from loracast.training.policy import TRAIN_POLICIES
 from loracast.training.setup import ModelSpec
-from loracast.cli.commands._common import add_command, command_errors, dtype_arg, positive_float, positive_int
 
 LOOP = LoopSettings()
 SPEC = ModelSpec(folder=Path("."))
@@ -93,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the Hub
     with command_errors():
         from loracast.training.console import format_comparison, format_run
+        from loracast.training.ddp_runtime import runtime_from_environment
         from loracast.training.run import COMPARE_NAME, TrainOptions, compare_precision, run_training
-        from loracast.training.runtime import runtime_from_environment
         from loracast.training.setup import default_model_path
 
         _require("matplotlib", "the training plot")
