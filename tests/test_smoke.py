@@ -16,3 +16,23 @@ def test_cli_help_runs():
                          env={"PYTHONPATH": "src", "PATH": ""}, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert out.returncode == 0
     assert "usage: loracast" in out.stdout
+
+
+def test_every_loracast_exception_is_a_loracast_error():
+    """One error family: callers and the CLI catch `LoracastError`; each is still a ValueError."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    found = []
+    for info in pkgutil.walk_packages(loracast.__path__, "loracast."):
+        if info.name == "loracast.__main__":  # importing it runs the CLI
+            continue
+        module = importlib.import_module(info.name)
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == info.name and issubclass(cls, Exception) and not issubclass(cls, Warning):
+                found.append(cls)
+    assert len(found) >= 10
+    outside = [c.__qualname__ for c in found if not issubclass(c, loracast.LoracastError)]
+    assert outside == []
+    assert all(issubclass(c, ValueError) for c in found)

@@ -1,11 +1,19 @@
-"""Exceptions that name what is at fault and how to fix it."""
+"""Exceptions that name what is at fault and how to fix it.
+
+Every exception loracast raises on purpose is a `LoracastError`, so callers (and the CLI) catch
+one type; each is also a `ValueError`, as it was before the family existed.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 
-class ConfigError(ValueError):
+class LoracastError(ValueError):
+    """Base of every loracast exception: the message names the thing at fault and the fix."""
+
+
+class ConfigError(LoracastError):
     """A `LoraConfig` field (or `adapter_config.json` entry) is invalid.
 
     Attributes:
@@ -22,11 +30,11 @@ class ConfigError(ValueError):
         super().__init__(f"LoraConfig field {field!r} is {shown}; expected {expected}")
 
 
-class AdapterLoadError(ValueError):
+class AdapterLoadError(LoracastError):
     """A saved adapter does not fit the model it is loaded into, or cannot be read safely."""
 
 
-class PrecisionError(ValueError):
+class PrecisionError(LoracastError):
     """A requested dtype combination cannot be honoured."""
 
 

@@ -15,9 +15,10 @@ import sys
 from collections.abc import Sequence
 
 from loracast._version import __version__
+from loracast.errors import LoracastError
 
 
-class CommandError(Exception):
+class CommandError(LoracastError):
     """A problem with the user's input, reported as one line (exit status 2)."""
 
 

@@ -6,10 +6,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from loracast.errors import LoracastError
+
 SEVERITIES = ("error", "warning", "info")
 
 
-class UnreadableInput(ValueError):
+class UnreadableInput(LoracastError):
     """The doctor could not read what it was given (the message says what and why)."""
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from loracast.errors import LoracastError
+
 
 def transformer_block_classes(model: nn.Module, block_classes: Iterable[type | str] | None = None
                               ) -> tuple[type, ...]:
@@ -75,7 +77,7 @@ def unit_parameters(model: nn.Module, units: Iterable[nn.Module]
     return out
 
 
-class FSDPSetupError(ValueError):
+class FSDPSetupError(LoracastError):
     """FSDP cannot shard the model as configured; the message lists each unit at fault and the fix."""
 
 

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from loracast.errors import LoracastError
+
 # The transformers auto class that builds the model an adapter of each PEFT task type was trained on.
 TASK_AUTO_CLASSES = {
     "SEQ_CLS": "AutoModelForSequenceClassification",
@@ -27,7 +29,7 @@ TASK_AUTO_CLASSES = {
 }
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(LoracastError):
     """A model folder is missing, incomplete, or cannot be loaded; the message says which and why."""
 
 

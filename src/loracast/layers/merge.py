@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loracast.errors import LoracastError
+
 # Elements processed per step, so the float64/int64 temporaries stay small on big weights.
 _CHUNK = 1 << 22
 
@@ -136,7 +138,7 @@ def _bit_difference(original: torch.Tensor, merged: torch.Tensor, int_view: torc
     return out
 
 
-class NonFiniteMergeError(ValueError):
+class NonFiniteMergeError(LoracastError):
     """A safe merge would have written inf or nan into a base weight."""
 
 

@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from loracast.errors import LoracastError
+
 TEXT, LABEL, SPLIT = "text", "label", "split"
 TRAIN_SPLITS = frozenset({"train"})
 EVAL_SPLITS = frozenset({"test", "eval", "validation", "dev"})
 DEFAULT_DATA = "support_tickets.jsonl"
 
 
-class DataError(ValueError):
+class DataError(LoracastError):
     """A data file cannot be used; the message names the file, the row and the fix."""
 
 

