@@ -66,3 +66,16 @@ def copy_params(source: nn.Module, target: nn.Module) -> None:
     with torch.no_grad():
         for name, param in source.named_parameters():
             target_params[name].copy_(param)
+
+
+def train_losses(model: nn.Module, ids: torch.Tensor, steps: int = 3, lr: float = 1e-3) -> list[float]:
+    """Train `model`'s trainable parameters on causal-LM `ids` for `steps` AdamW steps; the losses."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from tests.models import train_losses
 from torch import nn
 
 import loracast
@@ -231,15 +232,7 @@ def test_set_lora_compute_on_a_model(make_llama):
 
 
 def _train(model, ids, steps=3):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return train_losses(model, ids, steps)
 
 
 def test_fast_mode_trains_like_exact_mode_on_a_bf16_llama(make_llama):

@@ -290,19 +290,6 @@ class LoraLayer(nn.Module):
         return f"adapters={self.adapter_names}, active={self._active_adapters}, merged={self.merged_adapters}"
 
 
-def init_kaiming_uniform_(weight: torch.Tensor) -> None:
-    """nn.Linear's default init (kaiming uniform with a=sqrt(5)), skipped on the meta device."""
-    if weight.device.type != "meta":
-        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-
-
-def init_zeros_(tensor: torch.Tensor | None) -> None:
-    """Zero a tensor in place, skipped on the meta device."""
-    if tensor is not None and tensor.device.type != "meta":
-        with torch.no_grad():
-            tensor.zero_()
-
-
 def delta_dtype(factor: torch.Tensor) -> torch.dtype:
     """The dtype deltas are computed in: float64, where the device has it (not MPS), so that the
     product of the factors is exact to ~1e-16 and a merge rounds only once, into the base dtype."""

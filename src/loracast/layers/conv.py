@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loracast.layers.base import LoraLayer, delta_dtype, init_kaiming_uniform_, init_zeros_
+from loracast.layers.base import LoraLayer, delta_dtype
+from loracast.layers.init import init_factor_pair, rounding_dtype
 
 
 class Conv(LoraLayer):
@@ -32,21 +33,14 @@ class Conv(LoraLayer):
         self._register_numbers(adapter_name, r, lora_alpha, use_rslora, lora_bias, lora_dropout)
         conv_type = type(base)
         ones = (1,) * (base.weight.dim() - 2)
+        # built on the meta device (no draws), then filled with PEFT's random draws (layers/init.py)
         lora_a = conv_type(self.in_features, r, base.kernel_size, base.stride, base.padding,
-                           dilation=base.dilation, bias=False, device=device, dtype=dtype)
+                           dilation=base.dilation, bias=False, device="meta", dtype=dtype).to_empty(device=device)
         lora_b = conv_type(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias,
-                           device=device, dtype=dtype)
+                           device="meta", dtype=dtype).to_empty(device=device)
         self.lora_A[adapter_name] = lora_a
         self.lora_B[adapter_name] = lora_b
-        if init_lora_weights is None or init_lora_weights is False:
-            return  # False keeps the convolutions' own random init
-        if init_lora_weights == "gaussian":
-            if device.type != "meta":
-                nn.init.normal_(lora_a.weight, std=1 / r)
-        else:
-            init_kaiming_uniform_(lora_a.weight)
-        init_zeros_(lora_b.weight)
-        init_zeros_(lora_b.bias)
+        init_factor_pair(lora_a.weight, lora_b.weight, lora_b.bias, init_lora_weights, r, rounding_dtype(base))
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         base = self.base_layer

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loracast.layers.base import LoraLayer, delta_dtype, init_zeros_
+from loracast.layers.base import LoraLayer, delta_dtype
+from loracast.layers.init import init_embedding_pair, rounding_dtype
 
 
 class Embedding(LoraLayer):
@@ -36,14 +37,8 @@ class Embedding(LoraLayer):
         weight_b = nn.Parameter(torch.empty((self.out_features, r), dtype=dtype, device=device))
         self.lora_embedding_A[adapter_name] = weight_a
         self.lora_embedding_B[adapter_name] = weight_b
-        if init_lora_weights is None or device.type == "meta":
-            return
-        if init_lora_weights is False:  # random start for both factors
-            nn.init.normal_(weight_a)
-            nn.init.normal_(weight_b)
-        else:  # zero A, normal B: a no-op at start, as nn.Embedding's own init for B
-            init_zeros_(weight_a)
-            nn.init.normal_(weight_b)
+        # PEFT's random draws (layers/init.py)
+        init_embedding_pair(weight_a, weight_b, init_lora_weights, rounding_dtype(self.get_base_layer()))
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         weight_a = self.lora_embedding_A[adapter_name]

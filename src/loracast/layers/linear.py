@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from loracast.layers import build
-from loracast.layers.base import LoraLayer, delta_dtype, init_zeros_
+from loracast.layers.base import LoraLayer, delta_dtype
 from loracast.layers.fastpath import exact_forward, fast_forward, single_adapter
+from loracast.layers.init import init_factor_pair, rounding_dtype
 from loracast.precision.rules import base_weight
 from loracast.quant import find_backend
 from loracast.quant import merge as quant_merge
@@ -44,23 +43,13 @@ class Linear(LoraLayer):
     def update_layer(self, adapter_name, r, lora_alpha, *, lora_dropout, init_lora_weights, use_rslora,
                      lora_bias, dtype, device):
         self._register_numbers(adapter_name, r, lora_alpha, use_rslora, lora_bias, lora_dropout)
-        # init False: nn.Linear's own init for both factors (a random, non-zero start); True: A as
-        # nn.Linear, B zero; "gaussian": A normal(0, 1/r), B zero; None: left for a load to fill
-        init_a = None if init_lora_weights in (None, "gaussian") else "kaiming"
-        init_b = None if init_lora_weights is None else ("kaiming" if init_lora_weights is False else "zeros")
-        lora_a = build.linear(self.in_features, r, False, dtype, device, init_a)
-        lora_b = build.linear(r, self.out_features, lora_bias, dtype, device, init_b)
+        # values: PEFT's random draws for `init_lora_weights` (layers/init.py); None: left for a load to fill
+        lora_a = build.linear(self.in_features, r, False, dtype, device)
+        lora_b = build.linear(r, self.out_features, lora_bias, dtype, device)
         build.put(self.lora_A, adapter_name, lora_a)
         build.put(self.lora_B, adapter_name, lora_b)
-        if init_lora_weights == "gaussian" and lora_a.weight.device.type != "meta":
-            nn.init.normal_(lora_a.weight, std=1 / r)
-        if init_lora_weights is None or not lora_bias or lora_b.bias.device.type == "meta":
-            return
-        if init_lora_weights is False:
-            bound = 1 / math.sqrt(r)
-            nn.init.uniform_(lora_b.bias, -bound, bound)
-        else:
-            init_zeros_(lora_b.bias)
+        init_factor_pair(lora_a.weight, lora_b.weight, lora_b.bias, init_lora_weights, r,
+                         rounding_dtype(self.get_base_layer()))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = None
