@@ -51,7 +51,7 @@ class LoraLayer(nn.Module):
             _active_adapters=[], _disable_adapters=False, merged_adapters=[],
             _weight_restore=None,  # BitResidual (float base) or a backend snapshot
             _bias_original=None,
-            _batch_adapter_names=None,  # per-sample adapter names, set only for the duration of one forward
+            _batch_adapter_names=None,  # a PerSampleNames, set only for the duration of one forward
         )
 
     # -- adapter bookkeeping ---------------------------------------------------------------------
@@ -190,10 +190,7 @@ class LoraLayer(nn.Module):
         return result.to(out_dtype)
 
     def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        names = self._batch_adapter_names
-        if len(names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} samples; "
-                             "give one adapter name (or '__base__') per sample")
+        names = self._batch_adapter_names.for_batch(x.shape[0])
         out_dtype = result.dtype
         for name in dict.fromkeys(names):
             if name == "__base__" or name not in self.r:

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from loracast.layers.per_sample import PerSampleNames
+
 
 class ModulesToSaveWrapper(nn.Module):
     """Holds the original module and one trainable copy per adapter."""
@@ -25,7 +27,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self._active_adapters: list[str] = []
         self._disable_adapters = False
-        self._batch_adapter_names: Sequence[str] | None = None
+        self._batch_adapter_names: PerSampleNames | None = None
 
     @property
     def adapter_names(self) -> list[str]:
@@ -95,9 +97,7 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self._active_adapters[0]]
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        names = self._batch_adapter_names
-        if len(names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} samples")
+        names = self._batch_adapter_names.for_batch(x.shape[0])
         pieces, order = [], []
         for name in dict.fromkeys(names):
             rows = [i for i, n in enumerate(names) if n == name]

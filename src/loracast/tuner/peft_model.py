@@ -18,6 +18,7 @@ from loracast.config import LoraConfig
 from loracast.integrations import transformers as transformers_integration
 from loracast.layers import LoraLayer
 from loracast.layers.compute import set_lora_compute
+from loracast.layers.per_sample import PerSampleNames
 from loracast.precision.policies import PrecisionPlan, resolve_precision
 from loracast.quant.merge import requantization_report
 from loracast.tuner.inject import TASK_HEADS, inject_adapter, wrap_modules_to_save
@@ -200,7 +201,7 @@ class PeftModel(AdapterFiles, nn.Module):
     # -- forward ---------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _per_sample_adapters(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
+    def _per_sample_adapters(self, adapter_names: Sequence[str] | None, expansion: int = 1) -> Iterator[None]:
         if adapter_names is None:
             yield
             return
@@ -212,8 +213,9 @@ class PeftModel(AdapterFiles, nn.Module):
         if any(isinstance(m, LoraLayer) and m.merged for m in modules):
             raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
         try:
+            per_sample = PerSampleNames(tuple(adapter_names), expansion)
             for module in modules:
-                module._batch_adapter_names = list(adapter_names)
+                module._batch_adapter_names = per_sample
             yield
         finally:
             for module in modules:
@@ -225,9 +227,19 @@ class PeftModel(AdapterFiles, nn.Module):
             return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        """The wrapped model's `generate`, with the active adapters (or per-sample `adapter_names`)."""
-        with self._per_sample_adapters(adapter_names):
+        """The wrapped model's `generate`, with the active adapters (or per-sample `adapter_names`,
+        one per input sample; with beam search or `num_return_sequences` each name covers every
+        row made from its sample, as in PEFT)."""
+        with self._per_sample_adapters(adapter_names, self._generate_expansion(kwargs)):
             return self.base_model.model.generate(*args, **kwargs)
+
+    def _generate_expansion(self, kwargs: dict[str, Any]) -> int:
+        """How many rows transformers' `generate` makes of each input sample:
+        ``max(num_beams, num_return_sequences)``, from the call or the generation config."""
+        config = kwargs.get("generation_config") or getattr(self.base_model.model, "generation_config", None)
+        beams = kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1
+        sequences = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1
+        return max(int(beams), int(sequences))
 
     # -- merge -----------------------------------------------------------------------------------
 
