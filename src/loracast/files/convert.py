@@ -1,4 +1,5 @@
-"""Rewriting a saved adapter in another dtype, with the rounding error it introduces.
+"""Rewriting a saved adapter in another dtype, with the rounding error it introduces, and
+turning a legacy pickle adapter (``adapter_model.bin``) into safetensors when the caller trusts it.
 
 Values are converted exactly as `Tensor.to(dtype)` rounds them (to nearest, ties to even). A
 conversion to float16 is refused when a finite value would become infinite (|x| > 65504);
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from loracast._atomic import atomic_save_safetensors
 from loracast.config import CONFIG_NAME
 from loracast.errors import PrecisionError
 from loracast.files.fingerprint import fingerprint_metadata, parse_fingerprint
-from loracast.files.format import WEIGHTS_NAME, read_adapter_weights
+from loracast.files.format import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, read_adapter_weights
 from loracast.precision.view import dtype_name
 
 
@@ -28,7 +30,7 @@ class ConversionReport:
     """What converting one adapter file did."""
 
     out: Path
-    dtype: torch.dtype
+    dtype: torch.dtype | None  # None: each tensor kept its dtype
     source_dtypes: dict[str, int]  # dtype name -> number of values before conversion
     tensors: int
     values: int
@@ -53,11 +55,17 @@ def overflowing(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[st
     return out
 
 
-def convert_adapter(adapter: str | Path, out: str | Path, dtype: torch.dtype) -> ConversionReport:
-    """Write the adapter in `adapter` to `out` with every floating tensor in `dtype`.
+def convert_adapter(adapter: str | Path, out: str | Path, dtype: torch.dtype | None,
+                    allow_pickle: bool = False) -> ConversionReport:
+    """Write the adapter in `adapter` to `out` as safetensors, every floating tensor in `dtype`
+    (None: each keeps its dtype).
+
+    `allow_pickle`: read an ``adapter_model.bin`` when the folder has no safetensors file (with
+    ``torch.load(weights_only=True)``, and a warning: only for files from a source you trust).
 
     Raises:
-        FileNotFoundError / AdapterLoadError: `adapter` holds no readable adapter file.
+        FileNotFoundError / AdapterLoadError: `adapter` holds no readable adapter file, or only a
+            pickle file and `allow_pickle` is False.
         PrecisionError: a value does not fit `dtype` (names the tensors and their largest values).
         ValueError: `out` is a file.
     """
@@ -69,7 +77,14 @@ def convert_adapter(adapter: str | Path, out: str | Path, dtype: torch.dtype) ->
         raise FileNotFoundError(f"no {CONFIG_NAME} in {str(adapter)!r}; pass the folder written by save_pretrained")
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {str(out)!r} is a file; pass a folder path")
-    tensors, metadata = read_adapter_weights(str(adapter))
+    tensors, metadata = read_adapter_weights(str(adapter), allow_pickle=allow_pickle)
+    source_file = _weights_file(adapter)
+    if source_file.name == LEGACY_WEIGHTS_NAME:
+        warnings.warn(f"read the pickle file {source_file} (torch.load with weights_only=True) because "
+                      f"allow_pickle was given; {out / WEIGHTS_NAME} holds the same tensors as safetensors",
+                      UserWarning, stacklevel=2)
+    if dtype is None:
+        return _rewrite(adapter, out, tensors, metadata, source_file)
     too_big = overflowing(tensors, dtype)
     if too_big:
         shown = ", ".join(f"{name} (max |x| {value:.4g})" for name, value in list(too_big.items())[:3])
@@ -100,7 +115,6 @@ def convert_adapter(adapter: str | Path, out: str | Path, dtype: torch.dtype) ->
         values += tensor.numel()
         converted[name] = new
     out.mkdir(parents=True, exist_ok=True)
-    source_file = _weights_file(adapter)
     bytes_before = source_file.stat().st_size
     target = out / WEIGHTS_NAME
     atomic_save_safetensors(str(target), converted, _converted_metadata(metadata, dtype))
@@ -109,6 +123,24 @@ def convert_adapter(adapter: str | Path, out: str | Path, dtype: torch.dtype) ->
                             max_abs_error=max_abs, relative_error=math.sqrt(err_sq / ref_sq) if ref_sq else 0.0,
                             max_relative_error=max_rel, flushed_to_zero=flushed, bytes_before=bytes_before,
                             bytes_after=target.stat().st_size, copied=copied)
+
+
+def _rewrite(adapter: Path, out: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+             source_file: Path) -> ConversionReport:
+    """The tensors unchanged, written as safetensors (a format conversion: no rounding)."""
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / WEIGHTS_NAME
+    bytes_before = source_file.stat().st_size
+    atomic_save_safetensors(str(target), {k: t.contiguous() for k, t in tensors.items()},
+                            dict(metadata or {"format": "pt"}))
+    copied = [] if out.resolve() == adapter.resolve() else _copy_side_files(adapter, out)
+    counts: dict[str, int] = {}
+    for tensor in tensors.values():
+        counts[dtype_name(tensor.dtype)] = counts.get(dtype_name(tensor.dtype), 0) + tensor.numel()
+    return ConversionReport(out=out, dtype=None, source_dtypes=counts, tensors=len(tensors),
+                            values=sum(t.numel() for t in tensors.values() if t.is_floating_point()),
+                            max_abs_error=0.0, relative_error=0.0, max_relative_error=0.0, flushed_to_zero=0,
+                            bytes_before=bytes_before, bytes_after=target.stat().st_size, copied=copied)
 
 
 def _converted_metadata(metadata: dict[str, str], dtype: torch.dtype) -> dict[str, str]:
@@ -127,14 +159,14 @@ def _converted_metadata(metadata: dict[str, str], dtype: torch.dtype) -> dict[st
 
 def _weights_file(adapter: Path) -> Path:
     path = adapter / WEIGHTS_NAME
-    return path if path.is_file() else adapter / "adapter_model.bin"
+    return path if path.is_file() else adapter / LEGACY_WEIGHTS_NAME
 
 
 def _copy_side_files(adapter: Path, out: Path) -> list[str]:
     """Copy the config and other small files beside the weights (not sub-folders, not weights)."""
     copied = []
     for item in sorted(adapter.iterdir()):
-        if item.is_file() and item.name not in (WEIGHTS_NAME, "adapter_model.bin") and not item.name.startswith("."):
+        if item.is_file() and item.name not in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME) and not item.name.startswith("."):
             shutil.copy2(item, out / item.name)
             copied.append(item.name)
     return copied

@@ -147,8 +147,9 @@ def read_adapter_weights(folder: str, allow_pickle: bool = False) -> tuple[dict[
         if not allow_pickle:
             raise AdapterLoadError(
                 f"{legacy_path} is a pickle file, which can run code when read; loracast reads only "
-                f"{WEIGHTS_NAME} by default. If you trust its source, pass allow_pickle=True (it is then read "
-                "with torch.load(weights_only=True)), or convert it to safetensors")
+                f"{WEIGHTS_NAME} by default. If you trust its source, convert it once to safetensors with "
+                f"`loracast convert {folder} OUT --allow-pickle` (or pass allow_pickle=True; either way it is "
+                "read with torch.load(weights_only=True))")
         try:
             state = torch.load(legacy_path, map_location="cpu", weights_only=True)
         except Exception as exc:
