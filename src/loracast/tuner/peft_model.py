@@ -25,6 +25,7 @@ from loracast.tuner.inject import TASK_HEADS, inject_adapter, wrap_modules_to_sa
 from loracast.tuner.lora_model import LoraModel
 from loracast.tuner.names import BASE_ONLY, check_adapter_name
 from loracast.tuner.saving import AdapterFiles
+from loracast.tuner.signature import ForwardWithWrappedSignature
 
 __all__ = ["BASE_ONLY", "LoraModel", "PeftModel", "check_adapter_name", "get_peft_model"]
 
@@ -221,10 +222,13 @@ class PeftModel(AdapterFiles, nn.Module):
             for module in modules:
                 module._batch_adapter_names = None
 
-    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+    def _forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's forward; `adapter_names` picks an adapter per sample ('__base__': none)."""
         with self._per_sample_adapters(adapter_names):
             return self.base_model.model(*args, **kwargs)
+
+    # shown with the wrapped model's parameters, so that Trainer keeps the dataset's columns
+    forward = ForwardWithWrappedSignature(_forward, lambda self: self.base_model.model)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's `generate`, with the active adapters (or per-sample `adapter_names`,

@@ -97,7 +97,10 @@ class AdapterFiles:
         """Add an adapter read from a folder written by loracast or PEFT (inactive until `set_adapter`).
 
         Dtypes as in `from_pretrained`; the saved fingerprint is compared with this model and
-        environment (a `PrecisionWarning`, or with `strict_precision` a `PrecisionError`).
+        environment (a `PrecisionWarning`, or with `strict_precision` a `PrecisionError`). When
+        `adapter_name` exists already, its values are replaced by the file's, in place, as PEFT
+        does (what `Trainer` relies on to resume or restore the best checkpoint): the tensors,
+        and so an optimizer holding them, stay the same objects.
 
         Raises:
             FileNotFoundError: no adapter files at `model_id`.
@@ -106,6 +109,9 @@ class AdapterFiles:
                 fingerprint differs.
         """
         _reject_unknown_kwargs("load_adapter", kwargs)
+        if adapter_name in self.peft_config:
+            self._load_weights(model_id, adapter_name, allow_pickle, read_fingerprint(model_id), strict_precision)
+            return
         config = _read_config(model_id)
         config.inference_mode = not is_trainable
         fingerprint = read_fingerprint(model_id)
