@@ -8,19 +8,13 @@ transformers' own versions of these methods import peft; loracast installs its o
 instance, so the peft package is never needed.
 
 loracast injects LoRA layers into the user's model in place, so ``peft_model.get_base_model()``
-stays the `PreTrainedModel` it was. That is the object to hand to `Trainer`::
-
-    peft_model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS"))
-    trainer = Trainer(model=peft_model.get_base_model(), args=args, train_dataset=data)
-    trainer.train()
-    trainer.save_model("out")          # writes the adapter only, in PEFT's format
-
-(`Trainer(model=peft_model)` is not supported: transformers recognises a peft wrapper only by
-``isinstance(model, peft.PeftModel)``, and otherwise inspects `forward`'s signature to choose
-input columns and saves the full state dict.)
+stays the `PreTrainedModel` it was, carrying these attributes: transformers' `Trainer` given it
+trains and saves only the adapter. Resuming and ``load_best_model_at_end`` are reserved by
+transformers for ``peft.PeftModel`` instances; `loracast.training.trainers` (above the tuner) adds
+them, and takes the `PeftModel` itself.
 
 These attributes are private to transformers and unversioned; `tests/test_trainer_integration.py`
-pins the behaviour this module relies on.
+and `tests/test_trainer_pipelines.py` pin the behaviour this module relies on.
 """
 
 from __future__ import annotations
@@ -91,6 +85,12 @@ def install(peft_model: PeftModel) -> bool:
     for name in FUNCTIONS:
         object.__setattr__(model, name, _Installed(name, peft_model))
     return True
+
+
+def installed_peft_model(model: nn.Module) -> PeftModel | None:
+    """The loracast `PeftModel` whose adapters `model` (a `PreTrainedModel`) carries, or None."""
+    method = model.__dict__.get("get_adapter_state_dict")
+    return method.peft_model if isinstance(method, _Installed) else None
 
 
 def uninstall(model: nn.Module) -> None:
