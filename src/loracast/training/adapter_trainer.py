@@ -36,8 +36,10 @@ _FULL_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.in
 
 def unwrap_for_trainer(model: Any) -> Any:
     """The model to hand to a transformers trainer: a loracast `PeftModel`'s adapted
-    `PreTrainedModel`; anything else unchanged."""
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+    `PreTrainedModel`; anything else (a `PeftModel` over a plain torch module included) unchanged."""
+    if isinstance(model, PeftModel) and installed_peft_model(model.get_base_model()) is model:
+        return model.get_base_model()
+    return model
 
 
 def is_adapter_checkpoint(folder: str) -> bool:
