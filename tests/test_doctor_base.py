@@ -133,7 +133,8 @@ def test_8bit_layers_of_a_model_without_a_declared_dtype_in_loracast():
 
 def test_a_merge_into_a_4bit_base_is_recorded_and_the_fix_restores_the_trained_outputs(tmp_path):
     """merge_and_unload into a 4-bit base requantizes: outputs drift and, after the warning, nothing
-    says so (huggingface/peft#2032: merging into the quantized model gave wrong results). loracast now
+    says so (huggingface/peft#2032: merging into the quantized model gave wrong results;
+    axolotl-ai-cloud/axolotl#460: "reload the model with full weights before merging"). loracast now
     records the rounding on each merged layer; a PEFT merge leaves no record the doctor could read.
     Oracle: the unmerged model's logits; the fix (keep it unmerged) reproduces them exactly."""
     model = loracast.get_peft_model(load_llama(4, "bf16"), loracast.LoraConfig(target_modules=TARGETS))
@@ -157,8 +158,8 @@ def test_a_merge_into_a_4bit_base_is_recorded_and_the_fix_restores_the_trained_o
 @pytest.mark.parametrize("library", ["peft", "loracast"])
 def test_an_overflowing_fp16_merge_is_named_and_the_fix_merges_safely(library, make_llama, tmp_path):
     """A float16 merge of a large delta writes inf into the base weights and the model then outputs
-    nan (huggingface/peft PR #1017 and the safe_merge option exist for this; peft#1388 asks about merge
-    precision). Oracle: torch.isfinite on the outputs of the fixed model."""
+    nan, although the unmerged adapter may work: huggingface/peft#1001 (safe_merge added: "two weight
+    parameters could be overflowing when added"). Oracle: torch.isfinite on the fixed model's outputs."""
     import peft
 
     if library == "peft":
@@ -176,3 +177,33 @@ def test_an_overflowing_fp16_merge_is_named_and_the_fix_merges_safely(library, m
     make_llama().save_pretrained(tmp_path / "base")
     namespace = apply_fix(finding, name=str(tmp_path / "base"), adapter_path=str(tmp_path))
     assert torch.isfinite(forward(namespace["model"])).all() and "non-finite-base" not in doctor(namespace["model"]).ids
+
+
+def test_the_declared_dtype_is_read_without_the_deprecated_torch_dtype():
+    """transformers 5 logs "`torch_dtype` is deprecated!" when `config.torch_dtype` is read; loracast
+    read it whenever `config.dtype` was unset. Oracle: a config whose torch_dtype counts its reads."""
+    from transformers import LlamaConfig
+
+    from conftest import tiny_llama_config
+    from loracast.precision.rules import declared_dtype
+
+    class Watched(LlamaConfig):
+        reads = 0
+
+        @property
+        def torch_dtype(self):
+            Watched.reads += 1
+            return torch.bfloat16
+
+    model = torch.nn.Module()
+    model.config = Watched(**tiny_llama_config().to_diff_dict())
+    model.config.dtype = None
+    assert declared_dtype(model) is None and Watched.reads == 0
+    model.config.dtype = "bfloat16"
+    assert declared_dtype(model) == torch.bfloat16 and Watched.reads == 0
+
+    class Old:  # transformers before 4.56 had only torch_dtype
+        torch_dtype = "torch.float16"
+
+    model.config = Old()
+    assert declared_dtype(model) == torch.float16

@@ -30,7 +30,7 @@ def _storage_fix(inv: Inventory) -> str:
 # Frozen base and trainable adapters in one FSDP1 unit also fail with use_orig_params=False.
 _FSDP1_WRAP = ("# FSDP1 with use_orig_params=False also needs one requires_grad per unit ('Must flatten tensors with\n"
                "# uniform requires_grad'): give the adapters units of their own, or keep the original parameters\n"
-               "FullyShardedDataParallel(model, auto_wrap_policy=loracast.distributed.fsdp1_auto_wrap_policy(model))\n"
+               "model = FullyShardedDataParallel(model, auto_wrap_policy=loracast.distributed.fsdp1_auto_wrap_policy(model))\n"
                "# or FullyShardedDataParallel(model, use_orig_params=True, ...); FSDP2 (fully_shard) needs neither")
 
 
