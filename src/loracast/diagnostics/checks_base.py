@@ -1,4 +1,5 @@
-"""The doctor's checks on a live model's frozen base (read by `base_state`) and quantized layers.
+"""The doctor's checks on a live model's frozen base (read by `base_state`), its quantized layers,
+and the dtype its adapters are trained in.
 
 | id | severity | what |
 |---|---|---|
@@ -7,6 +8,7 @@
 | requantized-merge | warning | quantized layers hold a merge, rounded to the quantization grid |
 | quant-no-compute-dtype | warning (info on PEFT models) | float32 adapters on quantized layers without a compute dtype |
 | non-finite-base | error | inf or nan in base weights |
+| bf16-trainable | warning | bfloat16 adapter tensors trained, not chosen with a loracast policy |
 """
 
 from __future__ import annotations
@@ -177,4 +179,31 @@ def check_non_finite_base(inv: Inventory) -> list[Finding]:
         "model.merge_adapter(safe_merge=True)  # refuses a merge that makes inf or nan, weights untouched")]
 
 
-BASE_CHECKS = [check_upcast_frozen, check_mixed_frozen, check_requantized, check_quant_no_compute, check_non_finite_base]
+def check_bf16_trainable(inv: Inventory) -> list[Finding]:
+    if not inv.live:
+        return []
+    # bfloat16 chosen with precision="fast"/"fsdp" or adapter_dtype= is a decision, not a surprise
+    found = [r for r in inv.tensors if r.requires_grad and r.dtype == torch.bfloat16 and r.role != "base"
+             and inv.plans.get(r.adapter, {}).get("policy") not in ("fast", "fsdp", "custom")]
+    if not found:
+        return []
+    return [Finding(
+        "bf16-trainable", "warning",
+        f"{len(found)} bfloat16 adapter tensors being trained", grouped([r.name for r in found]),
+        "bfloat16 keeps 8 significant bits: an optimizer update smaller than half the spacing around a weight "
+        "(about 0.4% of its size) is rounded away, so with small learning rates, or late in a decaying schedule, "
+        "the adapter stops learning while the loss looks merely flat (keras-team/keras-hub#2629; loracast "
+        "train --compare-precision measures it). Common causes: model.to(torch.bfloat16) after get_peft_model, "
+        "or autocast_adapter_dtype=False.",
+        "model = loracast.get_peft_model(base_model, config, precision=\"stable\")  # float32 adapters\n"
+        "# (precision=\"mixed\" keeps float32 weights and computes the branch in bfloat16, for speed)\n"
+        "# or, on an existing model:\n"
+        "for param in model.parameters():\n"
+        "    if param.requires_grad and param.dtype == torch.bfloat16:\n"
+        "        param.data = param.data.float()\n"
+        "        param.grad = None\n"
+        "# then create the optimizer again")]
+
+
+BASE_CHECKS = [check_bf16_trainable, check_upcast_frozen, check_mixed_frozen, check_requantized, check_quant_no_compute,
+               check_non_finite_base]
