@@ -59,6 +59,8 @@ def collect_base_state(model: nn.Module) -> BaseState:
         record = requantization_record(modules[path])
         if record is not None:
             state.requantized[path] = record
+    # transformers keeps these modules in float32 on purpose (T5's `wo`, some routers) and casts around them
+    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     for name, param in base_parameters(model):
         owner_path = name.rpartition(".")[0]
         if not param.is_floating_point() or param.device.type == "meta":
@@ -67,7 +69,8 @@ def collect_base_state(model: nn.Module) -> BaseState:
             finite = torch.isfinite(param.detach())
             if not bool(finite.all()):
                 state.non_finite.append(f"{name}: {int((~finite).sum())} of {param.numel()} values are inf or nan")
-            if not param.requires_grad:
+            kept = param.dtype == torch.float32 and bool(keep_fp32 & set(name.split(".")))
+            if not param.requires_grad and not kept:
                 owner = type(modules.get(owner_path, model)).__name__
                 state.frozen.append(FrozenParam(name, param.dtype, param.numel(), owner))
     return state
