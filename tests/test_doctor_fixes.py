@@ -95,34 +95,34 @@ def fsdp_step(wrapped) -> None:
     wrapped(input_ids=IDS, labels=IDS).loss.backward()
 
 
-@pytest.mark.parametrize("library", ["peft", "loracast"])
-def test_fsdp_mixed_dtypes_fix_wraps_with_fsdp1_defaults(library, make_llama):
+def test_fsdp_mixed_dtypes_fix_wraps_with_fsdp1_defaults(make_llama):
     """A bf16 base with fp32 adapters under FSDP1: "Must flatten tensors with uniform dtype"
     (axolotl-ai-cloud/axolotl#1482, huggingface/trl#1723); the policy precision="fsdp" alone then
     fails with "uniform requires_grad" under use_orig_params=False (huggingface/peft#1702). Oracle:
-    FSDP1 wrapping and a forward/backward completing with the printed fix."""
+    FSDP1 wrapping and a forward/backward completing with the printed fix, on PEFT's and loracast's
+    models."""
     import peft
 
-    def stable():
-        if library == "peft":
-            return peft.get_peft_model(make_llama(torch.bfloat16), peft.LoraConfig(target_modules=TARGETS))
-        return loracast.get_peft_model(make_llama(torch.bfloat16), loracast.LoraConfig(target_modules=TARGETS))
+    def peft_stable():
+        return peft.get_peft_model(make_llama(torch.bfloat16), peft.LoraConfig(target_modules=TARGETS))
 
-    finding = the(doctor(stable(), fsdp=True), "fsdp-mixed-dtypes")
-    assert "use_orig_params" in finding.fix and "fsdp1_auto_wrap_policy" in finding.fix
+    config = loracast.LoraConfig(target_modules=TARGETS)
+    stable = loracast.get_peft_model(make_llama(torch.bfloat16), config)
+    for model in (peft_stable(), stable):
+        finding = the(doctor(model, fsdp=True), "fsdp-mixed-dtypes")
+        assert "use_orig_params" in finding.fix and "fsdp1_auto_wrap_policy" in finding.fix
     with process_group():
         with pytest.raises(ValueError, match="uniform dtype"):
-            fsdp1()(stable())
-        policy_only = loracast.get_peft_model(make_llama(torch.bfloat16), loracast.LoraConfig(target_modules=TARGETS),
-                                              precision="fsdp")
+            fsdp1()(stable)
+        policy_only = loracast.get_peft_model(make_llama(torch.bfloat16), config, precision="fsdp")
         with pytest.raises(ValueError, match="uniform `requires_grad`"):
             fsdp1()(policy_only)
-        config = loracast.LoraConfig(target_modules=TARGETS)
         fixed = apply_fix(finding, base_model=make_llama(torch.bfloat16), config=config,
                           FullyShardedDataParallel=fsdp1())["model"]
         fsdp_step(fixed)
-        # the wrap policy alone, adapters kept float32 (the fix's last line), on this library's model
-        fsdp_step(fsdp1()(stable(), auto_wrap_policy=loracast.distributed.fsdp1_auto_wrap_policy(stable())))
+        # the wrap policy alone, adapters kept float32 (the fix's last line), on PEFT's model
+        model = peft_stable()
+        fsdp_step(fsdp1()(model, auto_wrap_policy=loracast.distributed.fsdp1_auto_wrap_policy(model)))
 
 
 def test_fsdp_integer_storage_fix_wraps_a_4bit_model_with_fsdp1_defaults():
