@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import loracast
 from conftest import tiny_llama_config
 from fake_quant import fake_backend, quantize  # noqa: F401  (fixture)
 from loracast import LoraConfig, PeftModel, get_peft_model
@@ -60,10 +59,14 @@ def test_a_clean_model_and_its_folder_report_nothing(make_llama, tmp_path):
 
 
 def test_every_check_is_exercised_by_this_file():
+    from loracast.diagnostics import checks, checks_base, checks_files
+
     names = {check.__name__ for check in CHECKS}
-    text = Path(__file__).read_text()
-    ids = {line.split("|")[1].strip() for line in loracast.diagnostics.checks.__doc__.splitlines()
+    text = "".join(path.read_text() for path in Path(__file__).parent.glob("test_doctor*.py"))
+    tables = checks.__doc__ + checks_base.__doc__ + checks_files.__doc__
+    ids = {line.split("|")[1].strip() for line in tables.splitlines()
            if line.startswith("| ") and not line.startswith("| id")}
+    assert len(ids) == 27, sorted(ids)
     missing = [i for i in ids if f'"{i}"' not in text]
     assert not missing, f"no test asserts these finding ids: {missing}"
     assert len(names) == len(CHECKS)

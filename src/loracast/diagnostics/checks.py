@@ -21,11 +21,13 @@
 | adapter-load-failed | error | the adapter does not load into the given base |
 | no-fingerprint | info | a saved adapter without a loracast fingerprint |
 | fingerprint-unreadable | warning | a damaged fingerprint |
+
+The FSDP checks (fsdp-*) are in `checks_fsdp`, the checks on the frozen base in `checks_base`,
+those on files without a fingerprint in `checks_files`; `CHECKS` runs them all.
 """
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import fields
@@ -33,8 +35,12 @@ from dataclasses import fields
 import torch
 
 from loracast.config import LoraConfig, unsupported_options
+from loracast.diagnostics.checks_base import BASE_CHECKS
+from loracast.diagnostics.checks_files import FILE_CHECKS, keep_dtypes_fix
+from loracast.diagnostics.checks_fsdp import check_fsdp, check_fsdp1_flatten
 from loracast.diagnostics.inputs import Inventory, TensorRecord
 from loracast.diagnostics.report import Finding
+from loracast.diagnostics.report import count as _count
 from loracast.precision.view import dtype_name
 
 FP16_MAX = torch.finfo(torch.float16).max
@@ -42,18 +48,14 @@ NEAR_FP16_FACTOR = 16.0  # headroom below float16's largest value that the LoRA 
 _WIDE = (torch.float32, torch.float64)
 
 
-def _count(n: int, noun: str, plural: str | None = None) -> str:
-    """'1 base weight', '3 base weights'."""
-    return f"{n} {noun if n == 1 else (plural or noun + 's')}"
-
 
 def _lora(records: list[TensorRecord]) -> list[TensorRecord]:
     return [r for r in records if r.role not in ("copy", "base")]
 
 
 def check_no_adapters(inv: Inventory) -> list[Finding]:
-    if inv.tensors or inv.load_problems or not inv.live:
-        return []
+    if inv.tensors or inv.load_problems or not inv.live or (inv.base_state and inv.base_state.requantized):
+        return []  # a merged model has no adapters left: requantized-merge says what became of them
     return [Finding("no-adapters", "info", "No LoRA adapters found", [inv.subject],
                     "The model holds no LoRA layers or modules_to_save copies, so only its base weights are "
                     "summarised.",
@@ -100,7 +102,23 @@ def check_fp16_trainable(inv: Inventory) -> list[Finding]:
         "# or, on an existing model (the frozen base may stay float16):\n"
         "for param in model.parameters():\n"
         "    if param.requires_grad:\n"
-        "        param.data = param.data.float()")]
+        "        param.data = param.data.float()\n"
+        "        param.grad = None  # a float16 grad left by an earlier step would still fail to unscale\n"
+        "# then create the optimizer again: its state was made for the float16 tensors"
+        + _peft_copy_note(inv))]
+
+
+def _peft_copy_note(inv: Inventory) -> str:
+    """PEFT's modules_to_save copies do not cast their input: once float32, they need autocast."""
+    copies = [r for r in inv.tensors if r.role == "copy" and r.requires_grad and r.dtype == torch.float16]
+    if not (inv.peft_model and copies):
+        return ""
+    device = (copies[0].device or "cpu").split(":")[0]
+    return ("\n# PEFT's modules_to_save copies do not cast their input: run forward passes under autocast,\n"
+            "# as Trainer(fp16=True) does, or they receive float16 activations ('expected m1 and m2 to have\n"
+            "# the same dtype'):\n"
+            f"with torch.autocast(device_type=\"{device}\", dtype=torch.float16):\n"
+            "    loss = model(**batch).loss")
 
 
 def check_quant_compute(inv: Inventory) -> list[Finding]:
@@ -126,77 +144,6 @@ def check_quant_compute(inv: Inventory) -> list[Finding]:
         "model = loracast.get_peft_model(base_model, config, precision=\"fast\")  # adapters take the compute dtype\n"
         "# or load the base with the compute dtype the adapter was trained in:\n"
         "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)")]
-
-
-def _storage_fix(inv: Inventory) -> str:
-    dtype = dtype_name(inv.model_dtype or torch.bfloat16)
-    return ("model = AutoModelForCausalLM.from_pretrained(\n"
-            f"    name, dtype=torch.{dtype},\n"
-            f"    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_storage=torch.{dtype}))\n"
-            "model = loracast.get_peft_model(model, config, precision=\"fsdp\")")
-
-
-def check_fsdp(inv: Inventory) -> list[Finding]:
-    if not inv.fsdp_reason:
-        return []
-    out = []
-    quantized = {info.module: info for info in inv.quantized}
-    integer = [f"{m}: {dtype_name(i.storage)}" for m, i in quantized.items()
-               if i.storage is not None and not i.storage.is_floating_point]
-    integer += [f"{name}: {dtype_name(dtype)}" for name, dtype in inv.integer_params
-                if not any(name.startswith(m + ".") for m in quantized)]
-    if integer:
-        out.append(Finding(
-            "fsdp-integer-storage", "error", f"{inv.fsdp_reason}, but {len(integer)} weights are stored as integers",
-            integer,
-            "FSDP puts the parameters of a wrapped unit into one flat tensor, which must be floating point: "
-            "bitsandbytes 4-bit packs its weights in uint8 by default and 8-bit stores int8, so wrapping fails with "
-            "'Cannot flatten integer dtype tensors'. A float quant_storage equal to the model dtype packs the same "
-            "4-bit values into tensors FSDP can shard.", _storage_fix(inv)))
-    model_dtype = inv.model_dtype
-    floats = [f"{m}: {dtype_name(i.storage)}" for m, i in quantized.items()
-              if i.storage is not None and i.storage.is_floating_point and model_dtype is not None and i.storage != model_dtype]
-    if floats:
-        out.append(Finding(
-            "fsdp-storage-dtype", "error",
-            f"{inv.fsdp_reason}, but quantized weights are stored in another float dtype than the model's "
-            f"{dtype_name(model_dtype)}", floats,
-            "Every parameter of an FSDP unit must share one dtype ('Must flatten tensors with uniform dtype'): a "
-            "bnb_4bit_quant_storage other than the model dtype puts two dtypes into the units holding these layers.",
-            _storage_fix(inv)))
-    mixed = list(dict.fromkeys(f"{r.module} [{r.adapter}]: {dtype_name(r.dtype)}" for r in inv.tensors
-                               if r.role != "base" and model_dtype is not None and r.dtype != model_dtype))
-    if mixed and inv.live:
-        out.append(Finding(
-            "fsdp-mixed-dtypes", "warning",
-            f"{inv.fsdp_reason}, and adapters are in another dtype than the model's {dtype_name(model_dtype)}", mixed,
-            "An FSDP1 unit holding both base weights and these adapters fails with 'Must flatten tensors with "
-            "uniform dtype', unless the LoRA modules are wrapped in units of their own (FSDP2's fully_shard accepts "
-            "mixed dtypes).",
-            "model = loracast.get_peft_model(base_model, config, precision=\"fsdp\")  # adapters in the model dtype\n"
-            "# or keep float32 adapters and give the LoRA modules their own FSDP units\n"
-            "# (FSDP1: auto_wrap_policy=loracast.distributed.fsdp1_auto_wrap_policy(model);\n"
-            "#  FSDP2: loracast.distributed.shard_model(model))"))
-    return out
-
-
-def check_fsdp1_flatten(inv: Inventory) -> list[Finding]:
-    if not inv.fsdp1_problems:
-        return []
-    launched = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-    assumed = "" if launched else " (accelerate's defaults, as no accelerate FSDP launch was found)"
-    return [Finding(
-        "fsdp1-flatten", "error" if launched else "warning",
-        f"FSDP1 with {inv.fsdp1_setup}{assumed} would fail to flatten {_count(len(inv.fsdp1_problems), 'unit')}",
-        inv.fsdp1_problems,
-        "FSDP1 flattens the parameters of each unit into one tensor: they must share one float dtype and, with "
-        "use_orig_params=False, all be trainable or all frozen. Wrapping fails before the first step with "
-        "'Must flatten tensors with uniform dtype' (or '... uniform requires_grad'). The loracast wrap policy gives "
-        "the adapters units of their own, so both settings of use_orig_params work and adapters stay float32.",
-        "from loracast.distributed import fsdp1_auto_wrap_policy\n"
-        "plugin = FullyShardedDataParallelPlugin(fsdp_version=1, auto_wrap_policy=fsdp1_auto_wrap_policy(model))\n"
-        "# or FullyShardedDataParallel(model, auto_wrap_policy=fsdp1_auto_wrap_policy(model), ...)\n"
-        "# or FSDP2, which shards each tensor on its own: loracast.distributed.shard_model(model)")]
 
 
 def check_base_grad(inv: Inventory) -> list[Finding]:
@@ -364,9 +311,10 @@ def check_loading(inv: Inventory) -> list[Finding]:
             "no-fingerprint", "info",
             "No precision fingerprint: the adapter was saved by PEFT or another tool", missing,
             "The dtypes it was trained in and the environment it was saved in are unknown, so they cannot be "
-            "compared; the file's own dtypes are shown.",
-            "model = loracast.PeftModel.from_pretrained(base_model, path)\n"
-            "model.save_pretrained(path)  # writes the adapter again, with a fingerprint"))
+            "compared; the file's own dtypes are shown, and are the best record of the training dtype (PEFT writes "
+            "tensors as they were in memory). Re-saving must keep them: loaded with the defaults, a bfloat16 file "
+            "becomes float32 adapters and would be written back as float32.",
+            keep_dtypes_fix(inv, missing[0])))
     if inv.fingerprint_problems:
         out.append(Finding(
             "fingerprint-unreadable", "warning", "The precision fingerprint cannot be read",
@@ -379,6 +327,7 @@ def check_loading(inv: Inventory) -> list[Finding]:
 CHECKS: list[Callable[[Inventory], list[Finding]]] = [
     check_no_adapters, check_mixed_dtypes, check_fp16_trainable, check_quant_compute, check_fsdp, check_fsdp1_flatten,
     check_base_grad, check_values, check_saved_dtype, check_fingerprint_differences, check_config, check_loading,
+    *BASE_CHECKS, *FILE_CHECKS,
 ]
 
 

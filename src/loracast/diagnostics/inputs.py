@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from loracast.config import CONFIG_NAME
+from loracast.diagnostics.base_state import BaseState, collect_base_state
 from loracast.diagnostics.report import UnreadableInput
 from loracast.errors import PrecisionWarning
 from loracast.files.fingerprint import (
@@ -89,6 +90,7 @@ class Inventory:
     fsdp1_setup: str | None = None  # the FSDP1 wrap the flatten prediction assumed (live models)
     fsdp1_problems: list[str] = field(default_factory=list)  # units that wrap would fail to flatten
     peft_model: bool = False  # a live model of PEFT itself (its adapters work there whatever loracast supports)
+    base_state: BaseState | None = None  # the frozen base of a live model (`base_state`)
     notes: list[str] = field(default_factory=list)
 
 
@@ -261,6 +263,7 @@ def _from_model(obj: nn.Module, subject: str, kind: str, fsdp: bool | None) -> I
             inventory.base_layers[path] = base_layer_info(path, module.original_module)
     inventory.quantized = list(quantized_layers(model))
     inventory.model_dtype = model_dtype(model)
+    inventory.base_state = collect_base_state(model)
     trained_biases = _trained_bias_names(model, inventory.configs)
     for name, param in base_parameters(model):
         inventory.base_params[param.dtype] += 1

@@ -11,6 +11,11 @@ from loracast.errors import LoracastError
 SEVERITIES = ("error", "warning", "info")
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """'1 base weight', '3 base weights': for finding titles."""
+    return f"{n} {noun if n == 1 else (plural or noun + 's')}"
+
+
 class UnreadableInput(LoracastError):
     """The doctor could not read what it was given (the message says what and why)."""
 

@@ -29,8 +29,6 @@ decides the matmul dtype.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
@@ -99,15 +97,12 @@ def declared_dtype(model: nn.Module) -> torch.dtype | None:
     config = getattr(model, "config", None)
     if config is None:
         return None
-    for attr in ("dtype", "torch_dtype"):
-        with warnings.catch_warnings():  # transformers 5 warns on the old name
-            warnings.simplefilter("ignore")
-            value = getattr(config, attr, None)
-        if isinstance(value, str):
-            value = DTYPE_NAMES.get(value.removeprefix("torch.").lower())
-        if isinstance(value, torch.dtype) and value.is_floating_point:
-            return value
-    return None
+    # transformers >= 4.56 stores `dtype`; its `torch_dtype` is then a deprecated alias that logs
+    # a warning on every read, so the old name is read only from configs that lack the new one.
+    value = getattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", None)
+    if isinstance(value, str):
+        value = DTYPE_NAMES.get(value.removeprefix("torch.").lower())
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else None
 
 
 def resolve_adapter_dtype(

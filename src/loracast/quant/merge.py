@@ -7,6 +7,10 @@ the layer now holds it, against the exact merged weight) and reports it in a
 `RequantizationWarning`: one warning per model-level merge, or one per layer when a layer is
 merged on its own.
 
+Each merged layer also keeps the measure as a record (`REQUANTIZED_ATTR`, read by
+`requantization_record`), so a model merged with `merge_and_unload` still says, to the doctor,
+that its quantized weights were rounded; an unmerge removes the record.
+
 Unmerge never subtracts: the backend's snapshot of the original quantized weight is put back,
 so the packed storage is bit for bit what it was.
 """
@@ -46,6 +50,8 @@ _COLLECTED: contextvars.ContextVar[list[RequantizationStats] | None] = contextva
     "loracast_requantization_errors", default=None)
 
 
+REQUANTIZED_ATTR = "loracast_requantized"  # set on a quantized layer that holds a requantized merge
+
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
@@ -82,7 +88,9 @@ def write_merged(backend: QuantBackend, module: nn.Module, original: torch.Tenso
     if keep_restore and snapshot is None:
         snapshot = backend.snapshot(module)
     backend.requantize(module, merged)
-    _report(measure(backend, module, original, merged))
+    stats = measure(backend, module, original, merged)
+    setattr(module, REQUANTIZED_ATTR, stats)  # outlives merge_and_unload: the doctor reports it later
+    _report(stats)
     return snapshot if keep_restore else None
 
 
@@ -96,6 +104,14 @@ def restore_original(backend: QuantBackend, module: nn.Module, snapshot: Any) ->
         raise RuntimeError(f"cannot unmerge {_describe(backend, module)}: the merge kept no snapshot of the "
                            "original quantized weight (merge_and_unload keeps none); reload the base model")
     backend.restore(module, snapshot)
+    if hasattr(module, REQUANTIZED_ATTR):
+        delattr(module, REQUANTIZED_ATTR)
+
+
+def requantization_record(module: nn.Module) -> RequantizationStats | None:
+    """The rounding a merge left in quantized `module` (None when it holds no requantized merge)."""
+    record = getattr(module, REQUANTIZED_ATTR, None)
+    return record if isinstance(record, RequantizationStats) else None
 
 
 def measure(backend: QuantBackend, module: nn.Module, original: torch.Tensor,
