@@ -17,7 +17,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 from dist_worker import adapter_values, base_model, global_batches, lora_model, max_diff
 from loracast import PeftModel
-from loracast.distributed import init_distributed, shard_model, shutdown
+from loracast.distributed import shard_model, shutdown
+from loracast.distributed.runtime import choose_backend, choose_device, current_context
 
 LR = 1e-2
 
@@ -43,7 +44,12 @@ def probe_logits(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
 
 def main() -> None:
     out = sys.argv[1]
-    ctx = init_distributed()
+    # init_distributed() starts no group for a single process; FSDP2 needs one, even of one rank
+    device = choose_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=choose_backend(device))
+    ctx = current_context()
     device = ctx.device
     initial = on_cpu(adapter_values(lora_model(torch.bfloat16)))
     single = lora_model(torch.bfloat16).to(device)  # the oracle: the same steps without FSDP
