@@ -201,31 +201,50 @@ LORA_CASES = {  # name -> (library, get_peft_model keyword arguments)
 }
 
 
+def guarded(name: str, case: Callable[[], dict[str, Any]], device: torch.device,
+            progress: Callable[[str], None]) -> dict[str, Any]:
+    """`case()`'s figures, or {"error": ...} when it raises (out of memory, say): one GPU run must
+    bring back every case that works."""
+    try:
+        entry = case()
+    except Exception as exc:
+        entry = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    _reset_peak(device)  # frees what the case left (gc, CUDA cache) before the next one
+    progress(f"{name}: {entry['error'] if 'error' in entry else _describe(entry)}")
+    return entry
+
+
+def _bound_case(shape: Shape, device: torch.device) -> dict[str, Any]:
+    base = build_base(shape, device)
+    entry = train_steps(base, shape, device, frozen=True)
+    entry.update(inference_latency(base, shape, device))
+    return entry
+
+
+def _lora_case(name: str, shape: Shape, device: torch.device) -> dict[str, Any]:
+    lib_name, kwargs = LORA_CASES[name]
+    lib = _libraries()[lib_name]
+    base = build_base(shape, device)
+    _sync(device)
+    start = time.perf_counter()
+    model = lib.get_peft_model(base, _lora_config(lib, shape), **kwargs)
+    _sync(device)
+    inject_s = time.perf_counter() - start
+    entry = train_steps(model, shape, device)
+    entry["get_peft_model_s"] = inject_s
+    entry["adapter_dtype"] = str(next(p.dtype for n, p in model.named_parameters() if "lora_" in n))
+    if name in ("loracast stable", "PEFT fp32 adapters"):
+        entry.update(inference_latency(model, shape, device))
+        entry["from_pretrained_s"] = _from_pretrained_s(lib, model, shape, device)
+    return entry
+
+
 def lora_cases(shape: Shape, device: torch.device, progress: Callable[[str], None]) -> dict[str, Any]:
     """Training step of the bound and of every LoRA case; unmerged inference; injection and loading."""
-    libs = _libraries()
-    results: dict[str, Any] = {}
-    base = build_base(shape, device)
-    results["frozen base (bound)"] = train_steps(base, shape, device, frozen=True)
-    results["frozen base (bound)"].update(inference_latency(base, shape, device))
-    progress(f"frozen base: {_describe(results['frozen base (bound)'])}")
-    del base
-    for name, (lib_name, kwargs) in LORA_CASES.items():
-        lib = libs[lib_name]
-        base = build_base(shape, device)
-        _sync(device)
-        start = time.perf_counter()
-        model = lib.get_peft_model(base, _lora_config(lib, shape), **kwargs)
-        _sync(device)
-        inject_s = time.perf_counter() - start
-        results[name] = train_steps(model, shape, device)
-        results[name]["get_peft_model_s"] = inject_s
-        results[name]["adapter_dtype"] = str(next(p.dtype for n, p in model.named_parameters() if "lora_" in n))
-        if name in ("loracast stable", "PEFT fp32 adapters"):
-            results[name].update(inference_latency(model, shape, device))
-            results[name]["from_pretrained_s"] = _from_pretrained_s(lib, model, shape, device)
-        progress(f"{name}: {_describe(results[name])}")
-        del model, base
+    results = {"frozen base (bound)": guarded("frozen base (bound)", lambda: _bound_case(shape, device), device,
+                                              progress)}
+    for name in LORA_CASES:
+        results[name] = guarded(name, lambda name=name: _lora_case(name, shape, device), device, progress)
     return results
 
 
@@ -241,29 +260,30 @@ def _from_pretrained_s(lib: Any, model: Any, shape: Shape, device: torch.device)
         return time.perf_counter() - start
 
 
-def qlora_cases(shape: Shape, device: torch.device, progress: Callable[[str], None]) -> dict[str, Any]:
-    """QLoRA training steps, loracast against PEFT, on nf4 double-quantized bases (storage uint8 and bf16)."""
+def _qlora_case(folder: str, lib_name: str, storage: str, shape: Shape, device: torch.device) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    lib = _libraries()[lib_name]
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16,
+                               bnb_4bit_quant_storage=torch.uint8 if storage == "uint8" else torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, device_map={"": str(device)},
+                                                dtype=torch.bfloat16)
+    base = lib.prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
+    return train_steps(lib.get_peft_model(base, _lora_config(lib, shape)), shape, device)
+
+
+def qlora_cases(shape: Shape, device: torch.device, progress: Callable[[str], None]) -> dict[str, Any]:
+    """QLoRA training steps, loracast against PEFT, on nf4 double-quantized bases (storage uint8 and bf16)."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    libs = _libraries()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="loracast-gpu-bench-") as folder:
         build_base(shape, device).save_pretrained(folder)  # random weights drawn on the device: fast
         for storage in shape.qlora_storages:
             for lib_name in ("loracast", "PEFT"):
-                lib = libs[lib_name]
-                quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16,
-                                           bnb_4bit_quant_storage=torch.uint8 if storage == "uint8" else torch.bfloat16)
-                base = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant,
-                                                            device_map={"": str(device)}, dtype=torch.bfloat16)
-                base = lib.prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
-                model = lib.get_peft_model(base, _lora_config(lib, shape))
                 name = f"QLoRA {lib_name} {storage}"
-                results[name] = train_steps(model, shape, device)
-                progress(f"{name}: {_describe(results[name])}")
-                del model, base
+                results[name] = guarded(name, lambda lib_name=lib_name, storage=storage: _qlora_case(
+                    folder, lib_name, storage, shape, device), device, progress)
     return results
 
 
@@ -281,8 +301,7 @@ def check_targets(cases: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for case, reference, limit, what in TARGETS:
         mine, theirs = cases.get(case, {}).get(what), cases.get(reference, {}).get(what)
-        if isinstance(mine, dict):
-            mine, theirs = mine["median"], theirs["median"]
+        mine, theirs = (v["median"] if isinstance(v, dict) else v for v in (mine, theirs))
         ratio = mine / theirs if mine is not None and theirs else None
         out.append({"case": case, "reference": reference, "what": what, "limit": limit, "ratio": ratio,
                     "met": None if ratio is None else ratio <= limit})
@@ -341,6 +360,9 @@ def markdown(results: dict[str, Any]) -> str:
              "| case | step (ms) | tokens/s | peak memory (GiB) | adapters | get_peft_model (s) | from_pretrained (s) |",
              "|---|---|---|---|---|---|---|"]
     for name, entry in results["cases"].items():
+        if "error" in entry:
+            lines.append(f"| {name} | failed: {entry['error']} | | | | | |")
+            continue
         step = entry["step_s"]
         peak = f"{entry['peak_bytes'] / 2**30:.2f}" if entry.get("peak_bytes") is not None else "n/a (CPU)"
         lines.append(f"| {name} | {step['median'] * 1e3:.1f} ({step['min'] * 1e3:.1f}-{step['max'] * 1e3:.1f}) | "
