@@ -228,7 +228,7 @@ def test_adapter_saved_on_cuda_loads_on_the_cpu_and_the_fingerprint_names_the_mo
 
 @pytest.mark.cuda
 def test_fsdp2_one_rank_over_nccl_trains_like_one_process(tmp_path):
-    done = torchrun(["tests/fsdp2_one_rank.py", str(tmp_path)], nproc=1)
+    done = torchrun(["tests/fsdp2_one_rank.py", str(tmp_path)], nproc=1, gpus=True)
     assert done.returncode == 0, done.stdout[-6000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["backend"] == "nccl" and results["device"].startswith("cuda")
