@@ -2,7 +2,7 @@
 main job (`loracast train`) on the GPU; writes ``device-results/``.
 
     python3 scripts/device_check.py                        # on a machine with one CUDA GPU (< 8 minutes)
-    python scripts/device_check.py --device cpu --quick    # the same code paths on the CPU (< 1 minute)
+    python scripts/device_check.py --device cpu --quick    # the same code paths on the CPU (about 30 s of CPU time)
 
 Stages, each a child process with its own time limit, run in this order, whatever the one before
 gave (a stage that fails or runs out of time is recorded as such, and the next one runs):
