@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench device-check clean
 
 venv: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ test: venv
 bench: venv
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/run.py
+
+# on a machine with one CUDA GPU, with its own Python (no virtual environment: see device/README.md):
+# the CUDA test run, the GPU benchmark against PEFT and `loracast train` on the GPU, into device-results/
+device-check:
+	$(PYTHON) scripts/device_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -39,7 +39,7 @@ def _saved_llama(tie_word_embeddings: bool) -> str:
 
 @functools.cache
 def _loaded(bits: int, dtype: str, storage: str, compute: str, quant_type: str, double_quant: bool,
-            tie_word_embeddings: bool) -> nn.Module:
+            tie_word_embeddings: bool, device: str) -> nn.Module:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if bits == 4:
@@ -49,13 +49,15 @@ def _loaded(bits: int, dtype: str, storage: str, compute: str, quant_type: str, 
     else:
         quant = BitsAndBytesConfig(load_in_8bit=True)
     return AutoModelForCausalLM.from_pretrained(_saved_llama(tie_word_embeddings), quantization_config=quant,
-                                                device_map="cpu", dtype=DTYPES[dtype])
+                                                device_map=device, dtype=DTYPES[dtype])
 
 
 def load_llama(bits: int = 4, dtype: str = "bf16", storage: str = "uint8", compute: str = "bf16",
-               quant_type: str = "nf4", double_quant: bool = False, tie_word_embeddings: bool = False) -> nn.Module:
-    """A fresh copy of the tiny Llama loaded in `bits` bits by transformers (eval mode, as loaded)."""
-    return copy.deepcopy(_loaded(bits, dtype, storage, compute, quant_type, double_quant, tie_word_embeddings))
+               quant_type: str = "nf4", double_quant: bool = False, tie_word_embeddings: bool = False,
+               device: str = "cpu") -> nn.Module:
+    """A fresh copy of the tiny Llama loaded in `bits` bits by transformers on `device` (eval mode, as loaded)."""
+    return copy.deepcopy(_loaded(bits, dtype, storage, compute, quant_type, double_quant, tie_word_embeddings,
+                                 device))
 
 
 def float_linear(in_features: int = 64, out_features: int = 64, bias: bool = True, seed: int = 0) -> nn.Linear:
@@ -111,17 +113,17 @@ def copy_lora(source: nn.Module, target: nn.Module) -> None:
 def packed_bytes(layer: nn.Module) -> dict[str, bytes]:
     """The bytes of a bitsandbytes layer's stored weight and quantization statistics."""
     weight = layer.weight
-    out = {"data": weight.data.contiguous().view(torch.uint8).numpy().tobytes()}
+    out = {"data": weight.data.contiguous().view(torch.uint8).cpu().numpy().tobytes()}
     state = getattr(weight, "quant_state", None)
     if state is not None:
-        out["absmax"] = state.absmax.contiguous().view(torch.uint8).numpy().tobytes()
+        out["absmax"] = state.absmax.contiguous().view(torch.uint8).cpu().numpy().tobytes()
         if getattr(state, "state2", None) is not None:
-            out["nested_absmax"] = state.state2.absmax.contiguous().view(torch.uint8).numpy().tobytes()
-            out["offset"] = state.offset.reshape(-1).view(torch.uint8).numpy().tobytes()
+            out["nested_absmax"] = state.state2.absmax.contiguous().view(torch.uint8).cpu().numpy().tobytes()
+            out["offset"] = state.offset.reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
     scales = getattr(layer, "state", None)
     scb = getattr(scales, "SCB", None) if scales is not None else None
     if scb is None:
         scb = getattr(weight, "SCB", None)
     if scb is not None:
-        out["SCB"] = scb.contiguous().view(torch.uint8).numpy().tobytes()
+        out["SCB"] = scb.contiguous().view(torch.uint8).cpu().numpy().tobytes()
     return out

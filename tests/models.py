@@ -51,7 +51,7 @@ def randomize_adapters(model: nn.Module, seed: int = 1, scale: float = 0.1) -> N
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
             if "lora_" in name:
-                values = torch.randn(param.shape, generator=generator) * scale
+                values = torch.randn(param.shape, generator=generator, device="cpu") * scale  # same values on any device
                 param.copy_(values.to(param.dtype))
 
 
