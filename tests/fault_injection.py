@@ -26,7 +26,8 @@ TARGETS = ["q_proj", "v_proj"]
 KNOWN_FILES = {"adapter_model.safetensors", "adapter_config.json", "README.md"}
 
 
-def _tiny_llama():
+def tiny_llama():
+    """The tiny Llama both adapters are trained on (random weights, fixed seed)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -53,7 +54,7 @@ def make_pair(library: str) -> Pair:
         from peft import LoraConfig, get_peft_model
     else:
         from loracast import LoraConfig, get_peft_model
-    base = _tiny_llama()
+    base = tiny_llama()
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
     pair = Pair(library, base, None, None, ids)  # type: ignore[arg-type]
     for role, alpha, seed in (("old", 8, 1), ("new", 32, 2)):
