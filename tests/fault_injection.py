@@ -26,6 +26,38 @@ TARGETS = ["q_proj", "v_proj"]
 KNOWN_FILES = {"adapter_model.safetensors", "adapter_config.json", "README.md"}
 
 
+# adapter_config.json entries the issue measured raising a foreign exception or being wrongly
+# accepted, with the field the error must name
+MALFORMED_CONFIGS = [
+    (dict(target_modules="q_proj("), "target_modules"),
+    (dict(exclude_modules="[v"), "exclude_modules"),
+    (dict(modules_to_save=["lm_head("]), "modules_to_save"),
+    (dict(rank_pattern={"q_proj(": 4}), "rank_pattern"),
+    (dict(alpha_pattern={"*q": 4}), "alpha_pattern"),
+    (dict(layers_pattern="layers(", layers_to_transform=[0]), "layers_pattern"),
+    (dict(lora_alpha=10**400), "lora_alpha"),
+    (dict(lora_alpha=float("nan")), "lora_alpha"),
+    (dict(lora_alpha=float("inf")), "lora_alpha"),
+    (dict(alpha_pattern={"q_proj": float("-inf")}), "alpha_pattern['q_proj']"),
+    (dict(r=2**31), "r"),
+    (dict(r=10**30), "r"),
+    (dict(rank_pattern={"q_proj": 2**40}), "rank_pattern['q_proj']"),
+    (dict(qalora_group_size=False), "qalora_group_size"),
+    (dict(auto_mapping="x"), "auto_mapping"),
+    (dict(megatron_core=3), "megatron_core"),
+    (dict(init_lora_weights=1), "init_lora_weights"),
+]
+
+# fingerprint entries damaged as the issue measured (the load must warn and go on)
+DAMAGED_FINGERPRINTS = {
+    "environment": 5,
+    "base_layers": [["model.layers.0.self_attn.q_proj", "float32"], {}],
+    "quantization": [[], {}],
+    "adapter_dtypes": {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": "int8"},
+    "precision": {"lora_compute": "warp-speed"},
+}
+
+
 def tiny_llama():
     """The tiny Llama both adapters are trained on (random weights, fixed seed)."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tests.fault_injection import make_pair
+from tests.fault_injection import DAMAGED_FINGERPRINTS, MALFORMED_CONFIGS, make_pair
 
 from loracast import AdapterLoadError, ConfigError, LoraConfig, PeftModel, PrecisionError, PrecisionWarning
 from loracast.errors import LoracastError
@@ -55,25 +55,7 @@ def rewrite_weights(folder, tensors=None, **metadata_changes):
     save_file(tensors if tensors is not None else load_file(path), path, metadata=metadata)
 
 
-@pytest.mark.parametrize(("changes", "field"), [
-    (dict(target_modules="q_proj("), "target_modules"),
-    (dict(exclude_modules="[v"), "exclude_modules"),
-    (dict(modules_to_save=["lm_head("]), "modules_to_save"),
-    (dict(rank_pattern={"q_proj(": 4}), "rank_pattern"),
-    (dict(alpha_pattern={"*q": 4}), "alpha_pattern"),
-    (dict(layers_pattern="layers(", layers_to_transform=[0]), "layers_pattern"),
-    (dict(lora_alpha=10**400), "lora_alpha"),
-    (dict(lora_alpha=float("nan")), "lora_alpha"),
-    (dict(lora_alpha=float("inf")), "lora_alpha"),
-    (dict(alpha_pattern={"q_proj": float("-inf")}), "alpha_pattern['q_proj']"),
-    (dict(r=2**31), "r"),
-    (dict(r=10**30), "r"),
-    (dict(rank_pattern={"q_proj": 2**40}), "rank_pattern['q_proj']"),
-    (dict(qalora_group_size=False), "qalora_group_size"),
-    (dict(auto_mapping="x"), "auto_mapping"),
-    (dict(megatron_core=3), "megatron_core"),
-    (dict(init_lora_weights=1), "init_lora_weights"),
-])
+@pytest.mark.parametrize(("changes", "field"), MALFORMED_CONFIGS)
 def test_malformed_config_is_a_config_error_naming_file_and_field(pair, saved, changes, field):
     rewrite_config(saved, **changes)
     with pytest.raises(ConfigError) as caught:
@@ -94,15 +76,6 @@ def test_json_no_parser_can_read_is_a_config_error(pair, saved, text):
     (saved / CONFIG).write_text(text)
     with pytest.raises(ConfigError):
         load(pair, saved)
-
-
-DAMAGED_FINGERPRINTS = {
-    "environment": 5,
-    "base_layers": [["model.layers.0.self_attn.q_proj", "float32"], {}],
-    "quantization": [[], {}],
-    "adapter_dtypes": {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": "int8"},
-    "precision": {"lora_compute": "warp-speed"},
-}
 
 
 @pytest.mark.parametrize("entry", sorted(DAMAGED_FINGERPRINTS))

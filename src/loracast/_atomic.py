@@ -40,17 +40,11 @@ def _remove_temp(tmp: str) -> None:
 
 
 def _new_file_mode() -> int:
+    # temporary files are created private (0600); the published file gets the usual
+    # permissions for a new file (0644 under the common umask), as an ordinary open() would
     mask = os.umask(0)  # reading the umask means setting it; put it back at once
     os.umask(mask)
     return 0o666 & ~mask
-
-
-def _publish(tmp: str, path: str) -> None:
-    # temporary files are created private (0600); the published file gets the usual
-    # permissions for a new file (0644 under the common umask), as an ordinary open() would
-    os.chmod(tmp, _new_file_mode())
-    os.replace(tmp, path)
-    _remove_temp(tmp)
 
 
 def _fsync(path: str) -> None:
@@ -94,19 +88,19 @@ def publish_together(files: Sequence[tuple[str, Callable[[str], None]]]) -> None
     `files` pairs each final path with a function that writes the complete file to the path it
     is given (a temporary name beside the final one). All are written and flushed first, then
     renamed into place in the order given, so the window in which some but not all are new is
-    only between two renames. Temporary files are removed on any failure.
+    only between two renames. The temporary folders are removed whatever happens.
     """
     temps: list[str] = []
     try:
         for path, write in files:
             temps.append(_temp_path(path))
             write(temps[-1])
+            os.chmod(temps[-1], _new_file_mode())
         for tmp, (path, _) in zip(temps, files):
-            _publish(tmp, path)
-    except BaseException:
+            os.replace(tmp, path)  # back to back: nothing else runs between the renames
+    finally:
         for tmp in temps:
             _remove_temp(tmp)
-        raise
     for folder in {os.path.dirname(path) for path, _ in files}:
         _fsync_folder(folder)
 
