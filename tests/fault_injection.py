@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import random
 import signal
@@ -100,6 +101,13 @@ def make_pair(library: str) -> Pair:
         with torch.no_grad():
             pair.outputs[role] = model(pair.ids).logits
     return pair
+
+
+@functools.cache
+def shared_pair(library: str) -> Pair:
+    """One `make_pair(library)` for every test module (building it costs about a second); tests
+    that change it put it back."""
+    return make_pair(library)
 
 
 def classify(pair: Pair, folder: str) -> str:

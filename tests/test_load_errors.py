@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tests.fault_injection import DAMAGED_FINGERPRINTS, MALFORMED_CONFIGS, make_pair
+from tests.fault_injection import DAMAGED_FINGERPRINTS, MALFORMED_CONFIGS, shared_pair
 
 from loracast import AdapterLoadError, ConfigError, LoraConfig, PeftModel, PrecisionError, PrecisionWarning
 from loracast.errors import LoracastError
@@ -27,7 +27,7 @@ WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 @pytest.fixture(scope="module")
 def pair():
-    return make_pair("loracast")
+    return shared_pair("loracast")
 
 
 @pytest.fixture

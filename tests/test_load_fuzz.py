@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tests.fault_injection import make_pair
+from tests.fault_injection import shared_pair
 
 from loracast import LoraConfig, PeftModel
 from loracast.errors import LoracastError
@@ -48,7 +48,7 @@ FIELDS = sorted(name for name in LoraConfig.__dataclass_fields__ if name != "ext
 
 @pytest.fixture(scope="module")
 def pair():
-    return make_pair("loracast")
+    return shared_pair("loracast")
 
 
 @pytest.fixture(scope="module")

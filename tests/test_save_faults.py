@@ -19,7 +19,7 @@ import tempfile
 import pytest
 import torch
 from safetensors import safe_open
-from tests.fault_injection import classify, concurrent_rounds, kill_trials, make_pair, temp_files
+from tests.fault_injection import classify, concurrent_rounds, kill_trials, shared_pair, temp_files
 
 from loracast import AdapterLoadError, ConfigError, LoraConfig, PeftModel
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fault injection
 
 @pytest.fixture(scope="module")
 def pair():
-    return make_pair("loracast")
+    return shared_pair("loracast")
 
 
 @pytest.fixture
