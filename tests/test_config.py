@@ -77,7 +77,7 @@ def test_unimplemented_peft_options_are_refused_naming_the_field(field, value):
     (dict(target_modules=[1, 2]), "target_modules", "list of module names"),
     (dict(target_modules="q", layers_to_transform=[0]), "layers_to_transform", "regex"),
     (dict(target_modules=["q"], layers_pattern="layers"), "layers_to_transform", "together with layers_pattern"),
-    (dict(rank_pattern={"q": 0}), "rank_pattern['q']", "positive rank"),
+    (dict(rank_pattern={"q": 0}), "rank_pattern['q']", "positive integer rank"),
     (dict(fan_in_fan_out="yes"), "fan_in_fan_out", "true or false"),
 ])
 def test_invalid_values_name_the_field_and_the_fix(kwargs, field, hint):

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -128,18 +131,25 @@ class LoraConfig:
                                metadata={"help": "Unknown fields read from a file, kept for the round trip."})
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (types as PEFT declares them, values, conflicts); `save_pretrained`
+        calls it again, as fields may have been changed since construction.
+
+        Raises:
+            ConfigError: the first invalid field, named with what it accepts.
+        """
         self._check_types()
         self._check_values()
         self._check_unsupported()
+        self._check_patterns()
 
     # -- validation -------------------------------------------------------------------------
 
     def _check_types(self) -> None:
-        _expect_int("r", self.r)
-        _expect_number("lora_alpha", self.lora_alpha)
-        _expect_number("lora_dropout", self.lora_dropout)
-        for name in ("fan_in_fan_out", "use_rslora", "lora_bias", "inference_mode"):
-            _expect_bool(name, getattr(self, name))
+        for name, check in FIELD_CHECKS.items():
+            check(name, getattr(self, name))
         self.target_modules = _names_or_regex("target_modules", self.target_modules)
         self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None:
@@ -156,7 +166,7 @@ class LoraConfig:
                 isinstance(self.layers_pattern, str)
                 or (isinstance(self.layers_pattern, list) and all(isinstance(p, str) for p in self.layers_pattern))):
             raise ConfigError("layers_pattern", self.layers_pattern, "a string, a list of strings, or None")
-        for name, value_check in (("rank_pattern", _expect_int), ("alpha_pattern", _expect_number)):
+        for name, value_check in (("rank_pattern", _expect_rank), ("alpha_pattern", _expect_finite_number)):
             pattern = getattr(self, name)
             if pattern is None:
                 setattr(self, name, {})
@@ -167,15 +177,9 @@ class LoraConfig:
                 if not isinstance(key, str):
                     raise ConfigError(name, pattern, "string keys (module-name patterns)")
                 value_check(f"{name}[{key!r}]", value)
-        for name in ("base_model_name_or_path", "revision", "task_type"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise ConfigError(name, value, "a string or None")
 
     def _check_values(self) -> None:
-        if self.r <= 0:
-            raise ConfigError("r", self.r, "a positive integer such as 8 or 16")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
+        if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError("lora_dropout", self.lora_dropout, "a probability in [0, 1)")
         if self.bias not in BIAS_MODES:
             raise ConfigError("bias", self.bias, f"one of {BIAS_MODES}")
@@ -186,10 +190,6 @@ class LoraConfig:
             raise ConfigError("task_type", self.task_type, f"None or one of {TASK_TYPES}")
         if self.peft_type != "LORA":
             raise ConfigError("peft_type", self.peft_type, "'LORA': loracast reads LoRA adapters only")
-        for name in ("rank_pattern",):
-            for key, value in getattr(self, name).items():
-                if value <= 0:
-                    raise ConfigError(f"{name}[{key!r}]", value, "a positive rank")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ConfigError("layers_to_transform", self.layers_to_transform,
                               "None when target_modules is a regex string (put the layer filter in the regex)")
@@ -206,6 +206,24 @@ class LoraConfig:
                 name, value,
                 f"{_UNSUPPORTED_DEFAULTS[name]!r}: loracast does not implement this PEFT option yet; "
                 "remove it or use PEFT for this adapter")
+
+    def _check_patterns(self) -> None:
+        # every regex the injection compiles, compiled here first, so a bad one is named
+        if isinstance(self.target_modules, str):
+            _expect_regex("target_modules", self.target_modules, self.target_modules)
+        if isinstance(self.exclude_modules, str):
+            _expect_regex("exclude_modules", self.exclude_modules, self.exclude_modules)
+        if self.modules_to_save:
+            for name in self.modules_to_save:
+                _expect_regex("modules_to_save", name, modules_to_save_regex([name]))
+            _expect_regex("modules_to_save", self.modules_to_save, modules_to_save_regex(self.modules_to_save))
+        if self.layers_pattern:
+            patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
+            for pattern in patterns:
+                _expect_regex("layers_pattern", pattern, layer_index_regex(pattern))
+        for name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, name):
+                _expect_regex(name, key, pattern_key_regex(key))
 
     # -- derived values ------------------------------------------------------------------------
 
@@ -233,27 +251,39 @@ class LoraConfig:
             ConfigError: a field has the wrong type or value (the message names it).
         """
         if not isinstance(data, dict):
-            raise ConfigError("<root>", type(data).__name__, f"a JSON object in {source}")
+            raise ConfigError("<root>", type(data).__name__, "a JSON object", source=source)
         known = {f.name for f in fields(cls)} - {"extra_fields"}
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known}
         if "peft_type" in data and data["peft_type"] != "LORA":
-            raise ConfigError("peft_type", data["peft_type"], f"'LORA' in {source}: loracast reads LoRA adapters only")
+            raise ConfigError("peft_type", data["peft_type"], "'LORA': loracast reads LoRA adapters only", source=source)
         if extra:
             warnings.warn(
                 f"{source}: fields unknown to loracast were kept unchanged and are not used: {sorted(extra)}",
                 UserWarning, stacklevel=3)
-        config = cls(**kwargs)
+        try:
+            config = cls(**kwargs)
+        except ConfigError as exc:
+            raise exc.in_file(source) from None
         config.extra_fields = extra
         return config
 
     def to_json_string(self) -> str:
-        """The JSON text written to `adapter_config.json`."""
+        """The JSON text written to `adapter_config.json`, the fields validated first.
+
+        Raises:
+            ConfigError: a field is invalid or cannot be written as JSON (e.g. a numpy number).
+        """
+        self.validate()
         data = self.to_dict()
         data["inference_mode"] = True  # as PEFT: a saved adapter is loaded for inference unless asked
         if isinstance(data.get("target_modules"), list):
             data["target_modules"] = sorted(data["target_modules"])
-        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+        try:
+            return json.dumps(data, indent=2, sort_keys=True) + "\n"
+        except (TypeError, ValueError) as exc:  # only extra_fields can still hold such values
+            raise ConfigError("extra_fields", self.extra_fields,
+                              f"values JSON can hold (strings, numbers, booleans, lists, dicts, None): {exc}") from None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> LoraConfig:
@@ -268,14 +298,30 @@ class LoraConfig:
         if not os.path.isfile(file):
             raise FileNotFoundError(
                 f"no {CONFIG_NAME} at {path!r}: pass the folder written by save_pretrained (loracast or PEFT)")
-        with open(file, encoding="utf-8") as handle:
-            text = handle.read()
+        with open(file, "rb") as handle:
+            return cls.from_json(handle.read(), source=file)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str, source: str = "config") -> LoraConfig:
+        """Build a config from the text of an `adapter_config.json` (UTF-8 bytes or a string).
+
+        Raises:
+            ConfigError: the text is not UTF-8 JSON holding an object, or a field is invalid
+                (the message names `source` and the field).
+        """
+        try:
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError as exc:
+            raise ConfigError("<file>", f"byte {exc.start}", "UTF-8 text; the file is damaged or not a config, "
+                              "save the adapter again", source=source) from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError("<json>", f"line {exc.lineno} column {exc.colno}",
-                              f"valid JSON in {file} ({exc.msg})") from None
-        return cls.from_dict(data, source=file)
+                              f"valid JSON ({exc.msg})", source=source) from None
+        except (ValueError, RecursionError) as exc:  # an integer of over 4300 digits, or nesting too deep
+            raise ConfigError("<json>", type(exc).__name__, f"JSON a parser can read ({exc})", source=source) from None
+        return cls.from_dict(data, source=source)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `adapter_config.json` atomically into `save_directory`."""
@@ -285,19 +331,107 @@ class LoraConfig:
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
 
 
+# The largest rank accepted: far above any useful LoRA rank (full rank of the widest layers of
+# today's LLMs), and small enough that a damaged file cannot ask for an absurd allocation.
+MAX_RANK = 2**16
+
+
 def _expect_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(name, value, "an integer")
 
 
-def _expect_number(name: str, value: Any) -> None:
+def _expect_rank(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_RANK:
+        raise ConfigError(name, value, f"a positive integer rank such as 8 or 16 (at most {MAX_RANK})")
+
+
+def _expect_finite_number(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(name, value, "a number")
+    try:
+        finite = math.isfinite(value)  # an int too large for a float overflows here
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise ConfigError(name, value, "a finite number (not NaN, infinity or beyond float range)")
 
 
 def _expect_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ConfigError(name, value, "true or false")
+
+
+def _expect_str(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(name, value, "a string")
+
+
+def _expect_init(name: str, value: Any) -> None:
+    if not isinstance(value, (bool, str)):  # 1 == True would pass the value check below
+        raise ConfigError(name, value, "True, False or 'gaussian'")
+
+
+def _optional(check: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
+    def check_optional(name: str, value: Any) -> None:
+        if value is not None:
+            check(name, value)
+    return check_optional
+
+
+def _expect_dict(name: str, value: Any) -> None:
+    if not isinstance(value, dict):
+        raise ConfigError(name, value, "a JSON object (dict)")
+
+
+# Type of each plain field as PEFT declares it, unused ones included (a file must not carry
+# `qalora_group_size: false` unnoticed). Fields with structure (module lists, patterns, layer
+# indices) are checked in `_check_types`; a new plain field adds one line here.
+FIELD_CHECKS: dict[str, Callable[[str, Any], None]] = {
+    "r": _expect_rank,
+    "lora_alpha": _expect_finite_number,
+    "lora_dropout": _expect_finite_number,
+    "fan_in_fan_out": _expect_bool,
+    "use_rslora": _expect_bool,
+    "lora_bias": _expect_bool,
+    "inference_mode": _expect_bool,
+    "bias": _expect_str,
+    "init_lora_weights": _expect_init,
+    "peft_type": _expect_str,
+    "base_model_name_or_path": _optional(_expect_str),
+    "revision": _optional(_expect_str),
+    "task_type": _optional(_expect_str),
+    "auto_mapping": _optional(_expect_dict),
+    "peft_version": _optional(_expect_str),
+    "megatron_core": _optional(_expect_str),
+    "qalora_group_size": _expect_int,
+    "use_dora": _expect_bool,
+    "use_qalora": _expect_bool,
+    "ensure_weight_tying": _expect_bool,
+}
+
+
+def modules_to_save_regex(names: list[str]) -> str:
+    """The regex matching module paths that end in one of `names` (regex fragments, as PEFT)."""
+    return "|".join(rf"(?:^|.*\.){name}(?:$|\..*)" for name in names)
+
+
+def layer_index_regex(layers_pattern: str) -> str:
+    """The regex capturing the layer index (group `idx`) after the module list `layers_pattern`."""
+    return rf"(?:^|.*?\.){layers_pattern}\.(?P<idx>\d+)\."
+
+
+def pattern_key_regex(key: str) -> str:
+    """The regex a `rank_pattern`/`alpha_pattern` key stands for: matching the end of a module path."""
+    return rf"(.*\.)?({key})$"
+
+
+def _expect_regex(name: str, value: Any, regex: str) -> None:
+    try:
+        re.compile(regex)
+    except (re.error, OverflowError, RecursionError, ValueError) as exc:
+        raise ConfigError(name, value, f"a valid regular expression ({exc}); escape special characters "
+                          "such as '.' '(' '[' with a backslash") from None
 
 
 def _names_or_regex(name: str, value: Any) -> list[str] | str | None:

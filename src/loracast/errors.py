@@ -19,15 +19,27 @@ class ConfigError(LoracastError):
     Attributes:
         field: the offending field name.
         value: the value found.
+        expected: what the field accepts, and the fix.
+        source: the file the value was read from, when it came from one.
     """
 
-    def __init__(self, field: str, value: Any, expected: str) -> None:
+    def __init__(self, field: str, value: Any, expected: str, source: str | None = None) -> None:
         self.field = field
         self.value = value
-        shown = repr(value)
+        self.expected = expected
+        self.source = source
+        try:
+            shown = repr(value)
+        except Exception:  # a value whose repr fails must not hide the error about it
+            shown = f"<{type(value).__name__}>"
         if len(shown) > 120:
             shown = shown[:117] + "..."
-        super().__init__(f"LoraConfig field {field!r} is {shown}; expected {expected}")
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}LoraConfig field {field!r} is {shown}; expected {expected}")
+
+    def in_file(self, source: str) -> ConfigError:
+        """The same error, naming the file the value was read from."""
+        return ConfigError(self.field, self.value, self.expected, source=source)
 
 
 class AdapterLoadError(LoracastError):

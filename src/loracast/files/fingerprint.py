@@ -7,7 +7,8 @@ dtype) and the dtype it was written in, the base model's dtype and the storage/c
 of every adapted base layer, the quantization config, the precision policy and autocast
 choice, the library versions and the device type. Loading compares it with the model and
 environment at hand and reports each difference in one warning (`PrecisionWarning`), or
-raises `PrecisionError` with ``strict_precision=True``. Adapters written by PEFT carry no
+raises `PrecisionError` with ``strict_precision=True``. A damaged fingerprint (`parse_fingerprint`
+raises) is warned about and ignored by the loader. Adapters written by PEFT carry no
 fingerprint and load as before.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,11 +23,11 @@ from importlib import metadata as importlib_metadata
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from loracast.errors import PrecisionError, PrecisionWarning
-from loracast.files.format import WEIGHTS_NAME, adapter_tensors
+from loracast.files.fingerprint_schema import fingerprint_problem
+from loracast.files.format import adapter_tensors
 from loracast.layers import LoraLayer
 from loracast.precision.view import BaseLayerInfo, base_layer_info, dtype_name, model_dtype
 from loracast.quant import find_backend
@@ -121,7 +121,7 @@ def parse_fingerprint(file_metadata: dict[str, str] | None) -> dict[str, Any] | 
     """The fingerprint in a safetensors file's metadata, or None when there is none.
 
     Raises:
-        ValueError: the entry exists but is not a JSON object.
+        ValueError: the entry exists but is not a JSON object, or an entry in it is malformed.
     """
     text = (file_metadata or {}).get(FINGERPRINT_KEY)
     if text is None:
@@ -130,31 +130,14 @@ def parse_fingerprint(file_metadata: dict[str, str] | None) -> dict[str, Any] | 
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"the {FINGERPRINT_KEY} metadata entry is not valid JSON ({exc.msg})") from None
+    except (ValueError, RecursionError) as exc:  # over-long integers, nesting too deep
+        raise ValueError(f"the {FINGERPRINT_KEY} metadata entry cannot be parsed ({type(exc).__name__})") from None
     if not isinstance(value, dict):
         raise ValueError(f"the {FINGERPRINT_KEY} metadata entry is not a JSON object")
+    problem = fingerprint_problem(value)
+    if problem is not None:
+        raise ValueError(f"the {FINGERPRINT_KEY} metadata entry is damaged: {problem}")
     return value
-
-
-def read_fingerprint(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """The fingerprint of the adapter saved in `folder` (read from the safetensors header only).
-
-    None when the folder has no safetensors file or the file has no fingerprint. A damaged
-    fingerprint is reported in a warning and treated as absent.
-    """
-    path = os.path.join(os.fspath(folder), WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with safe_open(path, framework="pt", device="cpu") as handle:
-            file_metadata = handle.metadata()
-    except Exception:  # a damaged file: the weight reader reports it with its own message
-        return None
-    try:
-        return parse_fingerprint(file_metadata)
-    except ValueError as exc:
-        warnings.warn(f"{path}: {exc}; the adapter is loaded without comparing its precision fingerprint",
-                      PrecisionWarning, stacklevel=3)
-        return None
 
 
 # -- comparison ------------------------------------------------------------------------------------

@@ -138,7 +138,9 @@ def read_adapter_weights(folder: str, allow_pickle: bool = False) -> tuple[dict[
             with safe_open(safetensors_path, framework="pt", device="cpu") as handle:
                 metadata = handle.metadata() or {}
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
+        except BaseException as exc:  # safetensors raises its own error types for corrupt files
+            if not _is_reader_error(exc):
+                raise
             raise AdapterLoadError(f"cannot read {safetensors_path}: {exc}. The file is damaged or not a "
                                    "safetensors file; save the adapter again") from exc
         return tensors, metadata
@@ -161,24 +163,39 @@ def read_adapter_weights(folder: str, allow_pickle: bool = False) -> tuple[dict[
                             "written by save_pretrained")
 
 
+def _listed(keys: list[str]) -> str:
+    return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+
+def _is_reader_error(exc: BaseException) -> bool:
+    # the Rust reader reports some damaged headers by a panic, a BaseException (pyo3's PanicException)
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
 def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
-                         source: str, optional: dict[str, torch.Tensor] | None = None) -> None:
+                         source: str, optional: dict[str, torch.Tensor] | None = None,
+                         allow_nonfinite: bool = False) -> None:
     """Copy checkpoint `tensors` into the adapter's live tensors (`targets`, from `adapter_tensors`).
 
     The live tensors keep their dtype (set by the precision rules); values are rounded into it.
     Other keys that name a model parameter (trained biases, base tensors PEFT saves) are loaded
     into it; keys naming nothing are reported in one warning.
 
+    NaN or infinite values (in the file, or after rounding into the live dtype) are refused
+    before anything is copied, unless `allow_nonfinite` (then one warning names the tensors).
+
     Raises:
         AdapterLoadError: the file holds no tensors, a tensor is not floating point, a shape does not
-            fit (key and both shapes named), or weights for targeted modules are missing (named).
+            fit (key and both shapes named), a tensor holds NaN/inf values, or weights for targeted
+            modules are missing (named).
     """
     if not tensors:
         raise AdapterLoadError(f"{source} holds no tensors; it is not a trained adapter")
     normalized = {key if key.startswith(KEY_PREFIX) else KEY_PREFIX + key: value for key, value in tensors.items()}
     extra_targets: dict[str, torch.Tensor] | None = None
     unexpected: list[str] = []
-    loaded: set[str] = set()
+    nonfinite: list[str] = []
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     for key, value in normalized.items():
         target = targets.get(key)
         if target is None and optional:
@@ -198,16 +215,30 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], tar
                 f"{source}: tensor {key!r} has shape {tuple(value.shape)} but the model expects "
                 f"{tuple(target.shape)}; the adapter was trained for a different base model or config "
                 "(check r, rank_pattern and the base model)")
-        with torch.no_grad():
-            target.copy_(value)
-        loaded.add(key)
+        value = value.to(target.dtype)  # rounded as the copy would; a huge value may become inf here
+        if not bool(torch.isfinite(value).all()):
+            nonfinite.append(key)
+        pairs.append((target, value))
+    loaded = {key for key in normalized if key not in unexpected}
     missing = [key for key in targets if key not in loaded]
     if missing:
-        shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        shown = _listed(missing)
         raise AdapterLoadError(
             f"{source} lacks weights for modules the config targets: {shown}. The file does not belong to "
             "this config, or was saved incompletely; loading it would leave a fresh, untrained adapter")
+    if nonfinite:
+        shown = _listed(nonfinite)
+        message = (f"{source}: tensors holding NaN or infinite values (in the file or once rounded to the "
+                   f"model's dtype): {shown}")
+        if not allow_nonfinite:
+            raise AdapterLoadError(message + ". The model would return non-finite outputs; the training run that "
+                                   "saved it diverged. Load an earlier checkpoint, or pass allow_nonfinite=True to "
+                                   "load it anyway (e.g. to inspect it)")
+        warnings.warn(message + "; loaded as asked (allow_nonfinite=True)", UserWarning, stacklevel=3)
+    with torch.no_grad():  # only once every check passed: a refused file changes nothing
+        for target, value in pairs:
+            target.copy_(value)
     if unexpected:
-        shown = ", ".join(unexpected[:8]) + (f" ... ({len(unexpected)} in all)" if len(unexpected) > 8 else "")
+        shown = _listed(unexpected)
         warnings.warn(f"{source}: tensors that match nothing in the model were ignored: {shown}",
                       UserWarning, stacklevel=3)

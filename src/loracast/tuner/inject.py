@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from loracast.config import LoraConfig
+from loracast.config import LoraConfig, layer_index_regex, modules_to_save_regex, pattern_key_regex
 from loracast.layers import Conv, Embedding, Linear, LoraLayer
 from loracast.layers.modules_to_save import ModulesToSaveWrapper
 from loracast.precision.rules import adapter_device, apply_adapter_rule, declared_dtype, resolve_adapter_dtype
@@ -90,7 +90,7 @@ class TargetMatcher:
         self._exclude = self._compile(config.exclude_modules) if config.exclude_modules else None
         heads = config.modules_to_save or []
         # unescaped on purpose: PEFT treats these names as regex fragments
-        self._saved = re.compile("|".join(rf"(?:^|.*\.){m}(?:$|\..*)" for m in heads)) if heads else None
+        self._saved = re.compile(modules_to_save_regex(heads)) if heads else None
         layers = config.layers_to_transform
         self._layers = None if layers is None else ({layers} if isinstance(layers, int) else set(layers))
         patterns = config.layers_pattern
@@ -102,7 +102,7 @@ class TargetMatcher:
             self._layer_index = [re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")]
         else:
             patterns = [patterns] if isinstance(patterns, str) else patterns
-            self._layer_index = [re.compile(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.") for p in patterns]
+            self._layer_index = [re.compile(layer_index_regex(p)) for p in patterns]
 
     @staticmethod
     def _compile(spec: list[str] | str | None) -> re.Pattern[str] | SuffixSet | None:
@@ -132,7 +132,7 @@ class TargetMatcher:
 def pattern_value(patterns: dict, name: str, default):
     """The value of the first `patterns` key that matches the end of module `name`, else `default`."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if re.match(pattern_key_regex(key), name):
             return value
     return default
 

@@ -9,21 +9,22 @@ adapter API and this module the file I/O around it.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from loracast._atomic import atomic_save_safetensors
-from loracast.config import CONFIG_NAME, LoraConfig
-from loracast.files.fingerprint import build_fingerprint, check_loaded_adapter, fingerprint_metadata, read_fingerprint
+from loracast.config import LoraConfig
+from loracast.errors import PrecisionError, PrecisionWarning
+from loracast.files.fingerprint import build_fingerprint, check_loaded_adapter, fingerprint_metadata, parse_fingerprint
+from loracast.files.folder import AdapterFolder, read_adapter_folder, write_adapter_folder
 from loracast.files.format import (
     WEIGHTS_NAME,
     adapter_tensors,
     load_adapter_tensors,
     prepare_for_safetensors,
-    read_adapter_weights,
     trained_bias_tensors,
 )
 from loracast.precision.policies import apply_recorded_dtypes, resolve_precision
@@ -52,12 +53,16 @@ class AdapterFiles:
         """Write adapters in PEFT's format: the default one in `save_directory`, others in sub-folders.
 
         `save_dtype` (e.g. torch.bfloat16) writes smaller files; loading still gives the dtypes of
-        the precision rules. Each file is written atomically. A model sharded with FSDP2 is saved
+        the precision rules. Each adapter is written as a unit: its config is validated first, and
+        after an interruption at any moment the folder loads as the old adapter or the new one, or
+        is refused as a mix (see `loracast.files.folder`). A model sharded with FSDP2 is saved
         by calling this on every rank with ``is_main_process=(rank == 0)``: all ranks gather the
         adapter tensors and rank 0 writes them.
 
         Raises:
             ValueError: an unknown adapter is selected, or `safe_serialization=False` is asked for.
+            ConfigError: a config is invalid or cannot be written as JSON (nothing is written for it).
+            OSError: a file could not be written; that adapter's earlier files are unchanged.
         """
         if not safe_serialization:
             raise ValueError("loracast writes only safetensors (pickle files can run code when read); "
@@ -74,14 +79,14 @@ class AdapterFiles:
         if os.path.isfile(root):
             raise ValueError(f"save_directory {root!r} is a file; give a folder path")
         for name in names:
+            self.peft_config[name].validate()  # before any rank gathers or writes anything
+        for name in names:
             # FSDP2-sharded tensors are gathered here, on every rank together; only the main process writes
             tensors = self.adapter_state_dict(name, dtype)
             if not is_main_process:
                 continue
             folder = root if name == "default" else os.path.join(root, check_adapter_name(name))
-            os.makedirs(folder, exist_ok=True)
-            atomic_save_safetensors(os.path.join(folder, WEIGHTS_NAME), tensors, self._file_metadata(name, dtype))
-            self.peft_config[name].save_pretrained(folder)
+            write_adapter_folder(folder, tensors, self._file_metadata(name, dtype), self.peft_config[name])
 
     def _file_metadata(self, adapter_name: str, save_dtype: torch.dtype | None = None) -> dict[str, str]:
         """safetensors header metadata: PEFT's {"format": "pt"} plus the precision fingerprint
@@ -93,14 +98,14 @@ class AdapterFiles:
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      autocast_adapter_dtype: bool | None = None, adapter_dtype: torch.dtype | str | None = None,
                      allow_pickle: bool = False, *, precision: str | None = None, strict_precision: bool = False,
-                     **kwargs: Any) -> None:
+                     allow_nonfinite: bool = False, **kwargs: Any) -> None:
         """Add an adapter read from a folder written by loracast or PEFT (inactive until `set_adapter`).
 
-        Dtypes as in `from_pretrained`; the saved fingerprint is compared with this model and
-        environment (a `PrecisionWarning`, or with `strict_precision` a `PrecisionError`). When
-        `adapter_name` exists already, its values are replaced by the file's, in place, as PEFT
-        does (what `Trainer` relies on to resume or restore the best checkpoint): the tensors,
-        and so an optimizer holding them, stay the same objects.
+        Dtypes and `allow_nonfinite` as in `from_pretrained`; the saved fingerprint is compared with
+        this model and environment (a `PrecisionWarning`, or with `strict_precision` a `PrecisionError`).
+        When `adapter_name` exists already, its values are replaced by the file's, in place, as PEFT
+        does (what `Trainer` relies on to resume or restore the best checkpoint): the tensors, and so
+        an optimizer holding them, stay the same objects.
 
         Raises:
             FileNotFoundError: no adapter files at `model_id`.
@@ -109,31 +114,31 @@ class AdapterFiles:
                 fingerprint differs.
         """
         _reject_unknown_kwargs("load_adapter", kwargs)
+        files = read_adapter_folder(model_id, allow_pickle)
+        fingerprint = _usable_fingerprint(files, precision)
         if adapter_name in self.peft_config:
-            self._load_weights(model_id, adapter_name, allow_pickle, read_fingerprint(model_id), strict_precision)
+            self._load_weights(files, adapter_name, fingerprint, strict_precision, allow_nonfinite)
             return
-        config = _read_config(model_id)
-        config.inference_mode = not is_trainable
-        fingerprint = read_fingerprint(model_id)
+        files.config.inference_mode = not is_trainable
         plan = resolve_precision(self.base_model.model, precision, autocast_adapter_dtype, adapter_dtype,
                                  fingerprint=fingerprint, loading=True)
-        self._add(adapter_name, config, plan, initialize=False)
+        self._add(adapter_name, files.config, plan, initialize=False)
         try:
-            self._load_weights(model_id, adapter_name, allow_pickle, fingerprint, strict_precision)
+            self._load_weights(files, adapter_name, fingerprint, strict_precision, allow_nonfinite)
         except BaseException:
             self._remove_everywhere(adapter_name)
             raise
         self.base_model.set_adapter(self.active_adapters)
 
-    def _load_weights(self, model_id: str | os.PathLike, adapter_name: str, allow_pickle: bool,
-                      fingerprint: dict | None = None, strict_precision: bool = False) -> None:
-        folder = os.fspath(model_id)
-        tensors, _ = read_adapter_weights(folder, allow_pickle=allow_pickle)
+    def _load_weights(self, files: AdapterFolder, adapter_name: str, fingerprint: dict | None = None,
+                      strict_precision: bool = False, allow_nonfinite: bool = False) -> None:
+        folder = files.path
         model = self.base_model.model
         config = self.peft_config[adapter_name]
         targets = adapter_tensors(model, adapter_name)
-        load_adapter_tensors(model, tensors, targets, source=os.path.join(folder, WEIGHTS_NAME),
-                             optional=trained_bias_tensors(model, adapter_name, config.bias))
+        load_adapter_tensors(model, files.tensors, targets, source=os.path.join(folder, WEIGHTS_NAME),
+                             optional=trained_bias_tensors(model, adapter_name, config.bias),
+                             allow_nonfinite=allow_nonfinite)
         plan = self._precision_plans[adapter_name]
         apply_recorded_dtypes(targets, plan)
         if fingerprint is not None:
@@ -146,29 +151,33 @@ class AdapterFiles:
                         is_trainable: bool = False, config: LoraConfig | None = None,
                         autocast_adapter_dtype: bool | None = None, adapter_dtype: torch.dtype | str | None = None,
                         allow_pickle: bool = False, *, precision: str | None = None,
-                        strict_precision: bool = False, **kwargs: Any) -> _Model:
+                        strict_precision: bool = False, allow_nonfinite: bool = False, **kwargs: Any) -> _Model:
         """Wrap `model` with an adapter read from a folder written by loracast or PEFT.
 
         Adapter dtypes follow `precision` (a `loracast.policies` name; "match-training" restores
         the dtypes recorded at save) or the knobs, as in `get_peft_model`. A loracast-written
         adapter's fingerprint is compared with this model and environment: each difference is
-        listed in one `PrecisionWarning`, or raised as a `PrecisionError` with `strict_precision`.
+        listed in one `PrecisionWarning`, or raised as a `PrecisionError` with `strict_precision`; a
+        damaged fingerprint is warned about and ignored. NaN or infinite values in the weights are
+        refused unless `allow_nonfinite=True` (then loaded, with a warning). A `config` given here
+        is used instead of the folder's, which is then neither read nor checked against the weights.
 
         Raises:
             FileNotFoundError: no adapter at `model_id` (loracast reads local folders only).
-            AdapterLoadError / ConfigError: the files do not fit this model or are malformed.
+            AdapterLoadError / ConfigError: the files do not fit this model, are malformed, hold
+                non-finite values, or come from two different saves (an interrupted save).
             PrecisionError: the precision arguments conflict, or `strict_precision` and the
                 fingerprint differs.
         """
         _reject_unknown_kwargs("from_pretrained", kwargs)
-        config = config or _read_config(model_id)
-        config.inference_mode = not is_trainable
-        fingerprint = read_fingerprint(model_id)
+        files = read_adapter_folder(model_id, allow_pickle, config=config)
+        files.config.inference_mode = not is_trainable
+        fingerprint = _usable_fingerprint(files, precision)
         plan = resolve_precision(model, precision, autocast_adapter_dtype, adapter_dtype,
                                  fingerprint=fingerprint, loading=True)
-        peft_model = cls(model, config, adapter_name, _initialize=False, _plan=plan)
+        peft_model = cls(model, files.config, adapter_name, _initialize=False, _plan=plan)
         try:
-            peft_model._load_weights(model_id, adapter_name, allow_pickle, fingerprint, strict_precision)
+            peft_model._load_weights(files, adapter_name, fingerprint, strict_precision, allow_nonfinite)
         except BaseException:
             peft_model.base_model.unload()
             raise
@@ -187,11 +196,16 @@ def _reject_unknown_kwargs(where: str, kwargs: dict[str, Any]) -> None:
         raise TypeError(f"{where}(): pass the sub-folder in the path instead of subfolder=")
 
 
-def _read_config(model_id: str | os.PathLike) -> LoraConfig:
-    path = os.fspath(model_id)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"adapter folder {path!r} does not exist; loracast loads adapters from local folders "
-            f"(holding {CONFIG_NAME} and {WEIGHTS_NAME}). For a Hub repo, download it first with "
-            "huggingface_hub.snapshot_download")
-    return LoraConfig.from_pretrained(path)
+def _usable_fingerprint(files: AdapterFolder, precision: str | None) -> dict[str, Any] | None:
+    """The folder's fingerprint; a damaged one is warned about and ignored, or refused when
+    `precision="match-training"` needs it."""
+    try:
+        return parse_fingerprint(files.metadata)
+    except ValueError as exc:
+        path = os.path.join(files.path, WEIGHTS_NAME)
+        if precision == "match-training":
+            raise PrecisionError(f"{path}: precision='match-training' needs the dtypes recorded at save, but {exc}; "
+                                 "load it with precision='stable' or 'fast', or save the adapter again") from None
+        warnings.warn(f"{path}: {exc}; the adapter is loaded without comparing its precision fingerprint",
+                      PrecisionWarning, stacklevel=3)
+        return None
