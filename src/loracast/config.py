@@ -34,8 +34,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "corda_config": None,
     "lora_ga_config": None,
     "megatron_config": None,
-    "target_parameters": None,
-    "trainable_token_indices": None,
     "use_qalora": False,
     "alora_invocation_tokens": None,
     "arrow_config": None,
@@ -105,6 +103,12 @@ class LoraConfig:
     peft_version: str | None = _help("PEFT version the file layout follows.", PEFT_VERSION_WRITTEN)
     megatron_core: str | None = _help("PEFT's Megatron module name (kept, unused).", "megatron.core")
     qalora_group_size: int = _help("PEFT's QALoRA group size (kept, unused).", 16)
+    target_parameters: list[str] | None = _help(
+        "nn.Parameters to adapt (e.g. the 3-D expert tensors 'mlp.experts.gate_up_proj' of MoE models): full "
+        "names or dotted suffixes.", None)
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = _help(
+        "Train only these rows of the input embedding (a list of token ids), or of the named embeddings "
+        "({name: ids}); a head tied to the embedding follows.", None)
     # PEFT options loracast refuses unless left at their default (see _UNSUPPORTED_DEFAULTS).
     use_dora: bool = _help("DoRA: not implemented by loracast; must be False.", False)
     layer_replication: Any = _help("Not implemented by loracast; must be None.", None)
@@ -113,8 +117,6 @@ class LoraConfig:
     corda_config: Any = _help("Not implemented by loracast; must be None.", None)
     lora_ga_config: Any = _help("Not implemented by loracast; must be None.", None)
     megatron_config: Any = _help("Not implemented by loracast; must be None.", None)
-    target_parameters: Any = _help("Not implemented by loracast; must be None.", None)
-    trainable_token_indices: Any = _help("Not implemented by loracast; must be None.", None)
     use_qalora: bool = _help("Not implemented by loracast; must be False.", False)
     alora_invocation_tokens: Any = _help("Not implemented by loracast; must be None.", None)
     arrow_config: Any = _help("Not implemented by loracast; must be None.", None)
@@ -167,6 +169,14 @@ class LoraConfig:
                 if not isinstance(key, str):
                     raise ConfigError(name, pattern, "string keys (module-name patterns)")
                 value_check(f"{name}[{key!r}]", value)
+        if self.target_parameters is not None:
+            names = self.target_parameters
+            if isinstance(names, (set, tuple)):
+                names = list(names)
+            if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+                raise ConfigError("target_parameters", self.target_parameters, "a list of parameter names, or None")
+            self.target_parameters = names
+        self.trainable_token_indices = _token_indices(self.trainable_token_indices)
         for name in ("base_model_name_or_path", "revision", "task_type"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
@@ -298,6 +308,25 @@ def _expect_number(name: str, value: Any) -> None:
 def _expect_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ConfigError(name, value, "true or false")
+
+
+def _token_indices(value: Any) -> list[int] | dict[str, list[int]] | None:
+    def ids(v: Any) -> list[int] | None:
+        if isinstance(v, (list, tuple)) and v and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                      for i in v):
+            return list(v)
+        return None
+
+    if value is None:
+        return None
+    if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+        checked = {k: ids(v) for k, v in value.items()}
+        if all(v is not None for v in checked.values()):
+            return checked
+    elif ids(value) is not None:
+        return ids(value)
+    raise ConfigError("trainable_token_indices", value,
+                      "a non-empty list of token ids, a dict {embedding name: list of ids}, or None")
 
 
 def _names_or_regex(name: str, value: Any) -> list[str] | str | None:

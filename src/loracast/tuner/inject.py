@@ -24,6 +24,7 @@ from loracast.layers import Conv, Embedding, Linear, LoraLayer
 from loracast.layers.modules_to_save import ModulesToSaveWrapper
 from loracast.precision.rules import adapter_device, apply_adapter_rule, declared_dtype, resolve_adapter_dtype
 from loracast.quant import find_backend
+from loracast.tuner.params import inject_parameters
 from loracast.tuner.walk import Node, replace_child, walk
 
 # Default targets by transformers model_type when target_modules is None (PEFT's choice).
@@ -112,6 +113,11 @@ class TargetMatcher:
             return re.compile(spec)
         return SuffixSet(spec) if spec else None
 
+    @property
+    def inactive(self) -> bool:
+        """True when the config targets no modules (target_parameters alone)."""
+        return self._target is None
+
     def matches(self, name: str) -> bool:
         """True when module `name` is to be adapted."""
         if self._exclude is not None and self._exclude.fullmatch(name):
@@ -140,6 +146,8 @@ def pattern_value(patterns: dict, name: str, default):
 def resolve_target_modules(model: nn.Module, config: LoraConfig) -> None:
     """Fill in `config.target_modules` for None (model-type default) and 'all-linear' (expanded),
     as PEFT does, so the saved config names the modules actually adapted."""
+    if config.target_modules is None and config.target_parameters:
+        return  # parameters only, as PEFT: no default modules
     if config.target_modules is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGETS:
@@ -277,7 +285,7 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ad
             continue
         if len(candidates) < 400:
             candidates.append(name)
-        if not matcher.matches(name):
+        if matcher.inactive or not matcher.matches(name):
             continue
         layer = module if isinstance(module, LoraLayer) else make_lora_layer(module, config, name)
         base = layer.get_base_layer()
@@ -292,8 +300,13 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ad
             _freeze(base)
             replace_child(parent, attr, layer)
         targeted.append(name)
-    if not targeted:
+    if not targeted and not config.target_parameters:
         raise ValueError(_no_match_message(config, candidates))
+    targeted += inject_parameters(
+        model, config, adapter_name,
+        lambda key: (pattern_value(config.rank_pattern, key, config.r),
+                     pattern_value(config.alpha_pattern, key, config.lora_alpha)),
+        autocast_adapter_dtype=autocast_adapter_dtype, adapter_dtype=adapter_dtype, initialize=initialize)
     return targeted
 
 
@@ -347,10 +360,12 @@ def wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str
 
 
 def iter_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    """(name, layer) for every LoRA layer in `model`."""
+    """(name, layer) for every LoRA layer in `model`, nested parameter wrappers included (outer first)."""
     for node in walk(model, stop=(LoraLayer,)):
-        if isinstance(node.module, LoraLayer):
-            yield node.name, node.module
+        name, layer = node.name, node.module
+        while isinstance(layer, LoraLayer):
+            yield name, layer
+            name, layer = name + ".base_layer", layer.base_layer
 
 
 def iter_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
@@ -363,4 +378,10 @@ def iter_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]
 def iter_adapter_modules(model: nn.Module) -> list[LoraLayer | ModulesToSaveWrapper]:
     """Every LoRA layer and modules_to_save wrapper in `model`, in one walk."""
     kinds = (LoraLayer, ModulesToSaveWrapper)
-    return [node.module for node in walk(model, stop=kinds) if isinstance(node.module, kinds)]
+    found: list[LoraLayer | ModulesToSaveWrapper] = []
+    for node in walk(model, stop=kinds):
+        module = node.module
+        while isinstance(module, kinds):
+            found.append(module)
+            module = module.base_layer if isinstance(module, LoraLayer) else None
+    return found
