@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from loracast.config import LoraConfig
+from loracast.errors import ConfigError
 from loracast.layers import Conv, Embedding, Linear, LoraLayer
+from loracast.layers.init import is_weight_init
 from loracast.layers.modules_to_save import ModulesToSaveWrapper
 from loracast.precision.rules import adapter_device, apply_adapter_rule, declared_dtype, resolve_adapter_dtype
 from loracast.quant import find_backend
@@ -277,6 +279,9 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ad
     resolve_target_modules(model, config)
     matcher = TargetMatcher(config)
     init = config.init_lora_weights if initialize else None
+    from_base = config.init_lora_weights if is_weight_init(config.init_lora_weights) else None
+    if initialize and config.init_lora_weights == "orthogonal":
+        from_base = "orthogonal"
     model_dtype = declared_dtype(model)  # for bases with no float dtype of their own (8-bit)
     targeted: list[str] = []
     candidates: list[str] = []
@@ -296,6 +301,8 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ad
             use_rslora=config.use_rslora, lora_bias=config.lora_bias,
             dtype=resolve_adapter_dtype(base, autocast_adapter_dtype, adapter_dtype, model_dtype),
             device=adapter_device(base))
+        if from_base:  # also when loading: the saved factors belong to the residual base (as PEFT)
+            _init_from_base(layer, adapter_name, from_base, config, name)
         if layer is not module:
             _freeze(base)
             replace_child(parent, attr, layer)
@@ -308,6 +315,15 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ad
                      pattern_value(config.alpha_pattern, key, config.lora_alpha)),
         autocast_adapter_dtype=autocast_adapter_dtype, adapter_dtype=adapter_dtype, initialize=initialize)
     return targeted
+
+
+def _init_from_base(layer: LoraLayer, adapter_name: str, init: str, config: LoraConfig, name: str) -> None:
+    if not isinstance(layer, Linear):
+        raise ConfigError("init_lora_weights", init,
+                          f"True, False or 'gaussian' for {name!r} (a {type(layer.get_base_layer()).__name__}): "
+                          "PiSSA, OLoRA, LoftQ and orthogonal starts apply to linear layers only; narrow "
+                          "target_modules to linear layers")
+    layer.init_from_base(adapter_name, init, config.loftq_config)
 
 
 def _no_match_message(config: LoraConfig, names: list[str]) -> str:
