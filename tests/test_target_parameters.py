@@ -79,34 +79,40 @@ def _experts_run(wrapper, dtype, autocast):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("flag", [True, False])
-@pytest.mark.parametrize("autocast", [False, True])
-def test_dtype_matrix_against_peft_and_float64(dtype, flag, autocast):
+def test_dtype_matrix_against_peft_and_float64(dtype, flag):
     ours, theirs = pair(dtype, autocast_adapter_dtype=flag)
     assert {p.dtype for _, p in _lora(ours)} == {p.dtype for _, p in _lora(theirs)} == {torch.float32 if flag else dtype}
-    mine, inputs = _experts_run(ours.base_model.model.model.layers[0].mlp.experts, dtype, autocast)
-    other, _ = _experts_run(theirs.base_model.model.model.layers[0].mlp.experts, dtype, autocast)
-    # oracle: the same experts in float64, each parameter plus its update computed in float64
     outer = ours.base_model.model.model.layers[0].mlp.experts
+    for autocast in (False, True):
+        mine, inputs = _experts_run(outer, dtype, autocast)
+        other, _ = _experts_run(theirs.base_model.model.model.layers[0].mlp.experts, dtype, autocast)
+        # oracle: the same experts in float64, each parameter plus its update computed in float64
+        exact = _experts_float64(outer, *inputs)
+        error_ours, error_peft = (mine - exact).abs().max().item(), (other - exact).abs().max().item()
+        scale = exact.abs().max().item()
+        limit = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}[torch.bfloat16 if autocast else dtype]
+        assert error_ours <= limit * scale and error_peft <= limit * scale * 2
+        if dtype == torch.float32 and not autocast:
+            torch.testing.assert_close(mine, other, rtol=1e-5, atol=1e-6)  # fp32: the same values as PEFT
+
+
+def _experts_float64(outer, hidden, index, weights):
+    """Qwen3-MoE's expert sum for fixed routing, in float64, each weight plus its update in float64."""
     real = outer.base_layer.base_layer
     with torch.no_grad():
         gate_up = real.gate_up_proj.double() + outer.base_layer.get_delta_weight("default")
         down = real.down_proj.double() + outer.get_delta_weight("default")
-        hidden, index, weights = (t.double() if t.is_floating_point() else t for t in inputs)
+        hidden, weights = hidden.double(), weights.double()
         exact = torch.zeros_like(hidden)
         for token in range(hidden.shape[0]):
             for slot, expert in enumerate(index[token].tolist()):
                 gate, up = (gate_up[expert] @ hidden[token]).chunk(2)
                 exact[token] += weights[token, slot] * (down[expert] @ (torch.nn.functional.silu(gate) * up))
-    error_ours, error_peft = (mine - exact).abs().max().item(), (other - exact).abs().max().item()
-    scale = exact.abs().max().item()
-    limit = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}[torch.bfloat16 if autocast else dtype]
-    assert error_ours <= limit * scale and error_peft <= limit * scale * 2
-    if dtype == torch.float32 and not autocast:
-        torch.testing.assert_close(mine, other, rtol=1e-5, atol=1e-6)  # fp32: the same values as PEFT
+    return exact
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_merge_rounds_once_and_unmerge_restores_bits(dtype):
+def test_merge_rounds_once_and_unmerge_restores_bits():
+    dtype = torch.bfloat16
     ours, _ = pair(dtype)
     experts = ours.base_model.model.model.layers[0].mlp.experts
     inner = experts.base_layer
@@ -117,13 +123,13 @@ def test_merge_rounds_once_and_unmerge_restores_bits(dtype):
     # oracle: the float64 sum of base and update, rounded once to the base dtype
     exact = (before.double() + inner.get_delta_weight("default")).to(dtype)
     assert torch.equal(param, exact)
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(ours(input_ids=IDS).logits, expected, rtol=tol, atol=tol)
+    # oracle: the unmerged forward, which rounds the same sum once per step: bf16 resolution
+    torch.testing.assert_close(ours(input_ids=IDS).logits, expected, rtol=3e-2, atol=3e-2)
     ours.unmerge_adapter()
     assert torch.equal(param, before)
     plain = ours.merge_and_unload()
     assert type(plain.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
-    torch.testing.assert_close(plain(input_ids=IDS).logits, expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(plain(input_ids=IDS).logits, expected, rtol=3e-2, atol=3e-2)
 
 
 def test_training_step_matches_peft_and_touches_only_adapters():

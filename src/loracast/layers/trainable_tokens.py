@@ -111,10 +111,25 @@ class TrainableTokensLayer(LoraLayer):
                 raise RuntimeError("adapters are disabled while merged into the base weight; call "
                                    "unmerge_adapter() first")
             return result
+        if self._batch_adapter_names is not None:
+            return self._mixed_batch(x, result)
         names = [n for n in self._active_adapters if n in self.r]
         self._check_disjoint(names)
         for name in names:
             result = self._replace(x, result, name)
+        return result
+
+    def _mixed_batch(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Per-sample adapters (`adapter_names=` in forward): each sample gets its adapter's rows."""
+        names = self._batch_adapter_names
+        if len(names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} samples; "
+                             "give one adapter name (or '__base__') per sample")
+        for name in dict.fromkeys(names):
+            if name not in self.r:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            result = result.index_copy(0, rows, self._replace(x.index_select(0, rows), result.index_select(0, rows), name))
         return result
 
     def _replace(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
