@@ -54,11 +54,12 @@ def test_json_written_by_loracast_is_read_by_peft_and_back(tmp_path):
 
 @pytest.mark.parametrize("field, value", [
     ("use_dora", True),
-    ("init_lora_weights", "pissa"),
-    ("init_lora_weights", "loftq"),
+    ("init_lora_weights", "eva"),
+    ("init_lora_weights", "corda"),
     ("layer_replication", [[0, 1]]),
-    ("target_parameters", ["experts.weight"]),
-    ("trainable_token_indices", [1, 2]),
+    ("alora_invocation_tokens", [5]),
+    ("megatron_config", {"tensor_model_parallel_size": 2}),
+    ("use_bdlora", {"target_modules_bd_a": ["q"]}),
     ("use_qalora", True),
 ])
 def test_unimplemented_peft_options_are_refused_naming_the_field(field, value):

@@ -25,20 +25,25 @@ PEFT_VERSION_WRITTEN = "0.21.2"  # the PEFT release whose file layout we write
 
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 BIAS_MODES = ("none", "all", "lora_only")
-SUPPORTED_INITS = (True, False, "gaussian")
+SUPPORTED_INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq")  # and "pissa_niter_K"
+_PISSA_NITER = re.compile(r"pissa_niter_\d+$")
+
+
+def init_is_supported(value: Any) -> bool:
+    """True for the `init_lora_weights` values loracast implements."""
+    if isinstance(value, str) and _PISSA_NITER.match(value):
+        return True
+    return any(value is v or (isinstance(v, str) and value == v) for v in SUPPORTED_INITS)
 
 # PEFT fields that change the math and that loracast does not implement, with the value that
 # means "not used". A config carrying anything else is refused.
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "use_dora": False,
     "layer_replication": None,
-    "loftq_config": {},
     "eva_config": None,
     "corda_config": None,
     "lora_ga_config": None,
     "megatron_config": None,
-    "target_parameters": None,
-    "trainable_token_indices": None,
     "use_qalora": False,
     "alora_invocation_tokens": None,
     "arrow_config": None,
@@ -58,7 +63,7 @@ def unsupported_options(data: dict[str, Any]) -> dict[str, Any]:
         value = data.get(name, default)
         if value != default and not (default == {} and value is None):
             found[name] = value
-    if data.get("init_lora_weights", True) not in SUPPORTED_INITS:
+    if not init_is_supported(data.get("init_lora_weights", True)):
         found["init_lora_weights"] = data["init_lora_weights"]
     return found
 
@@ -92,7 +97,9 @@ class LoraConfig:
     modules_to_save: list[str] | None = _help(
         "Modules trained in full as a per-adapter copy (e.g. a classification head).", None)
     init_lora_weights: bool | str = _help(
-        "True: kaiming A, zero B (no-op at start); 'gaussian': normal A; False: random A and B.", True)
+        "True: kaiming A, zero B (no-op at start); 'gaussian': normal A; False: random A and B; 'pissa' / "
+        "'pissa_niter_K' / 'olora' / 'loftq': A and B from the base weight, which keeps the residual; "
+        "'orthogonal': A and B with B @ A = 0.", True)
     layers_to_transform: list[int] | int | None = _help("Only adapt these layer indices.", None)
     layers_pattern: list[str] | str | None = _help(
         "Name of the module list holding the layers (e.g. 'layers', 'h'); needs layers_to_transform.", None)
@@ -108,16 +115,21 @@ class LoraConfig:
     peft_version: str | None = _help("PEFT version the file layout follows.", PEFT_VERSION_WRITTEN)
     megatron_core: str | None = _help("PEFT's Megatron module name (kept, unused).", "megatron.core")
     qalora_group_size: int = _help("PEFT's QALoRA group size (kept, unused).", 16)
+    loftq_config: dict = _help(
+        "LoftQ settings {'loftq_bits': 4 or 8, 'loftq_iter': n}, used with init_lora_weights='loftq'.", factory=dict)
+    target_parameters: list[str] | None = _help(
+        "nn.Parameters to adapt (e.g. the 3-D expert tensors 'mlp.experts.gate_up_proj' of MoE models): full "
+        "names or dotted suffixes.", None)
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = _help(
+        "Train only these rows of the input embedding (a list of token ids), or of the named embeddings "
+        "({name: ids}); a head tied to the embedding follows.", None)
     # PEFT options loracast refuses unless left at their default (see _UNSUPPORTED_DEFAULTS).
     use_dora: bool = _help("DoRA: not implemented by loracast; must be False.", False)
     layer_replication: Any = _help("Not implemented by loracast; must be None.", None)
-    loftq_config: Any = _help("Not implemented by loracast; must be empty.", factory=dict)
     eva_config: Any = _help("Not implemented by loracast; must be None.", None)
     corda_config: Any = _help("Not implemented by loracast; must be None.", None)
     lora_ga_config: Any = _help("Not implemented by loracast; must be None.", None)
     megatron_config: Any = _help("Not implemented by loracast; must be None.", None)
-    target_parameters: Any = _help("Not implemented by loracast; must be None.", None)
-    trainable_token_indices: Any = _help("Not implemented by loracast; must be None.", None)
     use_qalora: bool = _help("Not implemented by loracast; must be False.", False)
     alora_invocation_tokens: Any = _help("Not implemented by loracast; must be None.", None)
     arrow_config: Any = _help("Not implemented by loracast; must be None.", None)
@@ -177,15 +189,34 @@ class LoraConfig:
                 if not isinstance(key, str):
                     raise ConfigError(name, pattern, "string keys (module-name patterns)")
                 value_check(f"{name}[{key!r}]", value)
+        if self.loftq_config is None:
+            self.loftq_config = {}
+        if not isinstance(self.loftq_config, dict):
+            to_dict = getattr(self.loftq_config, "__dict__", None)  # PEFT's LoftQConfig dataclass
+            if not isinstance(to_dict, dict):
+                raise ConfigError("loftq_config", self.loftq_config, "a dict such as {'loftq_bits': 4, 'loftq_iter': 1}")
+            self.loftq_config = dict(to_dict)
+        if self.target_parameters is not None:
+            names = self.target_parameters
+            if isinstance(names, (set, tuple)):
+                names = list(names)
+            if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+                raise ConfigError("target_parameters", self.target_parameters, "a list of parameter names, or None")
+            self.target_parameters = names
+        self.trainable_token_indices = _token_indices(self.trainable_token_indices)
 
     def _check_values(self) -> None:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError("lora_dropout", self.lora_dropout, "a probability in [0, 1)")
         if self.bias not in BIAS_MODES:
             raise ConfigError("bias", self.bias, f"one of {BIAS_MODES}")
-        if self.init_lora_weights not in SUPPORTED_INITS:
+        if not init_is_supported(self.init_lora_weights):
             raise ConfigError("init_lora_weights", self.init_lora_weights,
-                              "True, False or 'gaussian'; loracast does not implement other initialisations yet")
+                              "True, False, 'gaussian', 'pissa', 'pissa_niter_K' (K an integer), 'olora', "
+                              "'orthogonal' or 'loftq'; loracast does not implement the other PEFT initialisations")
+        if self.init_lora_weights == "loftq" and not self.loftq_config:
+            raise ConfigError("loftq_config", self.loftq_config,
+                              "a LoftQConfig (e.g. {'loftq_bits': 4, 'loftq_iter': 1}) with init_lora_weights='loftq'")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ConfigError("task_type", self.task_type, f"None or one of {TASK_TYPES}")
         if self.peft_type != "LORA":
@@ -369,7 +400,7 @@ def _expect_str(name: str, value: Any) -> None:
 
 def _expect_init(name: str, value: Any) -> None:
     if not isinstance(value, (bool, str)):  # 1 == True would pass the value check below
-        raise ConfigError(name, value, "True, False or 'gaussian'")
+        raise ConfigError(name, value, "True, False or an initialisation name such as 'gaussian' or 'pissa'")
 
 
 def _optional(check: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
@@ -432,6 +463,25 @@ def _expect_regex(name: str, value: Any, regex: str) -> None:
     except (re.error, OverflowError, RecursionError, ValueError) as exc:
         raise ConfigError(name, value, f"a valid regular expression ({exc}); escape special characters "
                           "such as '.' '(' '[' with a backslash") from None
+
+
+def _token_indices(value: Any) -> list[int] | dict[str, list[int]] | None:
+    def ids(v: Any) -> list[int] | None:
+        if isinstance(v, (list, tuple)) and v and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                      for i in v):
+            return list(v)
+        return None
+
+    if value is None:
+        return None
+    if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+        checked = {k: ids(v) for k, v in value.items()}
+        if all(v is not None for v in checked.values()):
+            return checked
+    elif ids(value) is not None:
+        return ids(value)
+    raise ConfigError("trainable_token_indices", value,
+                      "a non-empty list of token ids, a dict {embedding name: list of ids}, or None")
 
 
 def _names_or_regex(name: str, value: Any) -> list[str] | str | None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loracast.errors import ConfigError
 from loracast.layers import build
 from loracast.layers.base import LoraLayer, delta_dtype
 from loracast.layers.fastpath import exact_forward, fast_forward, single_adapter
 from loracast.layers.init import init_factor_pair, rounding_dtype
+from loracast.layers.init_from_base import decompose, orthogonal_factors, residual
 from loracast.precision.rules import base_weight
 from loracast.quant import find_backend
 from loracast.quant import merge as quant_merge
+from loracast.quant.loftq import loftq
 
 
 class Linear(LoraLayer):
@@ -50,6 +53,43 @@ class Linear(LoraLayer):
         build.put(self.lora_B, adapter_name, lora_b)
         init_factor_pair(lora_a.weight, lora_b.weight, lora_b.bias, init_lora_weights, r,
                          rounding_dtype(self.get_base_layer()))
+
+    def init_from_base(self, adapter_name: str, init: str, loftq_config: dict | None = None) -> None:
+        """Start adapter `adapter_name` the PiSSA / OLoRA / LoftQ / orthogonal way (see
+        `loracast.layers.init_from_base`); the first three rewrite the base weight (rounded once).
+
+        Raises:
+            ConfigError: the base is quantized (these need the float weight), or the rank is odd
+                for 'orthogonal'.
+        """
+        lora_a, lora_b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        if init == "orthogonal":
+            values_a, values_b = orthogonal_factors(self.r[adapter_name], self.in_features, self.out_features,
+                                                    lora_a.device)
+        else:
+            if self.quant_backend is not None or not base_weight(self.base_layer).is_floating_point():
+                raise ConfigError("init_lora_weights", init,
+                                  "True, False, 'gaussian' or 'orthogonal' on a quantized base: PiSSA/OLoRA/LoftQ "
+                                  "rewrite the base weight, so load the base in float (bf16/fp16/fp32) to use them "
+                                  "(quantize the residual model afterwards)")
+            weight = base_weight(self.base_layer)
+            original = weight.detach().T if self.fan_in_fan_out else weight.detach()
+            scaling = self.scaling[adapter_name]
+            if init == "loftq":
+                values_a, values_b, quantized = loftq(original, self.r[adapter_name], scaling, loftq_config or {})
+            else:
+                values_a, values_b = decompose(original, init, self.r[adapter_name], scaling)
+        with torch.no_grad():
+            lora_a.copy_(values_a)
+            lora_b.copy_(values_b)
+        if init == "orthogonal":
+            return
+        if init == "loftq":
+            new = quantized  # the quantized base LoftQ fitted the factors to
+        else:
+            new = residual(original, lora_a, lora_b, scaling)
+        with torch.no_grad():  # the one rounding into the base dtype
+            weight.copy_((new.T if self.fan_in_fan_out else new).to(weight.dtype))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = None

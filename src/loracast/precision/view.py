@@ -24,7 +24,7 @@ from loracast.quant import find_backend
 # Container name -> the role its tensors play, as the doctor's table shows it.
 ROLES: dict[str, str] = {
     "lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
-    "lora_magnitude_vector": "magnitude",
+    "lora_magnitude_vector": "magnitude", "trainable_tokens_delta": "tokens",
 }
 _ADAPTER_PARTS = frozenset(ROLES) | {"modules_to_save"}
 

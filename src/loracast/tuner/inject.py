@@ -20,10 +20,13 @@ import torch
 from torch import nn
 
 from loracast.config import LoraConfig, layer_index_regex, modules_to_save_regex, pattern_key_regex
+from loracast.errors import ConfigError
 from loracast.layers import Conv, Embedding, Linear, LoraLayer
+from loracast.layers.init_from_base import is_weight_init
 from loracast.layers.modules_to_save import ModulesToSaveWrapper
 from loracast.precision.rules import adapter_device, apply_adapter_rule, declared_dtype, resolve_adapter_dtype
 from loracast.quant import find_backend
+from loracast.tuner.params import inject_parameters
 from loracast.tuner.walk import Node, replace_child, walk
 
 # Default targets by transformers model_type when target_modules is None (PEFT's choice).
@@ -112,6 +115,11 @@ class TargetMatcher:
             return re.compile(spec)
         return SuffixSet(spec) if spec else None
 
+    @property
+    def inactive(self) -> bool:
+        """True when the config targets no modules (target_parameters alone)."""
+        return self._target is None
+
     def matches(self, name: str) -> bool:
         """True when module `name` is to be adapted."""
         if self._exclude is not None and self._exclude.fullmatch(name):
@@ -140,6 +148,8 @@ def pattern_value(patterns: dict, name: str, default):
 def resolve_target_modules(model: nn.Module, config: LoraConfig) -> None:
     """Fill in `config.target_modules` for None (model-type default) and 'all-linear' (expanded),
     as PEFT does, so the saved config names the modules actually adapted."""
+    if config.target_modules is None and config.target_parameters:
+        return  # parameters only, as PEFT: no default modules
     if config.target_modules is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGETS:
@@ -269,6 +279,9 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ad
     resolve_target_modules(model, config)
     matcher = TargetMatcher(config)
     init = config.init_lora_weights if initialize else None
+    from_base = config.init_lora_weights if is_weight_init(config.init_lora_weights) else None
+    if initialize and config.init_lora_weights == "orthogonal":
+        from_base = "orthogonal"
     model_dtype = declared_dtype(model)  # for bases with no float dtype of their own (8-bit)
     targeted: list[str] = []
     candidates: list[str] = []
@@ -277,7 +290,7 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ad
             continue
         if len(candidates) < 400:
             candidates.append(name)
-        if not matcher.matches(name):
+        if matcher.inactive or not matcher.matches(name):
             continue
         layer = module if isinstance(module, LoraLayer) else make_lora_layer(module, config, name)
         base = layer.get_base_layer()
@@ -288,13 +301,29 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ad
             use_rslora=config.use_rslora, lora_bias=config.lora_bias,
             dtype=resolve_adapter_dtype(base, autocast_adapter_dtype, adapter_dtype, model_dtype),
             device=adapter_device(base))
+        if from_base:  # also when loading: the saved factors belong to the residual base (as PEFT)
+            _init_from_base(layer, adapter_name, from_base, config, name)
         if layer is not module:
             _freeze(base)
             replace_child(parent, attr, layer)
         targeted.append(name)
-    if not targeted:
+    if not targeted and not config.target_parameters:
         raise ValueError(_no_match_message(config, candidates))
+    targeted += inject_parameters(
+        model, config, adapter_name,
+        lambda key: (pattern_value(config.rank_pattern, key, config.r),
+                     pattern_value(config.alpha_pattern, key, config.lora_alpha)),
+        autocast_adapter_dtype=autocast_adapter_dtype, adapter_dtype=adapter_dtype, initialize=initialize)
     return targeted
+
+
+def _init_from_base(layer: LoraLayer, adapter_name: str, init: str, config: LoraConfig, name: str) -> None:
+    if not isinstance(layer, Linear):
+        raise ConfigError("init_lora_weights", init,
+                          f"True, False or 'gaussian' for {name!r} (a {type(layer.get_base_layer()).__name__}): "
+                          "PiSSA, OLoRA, LoftQ and orthogonal starts apply to linear layers only; narrow "
+                          "target_modules to linear layers")
+    layer.init_from_base(adapter_name, init, config.loftq_config)
 
 
 def _no_match_message(config: LoraConfig, names: list[str]) -> str:
@@ -347,10 +376,12 @@ def wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str
 
 
 def iter_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    """(name, layer) for every LoRA layer in `model`."""
+    """(name, layer) for every LoRA layer in `model`, nested parameter wrappers included (outer first)."""
     for node in walk(model, stop=(LoraLayer,)):
-        if isinstance(node.module, LoraLayer):
-            yield node.name, node.module
+        name, layer = node.name, node.module
+        while isinstance(layer, LoraLayer):
+            yield name, layer
+            name, layer = name + ".base_layer", layer.base_layer
 
 
 def iter_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
@@ -363,4 +394,10 @@ def iter_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]
 def iter_adapter_modules(model: nn.Module) -> list[LoraLayer | ModulesToSaveWrapper]:
     """Every LoRA layer and modules_to_save wrapper in `model`, in one walk."""
     kinds = (LoraLayer, ModulesToSaveWrapper)
-    return [node.module for node in walk(model, stop=kinds) if isinstance(node.module, kinds)]
+    found: list[LoraLayer | ModulesToSaveWrapper] = []
+    for node in walk(model, stop=kinds):
+        module = node.module
+        while isinstance(module, kinds):
+            found.append(module)
+            module = module.base_layer if isinstance(module, LoraLayer) else None
+    return found

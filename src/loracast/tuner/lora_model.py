@@ -16,6 +16,7 @@ from loracast.files.format import trained_bias_tensors
 from loracast.integrations import transformers as transformers_integration
 from loracast.layers import LoraLayer
 from loracast.layers.modules_to_save import ModulesToSaveWrapper
+from loracast.layers.trainable_tokens import TrainableTokensWrapper
 from loracast.quant.merge import requantization_report
 from loracast.tuner.inject import iter_adapter_modules, iter_lora_layers, iter_wrappers
 
@@ -88,12 +89,12 @@ class LoraModel(nn.Module):
     def _unload(self, merge: bool, safe_merge: bool, adapter_names: Sequence[str] | None) -> nn.Module:
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         with requantization_report():
-            for name, layer in list(self.lora_layers()):
+            for name, layer in reversed(list(self.lora_layers())):  # nested wrappers: inner first
                 if merge:
                     layer.merge(names, safe_merge=safe_merge, keep_restore=False)
                 elif layer.merged:
                     layer.unmerge()
-                _replace(self.model, name, layer.get_base_layer())
+                _replace(self.model, _slot_of(self.model, name), layer.get_base_layer())
         for name, wrapper in list(self.wrappers()):
             _replace(self.model, name, wrapper.unwrap(names[0] if (merge and names) else None))
         transformers_integration.uninstall(self.model)  # a plain model again: saves in full
@@ -107,6 +108,15 @@ class LoraModel(nn.Module):
     def unload(self) -> nn.Module:
         """Remove all LoRA layers without merging and return the plain model."""
         return self._unload(False, False, None)
+
+
+def _slot_of(root: nn.Module, name: str) -> str:
+    """Where a layer's base goes back on unload: the place of its PEFT-named wrapper, if any
+    (a trainable-tokens layer sits inside one), else its own."""
+    parent_name, _, _ = name.rpartition(".")
+    if parent_name and isinstance(root.get_submodule(parent_name), TrainableTokensWrapper):
+        return parent_name
+    return name
 
 
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -26,6 +26,7 @@ from loracast.tuner.lora_model import LoraModel
 from loracast.tuner.names import BASE_ONLY, check_adapter_name
 from loracast.tuner.saving import AdapterFiles
 from loracast.tuner.signature import ForwardWithWrappedSignature
+from loracast.tuner.tokens import wrap_trainable_tokens
 
 __all__ = ["BASE_ONLY", "LoraModel", "PeftModel", "check_adapter_name", "get_peft_model"]
 
@@ -126,6 +127,8 @@ class PeftModel(AdapterFiles, nn.Module):
                            adapter_dtype=plan.adapter_dtype, initialize=initialize)
             wrap_modules_to_save(model, config, adapter_name, autocast_adapter_dtype=plan.autocast_adapter_dtype,
                                  adapter_dtype=plan.adapter_dtype)
+            wrap_trainable_tokens(model, config, adapter_name, autocast_adapter_dtype=plan.autocast_adapter_dtype,
+                                  adapter_dtype=plan.adapter_dtype, initialize=initialize)
             if plan.lora_compute != "exact":
                 set_lora_compute(model, plan.lora_compute, adapter_name)
         except BaseException:

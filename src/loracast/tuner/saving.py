@@ -27,6 +27,7 @@ from loracast.files.format import (
     prepare_for_safetensors,
     trained_bias_tensors,
 )
+from loracast.files.mutated import converted_config, subtract_initial
 from loracast.precision.policies import apply_recorded_dtypes, resolve_precision
 from loracast.precision.rules import parse_dtype
 from loracast.tuner.names import check_adapter_name
@@ -49,6 +50,7 @@ class AdapterFiles:
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
                         selected_adapters: Sequence[str] | None = None,
                         save_dtype: torch.dtype | str | None = None, is_main_process: bool = True,
+                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
                         **kwargs: Any) -> None:
         """Write adapters in PEFT's format: the default one in `save_directory`, others in sub-folders.
 
@@ -59,9 +61,14 @@ class AdapterFiles:
         by calling this on every rank with ``is_main_process=(rank == 0)``: all ranks gather the
         adapter tensors and rank 0 writes them.
 
+        `path_initial_model_for_weight_conversion` (PEFT's option): the folder a PiSSA / OLoRA /
+        LoftQ adapter was saved to before training; the adapter is then written as the plain
+        rank-2r LoRA adapter that applies the same change to the original, unmodified base.
+
         Raises:
             ValueError: an unknown adapter is selected, or `safe_serialization=False` is asked for.
             ConfigError: a config is invalid or cannot be written as JSON (nothing is written for it).
+            ConfigError / AdapterLoadError: the initial adapter does not fit (see `files.mutated`).
             OSError: a file could not be written; that adapter's earlier files are unchanged.
         """
         if not safe_serialization:
@@ -85,8 +92,12 @@ class AdapterFiles:
             tensors = self.adapter_state_dict(name, dtype)
             if not is_main_process:
                 continue
+            config = self.peft_config[name]
+            if path_initial_model_for_weight_conversion is not None:
+                tensors = subtract_initial(tensors, path_initial_model_for_weight_conversion)
+                config = converted_config(config)
             folder = root if name == "default" else os.path.join(root, check_adapter_name(name))
-            write_adapter_folder(folder, tensors, self._file_metadata(name, dtype), self.peft_config[name])
+            write_adapter_folder(folder, tensors, self._file_metadata(name, dtype), config)
 
     def _file_metadata(self, adapter_name: str, save_dtype: torch.dtype | None = None) -> dict[str, str]:
         """safetensors header metadata: PEFT's {"format": "pt"} plus the precision fingerprint
