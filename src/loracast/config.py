@@ -207,12 +207,6 @@ class LoraConfig:
                 f"{_UNSUPPORTED_DEFAULTS[name]!r}: loracast does not implement this PEFT option yet; "
                 "remove it or use PEFT for this adapter")
 
-    # -- derived values ------------------------------------------------------------------------
-
-    def scaling_for(self, r: int, alpha: float) -> float:
-        """The factor the LoRA update is multiplied by for a layer of rank `r` and `alpha`."""
-        return alpha / (r ** 0.5) if self.use_rslora else alpha / r
-
     # -- serialisation ---------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:

@@ -139,13 +139,6 @@ def base_layer_info(path: str, layer: nn.Module) -> BaseLayerInfo:
     return BaseLayerInfo(path, storage, compute, backend.name if backend is not None else None, device)
 
 
-def adapted_base_layers(model: nn.Module) -> Iterator[BaseLayerInfo]:
-    """`BaseLayerInfo` for the base layer of every LoRA layer in `model`."""
-    for path, module in model.named_modules():
-        if is_lora_layer(module):
-            yield base_layer_info(path, module.get_base_layer())
-
-
 def quantized_layers(model: nn.Module) -> Iterator[BaseLayerInfo]:
     """`BaseLayerInfo` for every layer a quantization backend claims."""
     for path, module in model.named_modules():

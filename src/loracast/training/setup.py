@@ -17,7 +17,6 @@ from loracast.integrations.hf_loading import (
     load_model,
     load_tokenizer,
     quiet_transformers,
-    read_model_config,
 )
 from loracast.precision.view import dtype_name
 from loracast.training.data import LabelledTexts, default_data_path, read_examples, split_examples
@@ -67,19 +66,6 @@ class ModelSpec:
     alpha: float = 16
     dropout: float = 0.0
     seed: int = 0
-
-
-def trained_label_names(folder: Path) -> list[str] | None:
-    """The label names of a model folder that already holds a trained classification head."""
-    config = read_model_config(check_model_folder(folder))
-    architectures = config.get("architectures") or []
-    id2label = config.get("id2label") or {}
-    if not any(a.endswith("ForSequenceClassification") for a in architectures) or not id2label:
-        return None
-    names = [id2label[k] for k in sorted(id2label, key=int)]
-    if all(name == f"LABEL_{i}" for i, name in enumerate(names)):
-        return None  # transformers' placeholders: no real label set
-    return names
 
 
 def load_data(path: Path | None, labels: list[str] | None, eval_fraction: float, seed: int

@@ -168,11 +168,6 @@ def _output_heads(model: nn.Module, config: LoraConfig) -> list[nn.Module]:
     return []
 
 
-def _named_modules_outside_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """named_modules(), skipping the insides of LoRA layers and modules_to_save wrappers."""
-    return [(node.name, node.module) for node in _outside_wrappers(model)]
-
-
 def _outside_wrappers(model: nn.Module) -> list[Node]:
     return walk(model, stop=(LoraLayer, ModulesToSaveWrapper))
 
