@@ -32,3 +32,19 @@ def test_no_dead_code():
                 if qualified not in CALLED_BY_USERS and len(re.findall(rf"\b{name}\b", text)) < 2:
                     dead.append(f"{path.relative_to(PACKAGE)}: {qualified}")
     assert dead == []
+
+
+def test_public_constructor_has_no_private_keywords():
+    """`PeftModel(...)` takes PEFT's arguments (plus `adapter_dtype`, `precision`); loading builds
+    its half-made model through a private factory instead of private constructor keywords."""
+    import inspect
+
+    import peft
+
+    from loracast import PeftModel
+
+    ours = inspect.signature(PeftModel).parameters
+    assert [name for name in ours if name.startswith("_")] == []
+    theirs = inspect.signature(peft.PeftModel).parameters
+    shared = [name for name in theirs if name in ours]
+    assert shared == ["model", "peft_config", "adapter_name", "autocast_adapter_dtype", "low_cpu_mem_usage"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -26,6 +26,8 @@ from loracast.tuner.names import BASE_ONLY, check_adapter_name
 from loracast.tuner.saving import AdapterFiles
 
 __all__ = ["BASE_ONLY", "LoraModel", "PeftModel", "check_adapter_name", "get_peft_model"]
+
+_Self = TypeVar("_Self", bound="PeftModel")
 
 
 def _freeze_all(model: nn.Module) -> bool:
@@ -46,6 +48,14 @@ def _freeze_all(model: nn.Module) -> bool:
     return checkpointing
 
 
+def _check_wrappable(model: nn.Module, peft_config: LoraConfig) -> None:
+    if isinstance(model, PeftModel):
+        raise ValueError("the model already is a PeftModel; use add_adapter() to add another adapter")
+    if not isinstance(peft_config, LoraConfig):
+        raise TypeError(f"peft_config must be a loracast LoraConfig, got {type(peft_config).__name__}; "
+                        "build it with loracast.LoraConfig(...) or LoraConfig.from_dict(peft_config.to_dict())")
+
+
 class PeftModel(AdapterFiles, nn.Module):
     """A model with LoRA adapters, with PEFT's `PeftModel` API.
 
@@ -55,20 +65,30 @@ class PeftModel(AdapterFiles, nn.Module):
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool | None = None, adapter_dtype: torch.dtype | str | None = None,
-                 low_cpu_mem_usage: bool = False, *, precision: str | None = None, _initialize: bool = True,
-                 _plan: PrecisionPlan | None = None) -> None:
+                 low_cpu_mem_usage: bool = False, *, precision: str | None = None) -> None:
         super().__init__()
+        _check_wrappable(model, peft_config)
+        plan = resolve_precision(model, precision, autocast_adapter_dtype, adapter_dtype)
+        self._wrap(model, peft_config, adapter_name, plan, initialize=True)
+
+    @classmethod
+    def _for_loading(cls: type[_Self], model: nn.Module, peft_config: LoraConfig, adapter_name: str,
+                     plan: PrecisionPlan) -> _Self:
+        """A `PeftModel` whose first adapter is created with the dtypes of `plan` and left
+        uninitialised, its values about to be loaded (`from_pretrained`)."""
+        _check_wrappable(model, peft_config)
+        peft_model = cls.__new__(cls)
+        nn.Module.__init__(peft_model)
+        peft_model._wrap(model, peft_config, adapter_name, plan, initialize=False)
+        return peft_model
+
+    def _wrap(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str, plan: PrecisionPlan,
+              initialize: bool) -> None:
         self._precision_plans: dict[str, PrecisionPlan] = {}  # adapter -> how its dtypes were chosen
         self._fingerprints: dict[str, dict] = {}  # adapter -> fingerprint of the file it was loaded from
-        if isinstance(model, PeftModel):
-            raise ValueError("the model already is a PeftModel; use add_adapter() to add another adapter")
-        if not isinstance(peft_config, LoraConfig):
-            raise TypeError(f"peft_config must be a loracast LoraConfig, got {type(peft_config).__name__}; "
-                            "build it with loracast.LoraConfig(...) or LoraConfig.from_dict(peft_config.to_dict())")
         checkpointing = _freeze_all(model)  # the base is frozen; adapters decide their own requires_grad
-        plan = _plan or resolve_precision(model, precision, autocast_adapter_dtype, adapter_dtype)
         self.base_model = LoraModel(model)
-        self._add(adapter_name, peft_config, plan, _initialize)
+        self._add(adapter_name, peft_config, plan, initialize)
         self.base_model.set_adapter(adapter_name)
         if checkpointing and hasattr(model, "enable_input_require_grads"):
             # reentrant checkpointing needs an input that requires grad, or no grad reaches the adapters

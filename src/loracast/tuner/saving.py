@@ -160,7 +160,7 @@ class AdapterFiles:
         fingerprint = read_fingerprint(model_id)
         plan = resolve_precision(model, precision, autocast_adapter_dtype, adapter_dtype,
                                  fingerprint=fingerprint, loading=True)
-        peft_model = cls(model, config, adapter_name, _initialize=False, _plan=plan)
+        peft_model = cls._for_loading(model, config, adapter_name, plan)
         try:
             peft_model._load_weights(model_id, adapter_name, allow_pickle, fingerprint, strict_precision)
         except BaseException:
