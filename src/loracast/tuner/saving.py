@@ -17,6 +17,7 @@ from torch import nn
 
 from loracast._atomic import atomic_save_safetensors
 from loracast.config import CONFIG_NAME, LoraConfig
+from loracast.errors import UnsupportedArgumentError
 from loracast.files.fingerprint import build_fingerprint, check_loaded_adapter, fingerprint_metadata, read_fingerprint
 from loracast.files.format import (
     WEIGHTS_NAME,
@@ -56,15 +57,19 @@ class AdapterFiles:
         by calling this on every rank with ``is_main_process=(rank == 0)``: all ranks gather the
         adapter tensors and rank 0 writes them.
 
+        Of PEFT's other arguments, the ones that change nothing here are accepted at their
+        harmless values (`save_embedding_layers` "auto" or False, `push_to_hub=False`,
+        `path_initial_model_for_weight_conversion=None`); anything else is refused.
+
         Raises:
             ValueError: an unknown adapter is selected, or `safe_serialization=False` is asked for.
+            UnsupportedArgumentError: an argument loracast does not implement (`push_to_hub=True`,
+                `max_shard_size`, `state_dict`, ...).
         """
         if not safe_serialization:
             raise ValueError("loracast writes only safetensors (pickle files can run code when read); "
                              "drop safe_serialization=False")
-        unknown_kwargs = set(kwargs) - {"save_embedding_layers", "max_shard_size", "push_to_hub"}
-        if unknown_kwargs:
-            raise TypeError(f"save_pretrained got unexpected arguments {sorted(unknown_kwargs)}")
+        _refuse_unsupported_save_kwargs(kwargs)
         dtype = parse_dtype(save_dtype, "save_dtype")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
@@ -171,14 +176,37 @@ class AdapterFiles:
 
 _IGNORED_KWARGS = {"low_cpu_mem_usage", "torch_device", "ephemeral_gpu_offload", "subfolder"}
 
+# PEFT's save_pretrained arguments that change nothing at these values (the first is PEFT's default).
+_HARMLESS_SAVE_KWARGS: dict[str, tuple[Any, ...]] = {
+    "save_embedding_layers": ("auto", False),
+    "push_to_hub": (False,),
+    "path_initial_model_for_weight_conversion": (None,),
+}
+_SAVE_FIXES = {
+    "push_to_hub": "save to a folder, then upload it with huggingface_hub.upload_folder",
+    "max_shard_size": "drop it: an adapter is written as one adapter_model.safetensors file",
+    "state_dict": "drop it: the adapter tensors are read from the model",
+}
+
+
+def _refuse_unsupported_save_kwargs(kwargs: dict[str, Any]) -> None:
+    for name, value in kwargs.items():
+        harmless = _HARMLESS_SAVE_KWARGS.get(name)
+        if harmless is not None and any(value is v or (type(value) is type(v) and value == v) for v in harmless):
+            continue
+        allowed = "" if harmless is None else f" (accepted: {', '.join(repr(v) for v in harmless)})"
+        fix = _SAVE_FIXES.get(name, "drop it")
+        raise UnsupportedArgumentError(
+            f"save_pretrained({name}={value!r}): loracast does not implement this argument{allowed}; {fix}")
+
 
 def _reject_unknown_kwargs(where: str, kwargs: dict[str, Any]) -> None:
     unknown = sorted(set(kwargs) - _IGNORED_KWARGS)
     if unknown:
         hint = " (use adapter_dtype= to choose the adapter dtype)" if {"torch_dtype", "dtype"} & set(unknown) else ""
-        raise TypeError(f"{where}() got unexpected arguments {unknown}{hint}")
+        raise UnsupportedArgumentError(f"{where}() got unexpected arguments {unknown}{hint}")
     if kwargs.get("subfolder"):
-        raise TypeError(f"{where}(): pass the sub-folder in the path instead of subfolder=")
+        raise UnsupportedArgumentError(f"{where}(): pass the sub-folder in the path instead of subfolder=")
 
 
 def _read_config(model_id: str | os.PathLike) -> LoraConfig:
