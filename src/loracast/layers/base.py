@@ -18,6 +18,7 @@ from torch import nn
 
 from loracast.layers import build
 from loracast.layers.merge import BitResidual, check_finite, exact_sum
+from loracast.layers.routing import routed_adapter_names
 from loracast.precision.rules import cast_for_adapter
 
 
@@ -51,7 +52,6 @@ class LoraLayer(nn.Module):
             _active_adapters=[], _disable_adapters=False, merged_adapters=[],
             _weight_restore=None,  # BitResidual (float base) or a backend snapshot
             _bias_original=None,
-            _batch_adapter_names=None,  # per-sample adapter names, set only for the duration of one forward
         )
 
     # -- adapter bookkeeping ---------------------------------------------------------------------
@@ -176,21 +176,21 @@ class LoraLayer(nn.Module):
                     "adapters are disabled while merged into the base weight; use PeftModel.disable_adapter() "
                     "(which unmerges exactly and re-merges) or call unmerge_adapter() first")
             return self.base_layer(x, *args, **kwargs)
+        routed = routed_adapter_names()
         if self.merged:
-            if self._batch_adapter_names is not None:
+            if routed is not None:
                 raise RuntimeError("per-sample adapter_names cannot be used while adapters are merged; "
                                    "call unmerge_adapter() first")
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        if self._batch_adapter_names is not None:
-            return self._mixed_batch_forward(x, result)
+        if routed is not None:
+            return self._mixed_batch_forward(x, result, routed)
         out_dtype = result.dtype
         for name in self._active_adapters:
             result = result + self._lora_output(x, name)
         return result.to(out_dtype)
 
-    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        names = self._batch_adapter_names
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         if len(names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} samples; "
                              "give one adapter name (or '__base__') per sample")

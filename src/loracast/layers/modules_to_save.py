@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from loracast.layers.routing import routed_adapter_names
+
 
 class ModulesToSaveWrapper(nn.Module):
     """Holds the original module and one trainable copy per adapter."""
@@ -25,7 +27,6 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self._active_adapters: list[str] = []
         self._disable_adapters = False
-        self._batch_adapter_names: Sequence[str] | None = None
 
     @property
     def adapter_names(self) -> list[str]:
@@ -85,8 +86,9 @@ class ModulesToSaveWrapper(nn.Module):
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._batch_adapter_names is not None and not self._disable_adapters:
-            return self._mixed_batch_forward(*args, **kwargs)
+        routed = routed_adapter_names()
+        if routed is not None and not self._disable_adapters:
+            return self._mixed_batch_forward(routed, *args, **kwargs)
         return self._run(self._module_in_use(), args, kwargs)
 
     def _module_in_use(self) -> nn.Module:
@@ -94,8 +96,7 @@ class ModulesToSaveWrapper(nn.Module):
             return self.original_module
         return self.modules_to_save[self._active_adapters[0]]
 
-    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        names = self._batch_adapter_names
+    def _mixed_batch_forward(self, names: Sequence[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if len(names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} samples")
         pieces, order = [], []

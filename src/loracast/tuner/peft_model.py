@@ -16,8 +16,8 @@ from torch import nn
 
 from loracast.config import LoraConfig
 from loracast.integrations import transformers as transformers_integration
-from loracast.layers import LoraLayer
 from loracast.layers.compute import set_lora_compute
+from loracast.layers.routing import per_sample_adapters
 from loracast.precision.policies import PrecisionPlan, resolve_precision
 from loracast.quant.merge import requantization_report
 from loracast.tuner.inject import TASK_HEADS, inject_adapter, wrap_modules_to_save
@@ -228,16 +228,10 @@ class PeftModel(AdapterFiles, nn.Module):
         unknown = sorted(set(adapter_names) - known)
         if unknown:
             raise ValueError(f"adapter_names holds unknown adapter(s) {unknown}; known: {sorted(known)}")
-        modules = [m for _, m in list(self.base_model.lora_layers()) + list(self.base_model.wrappers())]
-        if any(isinstance(m, LoraLayer) and m.merged for m in modules):
+        if any(layer.merged for _, layer in self.base_model.lora_layers()):
             raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
-        try:
-            for module in modules:
-                module._batch_adapter_names = list(adapter_names)
+        with per_sample_adapters(adapter_names):
             yield
-        finally:
-            for module in modules:
-                module._batch_adapter_names = None
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's forward; `adapter_names` picks an adapter per sample ('__base__': none)."""
