@@ -58,15 +58,18 @@ def quiet_transformers() -> Iterator[None]:
 
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
+    bnb_logger = logging.getLogger("bitsandbytes")  # it logs the note once, when first imported
+    bnb_level = bnb_logger.level
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    bnb_logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+        bnb_logger.setLevel(bnb_level)
 
 
 def auto_class(task_type: str | None) -> type:

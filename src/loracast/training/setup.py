@@ -3,7 +3,6 @@ adapter under a precision policy, and the labelled data."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,9 +78,9 @@ def load_data(path: Path | None, labels: list[str] | None, eval_fraction: float,
 
 
 def _quantization_config(dtype: torch.dtype | None) -> Any:
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its optional 'kernels' package is not needed
     try:
-        import bitsandbytes  # noqa: F401  (transformers needs it for 4-bit loading)
+        with quiet_transformers():  # bitsandbytes' note about its optional 'kernels' package is not needed
+            import bitsandbytes  # noqa: F401  (transformers needs it for 4-bit loading)
         from transformers import BitsAndBytesConfig
     except ImportError as exc:
         raise SetupError("--load-in-4bit needs bitsandbytes: pip install 'loracast[bnb]'") from exc

@@ -296,6 +296,18 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     ("stable", "mixed", "fast", "fsdp"; see `loracast.policies`), which sets all of these at once; a knob
     passed with it must agree with it. Base parameters are frozen.
 
+    `model` is adapted in place: its targeted modules are replaced by LoRA layers that wrap them.
+    On a transformers `PreTrainedModel`, loracast also sets transformers' PEFT-integration
+    attributes on that model instance (never on its class), so that transformers treats it as an
+    adapter model without the peft package: ``_hf_peft_config_loaded``, ``peft_config`` (the
+    returned model's dict) and the methods ``active_adapters``, ``active_adapter``,
+    ``get_adapter_state_dict``, ``set_adapter``, ``enable_adapters``, ``disable_adapters``,
+    ``add_adapter``, ``load_adapter`` and ``delete_adapter``, each acting on the returned
+    `PeftModel`. With them `Trainer(model=peft_model.get_base_model())` trains the adapter (on a
+    quantized base too) and its ``save_pretrained`` / ``trainer.save_model`` write only the adapter,
+    in PEFT's format. `merge_and_unload()` and `unload()` remove them again
+    (`loracast.integrations.transformers`).
+
     Raises:
         ValueError: target_modules matches nothing (the message lists module names), or a matched
             module cannot carry LoRA.
