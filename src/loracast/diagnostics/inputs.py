@@ -33,6 +33,7 @@ from loracast.files.fingerprint import (
 )
 from loracast.files.format import KEY_PREFIX, adapter_tensors, read_adapter_weights
 from loracast.integrations.hf_loading import quiet_transformers
+from loracast.layers.compute import adapter_compute_record
 from loracast.precision.view import (
     ROLES,
     BaseLayerInfo,
@@ -269,7 +270,8 @@ def _from_model(obj: nn.Module, subject: str, kind: str, fsdp: bool | None) -> I
         if not param.is_floating_point():
             inventory.integer_params.append((name, param.dtype))
     plans = getattr(obj, "_precision_plans", None) or {}
-    inventory.plans = {name: plan.to_dict() for name, plan in plans.items()}
+    # the compute mode as the layers have it now, whatever the plan said
+    inventory.plans = {name: {**plan.to_dict(), **adapter_compute_record(model, name)} for name, plan in plans.items()}
     for name, fingerprint in (getattr(obj, "_fingerprints", None) or {}).items():
         inventory.fingerprints[name] = fingerprint
         now = build_fingerprint(model, name, plans.get(name))

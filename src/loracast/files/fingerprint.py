@@ -29,6 +29,7 @@ from torch import nn
 from loracast.errors import PrecisionError, PrecisionWarning
 from loracast.files.format import WEIGHTS_NAME, adapter_tensors
 from loracast.layers import LoraLayer
+from loracast.layers.compute import adapter_compute_record
 from loracast.precision.view import BaseLayerInfo, base_layer_info, dtype_name, model_dtype
 from loracast.quant import find_backend
 
@@ -79,6 +80,14 @@ def _quantization(model: nn.Module, layers: list[BaseLayerInfo]) -> dict[str, An
             "config": kept or None}
 
 
+def _precision_record(model: nn.Module, adapter_name: str, plan: Any) -> dict[str, Any] | None:
+    """The plan the adapter was made with, its compute mode replaced by what its layers do now
+    (`set_lora_compute` or a shared layer may have changed it since)."""
+    if plan is None:
+        return None
+    return {**plan.to_dict(), **adapter_compute_record(model, adapter_name)}
+
+
 def build_fingerprint(model: nn.Module, adapter_name: str, plan: Any = None,
                       save_dtype: torch.dtype | None = None,
                       live: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
@@ -102,7 +111,7 @@ def build_fingerprint(model: nn.Module, adapter_name: str, plan: Any = None,
         "fingerprint_version": FINGERPRINT_VERSION,
         "adapter_name": adapter_name,
         "environment": environment(",".join(devices) or None),
-        "precision": plan.to_dict() if plan is not None else None,
+        "precision": _precision_record(model, adapter_name, plan),
         "model_dtype": dtype_name(model_dtype(model)),
         "base_layers": layers,
         "quantization": _quantization(model, quantized),

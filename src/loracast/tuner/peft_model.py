@@ -146,6 +146,8 @@ class PeftModel(AdapterFiles, nn.Module):
                                  adapter_dtype=plan.adapter_dtype)
             if plan.lora_compute != "exact":
                 set_lora_compute(model, plan.lora_compute, adapter_name)
+            for path in plan.fast_layers:
+                set_lora_compute(model.get_submodule(path), "fast")
         except BaseException:
             self._remove_everywhere(adapter_name)
             raise
