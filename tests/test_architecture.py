@@ -48,3 +48,30 @@ def test_public_constructor_has_no_private_keywords():
     theirs = inspect.signature(peft.PeftModel).parameters
     shared = [name for name in theirs if name in ours]
     assert shared == ["model", "peft_config", "adapter_name", "autocast_adapter_dtype", "low_cpu_mem_usage"]
+
+
+# (what, pattern, the modules allowed to hold it): each fact is written in one place.
+ONE_SOURCE = [
+    ("the LoRA scaling formula", r"alpha\s*/\s*(math\.sqrt\(r\)|\(?r\s*\*\*|r\b)", {"config.py"}),
+    ("a table of dtype names", r"[\"'](bf16|fp16|fp32)[\"']\s*:", {"dtypes.py"}),
+    ("adapter-parameter names", r"[\"']\.lora_[\"']|startswith\([\"']lora_|[\"']\.modules_to_save\.[\"']",
+     {"precision/view.py"}),
+    ("ACCELERATE_USE_FSDP's spellings", r"ACCELERATE_USE_FSDP[\"']", {"distributed/accelerate_env.py"}),
+    ("bitsandbytes class names", r"__name__\s*[!=]=\s*[\"'](Linear4bit|Params4bit|Linear8bitLt|Int8Params)", set()),
+    ("the CPU-repack undo", r"_convert_weight_packed_for_cpu_inverse\b", {"quant/bnb.py"}),
+]
+
+
+def test_each_fact_has_one_source():
+    """The scaling formula, dtype names, what counts as an adapter parameter, accelerate's FSDP flag,
+    bitsandbytes' layer types (only through a `QuantBackend`) and the CPU-repack undo are each
+    written once."""
+    found = {what: set() for what, _, _ in ONE_SOURCE}
+    for path, source in _sources().items():
+        code = re.sub(r'"""[\s\S]*?"""', "", source)  # docstrings and comments may name them
+        code = "\n".join(line.split("#")[0] for line in code.splitlines())
+        for what, pattern, _ in ONE_SOURCE:
+            if re.search(pattern, code):
+                found[what].add(path.relative_to(PACKAGE).as_posix())
+    assert {what: places - allowed for (what, _, allowed), places in zip(ONE_SOURCE, found.values())} == \
+        {what: set() for what, _, _ in ONE_SOURCE}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field, fields
@@ -58,6 +59,12 @@ def unsupported_options(data: dict[str, Any]) -> dict[str, Any]:
     if data.get("init_lora_weights", True) not in SUPPORTED_INITS:
         found["init_lora_weights"] = data["init_lora_weights"]
     return found
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    """The factor a LoRA update ``B @ A`` is multiplied by: lora_alpha / r, or lora_alpha / sqrt(r)
+    with rank-stabilised LoRA (`use_rslora`), as PEFT."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
 def _help(text: str, default: Any = None, factory: Any = None) -> Any:

@@ -26,7 +26,6 @@
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import fields
@@ -36,7 +35,8 @@ import torch
 from loracast.config import LoraConfig, unsupported_options
 from loracast.diagnostics.inputs import Inventory, TensorRecord
 from loracast.diagnostics.report import Finding
-from loracast.precision.view import dtype_name
+from loracast.distributed.accelerate_env import accelerate_fsdp_launched
+from loracast.dtypes import dtype_name
 
 FP16_MAX = torch.finfo(torch.float16).max
 NEAR_FP16_FACTOR = 16.0  # headroom below float16's largest value that the LoRA product and merge can eat
@@ -202,7 +202,7 @@ def check_fsdp(inv: Inventory) -> list[Finding]:
 def check_fsdp1_flatten(inv: Inventory) -> list[Finding]:
     if not inv.fsdp1_problems:
         return []
-    launched = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    launched = accelerate_fsdp_launched()
     assumed = "" if launched else " (accelerate's defaults, as no accelerate FSDP launch was found)"
     return [Finding(
         "fsdp1-flatten", "error" if launched else "warning",

@@ -23,6 +23,8 @@ from torch import nn
 
 from loracast.config import CONFIG_NAME
 from loracast.diagnostics.report import UnreadableInput
+from loracast.distributed.accelerate_env import accelerate_fsdp_launched
+from loracast.dtypes import dtype_from_name
 from loracast.errors import PrecisionWarning
 from loracast.files.fingerprint import (
     Difference,
@@ -40,7 +42,6 @@ from loracast.precision.view import (
     adapter_tensors_of,
     base_layer_info,
     base_parameters,
-    dtype_from_name,
     is_lora_layer,
     is_saved_wrapper,
     model_dtype,
@@ -332,7 +333,7 @@ def _set_fsdp(inventory: Inventory, fsdp: bool | None, obj: nn.Module | None) ->
     if wrapped is not None:
         inventory.fsdp_reason = f"{wrapped or 'the model'} is wrapped by FSDP"
         return
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+    if accelerate_fsdp_launched():
         inventory.fsdp_reason = "ACCELERATE_USE_FSDP is set"
     elif any(plan.get("policy") == "fsdp" for plan in inventory.plans.values()):
         inventory.fsdp_reason = "an adapter was made with precision='fsdp'"

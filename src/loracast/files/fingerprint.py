@@ -26,11 +26,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from loracast.dtypes import dtype_name
 from loracast.errors import PrecisionError, PrecisionWarning
 from loracast.files.format import WEIGHTS_NAME, adapter_tensors
 from loracast.layers import LoraLayer
 from loracast.layers.compute import adapter_compute_record
-from loracast.precision.view import BaseLayerInfo, base_layer_info, dtype_name, model_dtype
+from loracast.precision.view import BaseLayerInfo, base_layer_info, model_dtype
 from loracast.quant import find_backend
 
 FINGERPRINT_KEY = "loracast.fingerprint"

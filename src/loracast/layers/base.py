@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loracast.config import lora_scaling
 from loracast.layers import build
 from loracast.layers.merge import BitResidual, check_finite, exact_sum
 from loracast.layers.routing import routed_adapter_names
@@ -136,13 +137,12 @@ class LoraLayer(nn.Module):
         self.lora_alpha[adapter_name] = lora_alpha
         self.use_rslora[adapter_name] = use_rslora
         self.lora_bias[adapter_name] = lora_bias
-        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.scaling[adapter_name] = lora_scaling(r, lora_alpha, use_rslora)
         build.put(self.lora_dropout, adapter_name, nn.Dropout(p=dropout) if dropout > 0.0 else build.identity())
 
     def set_scale(self, adapter_name: str, scale: float) -> None:
         """Multiply an adapter's update by `scale` (relative to alpha/r)."""
-        r, alpha = self.r[adapter_name], self.lora_alpha[adapter_name]
-        base = alpha / math.sqrt(r) if self.use_rslora[adapter_name] else alpha / r
+        base = lora_scaling(self.r[adapter_name], self.lora_alpha[adapter_name], self.use_rslora[adapter_name])
         self.scaling[adapter_name] = base * scale
 
     # -- what subclasses provide -----------------------------------------------------------------

@@ -44,9 +44,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from loracast.dtypes import dtype_from_name, dtype_name, parse_dtype
 from loracast.errors import PrecisionError
-from loracast.precision.rules import HALF_DTYPES, parse_dtype
-from loracast.precision.view import dtype_from_name, dtype_name
+from loracast.precision.rules import HALF_DTYPES
 
 
 @dataclass(frozen=True)

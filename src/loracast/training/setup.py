@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from loracast.config import LoraConfig
+from loracast.dtypes import dtype_name
 from loracast.errors import LoracastError
 from loracast.integrations.hf_loading import (
     check_model_folder,
@@ -17,7 +18,6 @@ from loracast.integrations.hf_loading import (
     load_tokenizer,
     quiet_transformers,
 )
-from loracast.precision.view import dtype_name
 from loracast.training.data import LabelledTexts, default_data_path, read_examples, split_examples
 from loracast.training.policy import peft_model_kwargs
 from loracast.tuner.peft_model import PeftModel, get_peft_model

@@ -17,6 +17,7 @@ from torch import nn
 
 from loracast._atomic import atomic_save_safetensors
 from loracast.config import CONFIG_NAME, LoraConfig
+from loracast.dtypes import parse_dtype
 from loracast.errors import UnsupportedArgumentError
 from loracast.files.fingerprint import build_fingerprint, check_loaded_adapter, fingerprint_metadata, read_fingerprint
 from loracast.files.format import (
@@ -28,7 +29,6 @@ from loracast.files.format import (
     trained_bias_tensors,
 )
 from loracast.precision.policies import apply_recorded_dtypes, resolve_precision
-from loracast.precision.rules import parse_dtype
 from loracast.tuner.names import check_adapter_name
 
 _Model = TypeVar("_Model", bound="AdapterFiles")

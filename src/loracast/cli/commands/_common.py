@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import torch
 
 from loracast.cli import CommandError
+from loracast.dtypes import parse_dtype
 from loracast.errors import AdapterLoadError, ConfigError, PrecisionError
-from loracast.precision.rules import parse_dtype
 
 
 def positive_int(text: str) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from loracast.cli.commands._common import add_command, command_errors, dtype_arg
-from loracast.precision.view import dtype_name
+from loracast.dtypes import dtype_name
 
 EXAMPLES = """\
 examples:
