@@ -1,6 +1,6 @@
 """The `loracast` command line: a thin argparse front over the library.
 
-Each sub-command lives in its own module in `loracast.commands` and is found by discovery, so
+Each sub-command lives in its own module in `loracast.cli.commands` and is found by discovery, so
 adding a command touches no shared list. A command module provides
 ``add_parser(subparsers) -> argparse.ArgumentParser`` and sets ``func(args) -> int`` on it.
 Errors the user can fix (`CommandError`, and any other `LoracastError`) are printed as one line

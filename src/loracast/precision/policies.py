@@ -21,7 +21,7 @@
   saved, read from the fingerprint, and the LoRA compute mode it was trained with; refused
   for an adapter saved without one (by PEFT).
 
-Precedence. Without ``precision=``, the knobs act as documented in `loracast.precision`
+Precedence. Without ``precision=``, the knobs act as documented in `loracast.precision.rules`
 (explicit ``adapter_dtype`` > ``autocast_adapter_dtype`` > base dtype), and the choice is
 recorded as "stable" (autocast on), "fast" (autocast off) or "custom" (an explicit
 ``adapter_dtype``). With ``precision=``, the preset sets the knobs; passing
@@ -183,7 +183,7 @@ def resolve_precision(model: nn.Module, precision: str | None = None, autocast_a
         return PrecisionPlan(policy, autocast, dtype, explicit)
     if precision not in POLICIES:
         raise PrecisionError(f"precision={precision!r} is not a precision policy; use one of {sorted(POLICIES)} "
-                             "(see loracast.policies)")
+                             "(see loracast.precision.policies)")
     return POLICIES[precision](model, autocast_adapter_dtype, dtype, fingerprint, loading)
 
 

@@ -59,8 +59,8 @@ def _check_wrappable(model: nn.Module, peft_config: LoraConfig) -> None:
 class PeftModel(AdapterFiles, nn.Module):
     """A model with LoRA adapters, with PEFT's `PeftModel` API.
 
-    Adapter dtypes follow `loracast.precision` (explicit `adapter_dtype` > autocast flag > base dtype),
-    or a named `precision` policy (`loracast.policies`).
+    Adapter dtypes follow `loracast.precision.rules` (explicit `adapter_dtype` > autocast flag > base dtype),
+    or a named `precision` policy (`loracast.precision.policies`).
     """
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
@@ -295,7 +295,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     Adapter dtype, in order of precedence: `adapter_dtype` if given; else float32 when
     `autocast_adapter_dtype` is True (the default) and the base is fp16/bf16; else the base
     layer's dtype (a quantized layer's compute dtype). Or name a policy with `precision`
-    ("stable", "mixed", "fast", "fsdp"; see `loracast.policies`), which sets all of these at once; a knob
+    ("stable", "mixed", "fast", "fsdp"; see `loracast.precision.policies`), which sets all of these at once; a knob
     passed with it must agree with it. Base parameters are frozen.
 
     `model` is adapted in place: its targeted modules are replaced by LoRA layers that wrap them.

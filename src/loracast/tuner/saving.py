@@ -148,7 +148,7 @@ class AdapterFiles:
                         strict_precision: bool = False, **kwargs: Any) -> _Model:
         """Wrap `model` with an adapter read from a folder written by loracast or PEFT.
 
-        Adapter dtypes follow `precision` (a `loracast.policies` name; "match-training" restores
+        Adapter dtypes follow `precision` (a `loracast.precision.policies` name; "match-training" restores
         the dtypes recorded at save) or the knobs, as in `get_peft_model`. A loracast-written
         adapter's fingerprint is compared with this model and environment: each difference is
         listed in one `PrecisionWarning`, or raised as a `PrecisionError` with `strict_precision`.
