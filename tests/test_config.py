@@ -7,6 +7,7 @@ import json
 
 import peft
 import pytest
+import torch
 
 from loracast import ConfigError, LoraConfig
 
@@ -98,5 +99,12 @@ def test_unknown_fields_from_newer_peft_are_kept_with_a_warning(tmp_path):
 
 
 def test_scaling_follows_rslora():
-    assert LoraConfig(r=16, lora_alpha=32).scaling_for(16, 32) == 2.0
-    assert LoraConfig(r=16, lora_alpha=32, use_rslora=True).scaling_for(16, 32) == 8.0
+    from torch import nn
+
+    from loracast.layers import Linear
+
+    layer = Linear(nn.Linear(4, 4))
+    for name, use_rslora in (("plain", False), ("rslora", True)):
+        layer.update_layer(name, 16, 32, lora_dropout=0.0, init_lora_weights=True, use_rslora=use_rslora,
+                           lora_bias=False, dtype=torch.float32, device=torch.device("cpu"))
+    assert layer.scaling == {"plain": 2.0, "rslora": 8.0}  # alpha / r and alpha / sqrt(r)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import loracast
 from conftest import tiny_llama_config
 from fake_quant import fake_backend, quantize  # noqa: F401  (fixture)
 from loracast import LoraConfig, PeftModel, get_peft_model
@@ -78,6 +79,22 @@ def test_no_adapters(make_llama):
     report = doctor(make_llama())
     assert report.ids == ["no-adapters"] and report.exit_status == 0
     assert report.summary[0]["base_parameters"] == 21
+
+
+@pytest.mark.parametrize("source", ["live", "folder"])
+def test_mixed_lora_compute(make_llama, tmp_path, source):
+    """'default' shares its q_proj layers with an adapter made with precision='mixed', which switched
+    them to fast: the doctor reports the adapter whose layers disagree, live or saved."""
+    model = get_peft_model(make_llama(torch.bfloat16), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("m", LoraConfig(r=4, target_modules=["q_proj", "k_proj"]), precision="mixed")
+    if source == "folder":
+        model.save_pretrained(tmp_path)
+    found = the(doctor(model if source == "live" else tmp_path), "mixed-lora-compute")
+    assert "'default'" in found.title and "2 layers" in found.title
+    assert found.seen == [f"fast: model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+    assert "set_lora_compute(model, \"exact\", adapter_name='default')" in found.fix
+    loracast.set_lora_compute(model, "exact")
+    assert "mixed-lora-compute" not in doctor(model).ids
 
 
 def test_mixed_adapter_dtypes(make_llama):

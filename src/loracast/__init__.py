@@ -8,7 +8,14 @@ Switch from PEFT by changing one import::
 from loracast._version import __version__
 from loracast.config import LoraConfig
 from loracast.diagnostics import Finding, Report, doctor  # binds loracast.doctor to the function
-from loracast.errors import AdapterLoadError, ConfigError, LoracastError, PrecisionError, PrecisionWarning
+from loracast.errors import (
+    AdapterLoadError,
+    ConfigError,
+    LoracastError,
+    PrecisionError,
+    PrecisionWarning,
+    UnsupportedArgumentError,
+)
 from loracast.layers import Conv, Embedding, Linear, LoraLayer
 from loracast.layers.compute import get_lora_compute, set_lora_compute
 from loracast.layers.merge import NonFiniteMergeError
@@ -39,6 +46,7 @@ __all__ = [
     "PrecisionWarning",
     "Report",
     "RequantizationWarning",
+    "UnsupportedArgumentError",
     "__version__",
     "doctor",
     "get_lora_compute",

@@ -68,6 +68,12 @@ def unsupported_options(data: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    """The factor a LoRA update ``B @ A`` is multiplied by: lora_alpha / r, or lora_alpha / sqrt(r)
+    with rank-stabilised LoRA (`use_rslora`), as PEFT."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
 def _help(text: str, default: Any = None, factory: Any = None) -> Any:
     if factory is not None:
         return field(default_factory=factory, metadata={"help": text})
@@ -255,12 +261,6 @@ class LoraConfig:
         for name in ("rank_pattern", "alpha_pattern"):
             for key in getattr(self, name):
                 _expect_regex(name, key, pattern_key_regex(key))
-
-    # -- derived values ------------------------------------------------------------------------
-
-    def scaling_for(self, r: int, alpha: float) -> float:
-        """The factor the LoRA update is multiplied by for a layer of rank `r` and `alpha`."""
-        return alpha / (r ** 0.5) if self.use_rslora else alpha / r
 
     # -- serialisation ---------------------------------------------------------------------------
 

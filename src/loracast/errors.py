@@ -46,6 +46,11 @@ class AdapterLoadError(LoracastError):
     """A saved adapter does not fit the model it is loaded into, or cannot be read safely."""
 
 
+class UnsupportedArgumentError(LoracastError, TypeError):
+    """An argument of PEFT's API that loracast does not implement was given a value that would
+    need it (also a `TypeError`, what an unexpected argument raised before)."""
+
+
 class PrecisionError(LoracastError):
     """A requested dtype combination cannot be honoured."""
 

@@ -1,9 +1,10 @@
 """The `loracast` command line: a thin argparse front over the library.
 
-Each sub-command lives in its own module in `loracast.commands` and is found by discovery, so
+Each sub-command lives in its own module in `loracast.cli.commands` and is found by discovery, so
 adding a command touches no shared list. A command module provides
 ``add_parser(subparsers) -> argparse.ArgumentParser`` and sets ``func(args) -> int`` on it.
-Errors the user can fix are raised as `CommandError` and printed as one line with exit status 2.
+Errors the user can fix (`CommandError`, and any other `LoracastError`) are printed as one line
+with exit status 2.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except CommandError as exc:
-        print(f"loracast {args.command}: error: {exc}", file=sys.stderr)
+    except LoracastError as exc:  # CommandError and every other error loracast raises on purpose
+        text = str(exc).strip()
+        print(f"loracast {args.command}: error: {text.splitlines()[0] if text else type(exc).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"loracast {args.command}: interrupted", file=sys.stderr)

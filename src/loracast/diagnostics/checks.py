@@ -4,6 +4,7 @@
 |---|---|---|
 | no-adapters | info | a live model without LoRA layers |
 | mixed-adapter-dtypes | warning | one adapter's LoRA tensors in more than one dtype |
+| mixed-lora-compute | warning | one adapter's LoRA Linear layers compute in different modes (exact and fast) |
 | fp16-trainable | error | float16 parameters that require grad |
 | quant-compute-mismatch | warning | adapter dtype != a quantized layer's compute dtype, autocast off |
 | fsdp-integer-storage | error | FSDP in use or requested, integer-stored (quantized) weights |
@@ -41,7 +42,7 @@ from loracast.diagnostics.checks_fsdp import check_fsdp, check_fsdp1_flatten
 from loracast.diagnostics.inputs import Inventory, TensorRecord
 from loracast.diagnostics.report import Finding
 from loracast.diagnostics.report import count as _count
-from loracast.precision.view import dtype_name
+from loracast.dtypes import dtype_name
 
 FP16_MAX = torch.finfo(torch.float16).max
 NEAR_FP16_FACTOR = 16.0  # headroom below float16's largest value that the LoRA product and merge can eat
@@ -85,6 +86,24 @@ def check_mixed_dtypes(inv: Inventory) -> list[Finding]:
             f"    if \".lora_\" in name:\n"
             f"        param.data = param.data.to(torch.{target})\n"
             "# or make/load the adapter with one policy: precision=\"stable\" (float32) or \"fast\" (base dtype)"))
+    return out
+
+
+def check_mixed_lora_compute(inv: Inventory) -> list[Finding]:
+    out = []
+    for adapter, plan in inv.plans.items():
+        if plan.get("lora_compute") != "mixed":
+            continue
+        fast = plan.get("fast_layers") or []
+        out.append(Finding(
+            "mixed-lora-compute", "warning",
+            f"Adapter {adapter!r} computes its LoRA branch \"fast\" in {_count(len(fast), 'layer')} and \"exact\" "
+            "in the others", [f"fast: {path}" for path in fast],
+            "The compute mode belongs to a layer, not to an adapter: layers this adapter shares with one made "
+            "with precision=\"mixed\", or layers switched by set_lora_compute, run its branch in the activation "
+            "dtype while the rest run it in the adapter dtype, so its outputs are neither the exact nor the fast "
+            "ones its policy promises.",
+            f"loracast.set_lora_compute(model, \"exact\", adapter_name={adapter!r})  # or \"fast\" for all its layers"))
     return out
 
 
@@ -325,9 +344,9 @@ def check_loading(inv: Inventory) -> list[Finding]:
 
 
 CHECKS: list[Callable[[Inventory], list[Finding]]] = [
-    check_no_adapters, check_mixed_dtypes, check_fp16_trainable, check_quant_compute, check_fsdp, check_fsdp1_flatten,
-    check_base_grad, check_values, check_saved_dtype, check_fingerprint_differences, check_config, check_loading,
-    *BASE_CHECKS, *FILE_CHECKS,
+    check_no_adapters, check_mixed_dtypes, check_mixed_lora_compute, check_fp16_trainable, check_quant_compute,
+    check_fsdp, check_fsdp1_flatten, check_base_grad, check_values, check_saved_dtype, check_fingerprint_differences,
+    check_config, check_loading, *BASE_CHECKS, *FILE_CHECKS,
 ]
 
 

@@ -21,7 +21,7 @@ import torch
 from loracast.diagnostics.base_state import BaseState, FrozenParam
 from loracast.diagnostics.inputs import Inventory
 from loracast.diagnostics.report import Finding
-from loracast.precision.view import dtype_name
+from loracast.dtypes import dtype_name
 
 _HALF = (torch.float16, torch.bfloat16)
 _INDEX = re.compile(r"\.\d+\.")

@@ -18,7 +18,7 @@ import torch
 
 from loracast.diagnostics.inputs import Inventory, TensorRecord
 from loracast.diagnostics.report import Finding
-from loracast.precision.view import dtype_name
+from loracast.dtypes import dtype_name
 
 _HALF = (torch.float16, torch.bfloat16)
 

@@ -8,14 +8,13 @@ use_orig_params=False a unit must also be all trainable or all frozen.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from loracast.diagnostics.inputs import Inventory
 from loracast.diagnostics.report import Finding
 from loracast.diagnostics.report import count as _count
-from loracast.precision.view import dtype_name
+from loracast.distributed.accelerate_env import accelerate_fsdp_launched
+from loracast.dtypes import dtype_name
 
 
 def _storage_fix(inv: Inventory) -> str:
@@ -80,7 +79,7 @@ def check_fsdp(inv: Inventory) -> list[Finding]:
 def check_fsdp1_flatten(inv: Inventory) -> list[Finding]:
     if not inv.fsdp1_problems:
         return []
-    launched = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    launched = accelerate_fsdp_launched()
     assumed = "" if launched else " (accelerate's defaults, as no accelerate FSDP launch was found)"
     return [Finding(
         "fsdp1-flatten", "error" if launched else "warning",

@@ -24,6 +24,8 @@ from torch import nn
 from loracast.config import CONFIG_NAME
 from loracast.diagnostics.base_state import BaseState, collect_base_state
 from loracast.diagnostics.report import UnreadableInput
+from loracast.distributed.accelerate_env import accelerate_fsdp_launched
+from loracast.dtypes import dtype_from_name
 from loracast.errors import PrecisionWarning
 from loracast.files.fingerprint import (
     Difference,
@@ -34,13 +36,13 @@ from loracast.files.fingerprint import (
 )
 from loracast.files.format import KEY_PREFIX, adapter_tensors, read_adapter_weights
 from loracast.integrations.hf_loading import quiet_transformers
+from loracast.layers.compute import adapter_compute_record
 from loracast.precision.view import (
     ROLES,
     BaseLayerInfo,
     adapter_tensors_of,
     base_layer_info,
     base_parameters,
-    dtype_from_name,
     is_lora_layer,
     is_saved_wrapper,
     model_dtype,
@@ -272,7 +274,8 @@ def _from_model(obj: nn.Module, subject: str, kind: str, fsdp: bool | None) -> I
         if not param.is_floating_point():
             inventory.integer_params.append((name, param.dtype))
     plans = getattr(obj, "_precision_plans", None) or {}
-    inventory.plans = {name: plan.to_dict() for name, plan in plans.items()}
+    # the compute mode as the layers have it now, whatever the plan said
+    inventory.plans = {name: {**plan.to_dict(), **adapter_compute_record(model, name)} for name, plan in plans.items()}
     for name, fingerprint in (getattr(obj, "_fingerprints", None) or {}).items():
         inventory.fingerprints[name] = fingerprint
         now = build_fingerprint(model, name, plans.get(name))
@@ -333,7 +336,7 @@ def _set_fsdp(inventory: Inventory, fsdp: bool | None, obj: nn.Module | None) ->
     if wrapped is not None:
         inventory.fsdp_reason = f"{wrapped or 'the model'} is wrapped by FSDP"
         return
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+    if accelerate_fsdp_launched():
         inventory.fsdp_reason = "ACCELERATE_USE_FSDP is set"
     elif any(plan.get("policy") == "fsdp" for plan in inventory.plans.values()):
         inventory.fsdp_reason = "an adapter was made with precision='fsdp'"

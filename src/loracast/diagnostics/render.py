@@ -12,22 +12,18 @@ import textwrap
 from collections import OrderedDict
 from typing import Any
 
-SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+from loracast.dtypes import short_dtype_name
+
 COLUMNS = ("module", "adapter", "base", "compute", "A", "B", "other", "grad", "device")
 _INDEX = re.compile(r"\.\d+(?=\.|$|:| )")
 _MAX_SEEN = 8
-
-
-def short(dtype: str | None) -> str:
-    """'bf16' for 'bfloat16'; '-' for None."""
-    return "-" if dtype is None else SHORT.get(dtype, dtype)
 
 
 def _by_dtype(roles: dict[str, str], all_roles: list[str]) -> str:
     """{"A": "float32", "B": "bfloat16"} -> "A fp32; B bf16"; just "fp32" when it covers every role."""
     grouped: OrderedDict[str, list[str]] = OrderedDict()
     for role, dtype in roles.items():
-        grouped.setdefault(short(dtype), []).append(role)
+        grouped.setdefault(short_dtype_name(dtype), []).append(role)
     if len(grouped) == 1 and sorted(roles) == sorted(all_roles):
         return next(iter(grouped))
     return "; ".join(f"{','.join(roles)} {dtype}" for dtype, roles in grouped.items()) or "-"
@@ -35,11 +31,11 @@ def _by_dtype(roles: dict[str, str], all_roles: list[str]) -> str:
 
 def _cells(row: dict[str, Any], extra: list[str]) -> list[str]:
     dtypes = row["dtypes"]
-    others = [f"{role} {short(dtype)}" for role, dtype in dtypes.items() if role not in ("A", "B")]
+    others = [f"{role} {short_dtype_name(dtype)}" for role, dtype in dtypes.items() if role not in ("A", "B")]
     grad = {True: "yes", False: "no", None: "-"}.get(row["requires_grad"], str(row["requires_grad"]))
-    compute = short(row["compute"]) if row["compute"] else "-"
-    cells = [row["module"], row["adapter"], short(row["base"]), compute, short(dtypes.get("A")),
-             short(dtypes.get("B")), ", ".join(others) or "-", grad, row["device"] or "-"]
+    compute = short_dtype_name(row["compute"]) if row["compute"] else "-"
+    cells = [row["module"], row["adapter"], short_dtype_name(row["base"]), compute, short_dtype_name(dtypes.get("A")),
+             short_dtype_name(dtypes.get("B")), ", ".join(others) or "-", grad, row["device"] or "-"]
     return cells + [_by_dtype(row.get(key, {}), list(dtypes)) for key in extra]
 
 
@@ -117,7 +113,7 @@ def render(report, use_rich: bool | None = None, full: bool = False, width: int 
     counts = {s: len(report.of_severity(s)) for s in ("error", "warning", "info")}
     heading = f"loracast doctor: {report.subject} ({report.kind})"
     tally = ", ".join(f"{n} {s}{'s' if n != 1 else ''}" for s, n in counts.items())
-    dtypes = [f"  {short(e['dtype']):6} {summary_text(e)}" for e in report.summary]
+    dtypes = [f"  {short_dtype_name(e['dtype']):6} {summary_text(e)}" for e in report.summary]
     findings = [line for f in report.findings for line in _finding_lines(f, width - 14, full)]
     notes = [f"note: {n}" for n in report.notes]
     columns = list(COLUMNS) + extra_columns(report)

@@ -6,7 +6,7 @@ from collections import Counter, OrderedDict
 from typing import Any
 
 from loracast.diagnostics.inputs import Inventory, TensorRecord
-from loracast.precision.view import dtype_name
+from loracast.dtypes import dtype_name
 
 
 def table_rows(inventory: Inventory) -> list[dict[str, Any]]:

@@ -17,7 +17,17 @@ from torch import nn
 from loracast.distributed.fsdp1 import BlockWrapPolicy
 from loracast.distributed.units import transformer_block_classes
 
-_TRUE = ("1", "true", "yes", "y", "on", "t")
+_TRUE = ("1", "true", "yes", "y", "on", "t")  # what accelerate's str_to_bool reads as true
+
+
+def env_true(name: str, environ: Mapping[str, str] = os.environ) -> bool:
+    """True when environment variable `name` is set to one of accelerate's spellings of true."""
+    return environ.get(name, "").strip().lower() in _TRUE
+
+
+def accelerate_fsdp_launched(environ: Mapping[str, str] = os.environ) -> bool:
+    """True under ``accelerate launch`` with FSDP (it exports ACCELERATE_USE_FSDP)."""
+    return env_true("ACCELERATE_USE_FSDP", environ)
 
 
 class SizeWrapPolicy:
@@ -49,7 +59,7 @@ def accelerate_fsdp1_setup(model: nn.Module, environ: Mapping[str, str] = os.env
     """
     if environ.get("FSDP_VERSION", "1").strip() == "2":
         return None
-    use_orig_params = environ.get("FSDP_USE_ORIG_PARAMS", "false").strip().lower() in _TRUE
+    use_orig_params = env_true("FSDP_USE_ORIG_PARAMS", environ)
     wrap = environ.get("FSDP_AUTO_WRAP_POLICY", "NO_WRAP").strip().upper()
     policy: Callable | None = None
     if wrap == "TRANSFORMER_BASED_WRAP":

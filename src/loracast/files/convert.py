@@ -19,10 +19,10 @@ import torch
 
 from loracast._atomic import atomic_save_safetensors
 from loracast.config import CONFIG_NAME
+from loracast.dtypes import dtype_name
 from loracast.errors import PrecisionError
 from loracast.files.fingerprint import fingerprint_metadata, parse_fingerprint
 from loracast.files.format import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, read_adapter_weights
-from loracast.precision.view import dtype_name
 
 
 @dataclass

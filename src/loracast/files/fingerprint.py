@@ -25,11 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from loracast.dtypes import dtype_name
 from loracast.errors import PrecisionError, PrecisionWarning
 from loracast.files.fingerprint_schema import fingerprint_problem
 from loracast.files.format import adapter_tensors
 from loracast.layers import LoraLayer
-from loracast.precision.view import BaseLayerInfo, base_layer_info, dtype_name, model_dtype
+from loracast.layers.compute import adapter_compute_record
+from loracast.precision.view import BaseLayerInfo, base_layer_info, model_dtype
 from loracast.quant import find_backend
 
 FINGERPRINT_KEY = "loracast.fingerprint"
@@ -79,6 +81,14 @@ def _quantization(model: nn.Module, layers: list[BaseLayerInfo]) -> dict[str, An
             "config": kept or None}
 
 
+def _precision_record(model: nn.Module, adapter_name: str, plan: Any) -> dict[str, Any] | None:
+    """The plan the adapter was made with, its compute mode replaced by what its layers do now
+    (`set_lora_compute` or a shared layer may have changed it since)."""
+    if plan is None:
+        return None
+    return {**plan.to_dict(), **adapter_compute_record(model, adapter_name)}
+
+
 def build_fingerprint(model: nn.Module, adapter_name: str, plan: Any = None,
                       save_dtype: torch.dtype | None = None,
                       live: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
@@ -102,7 +112,7 @@ def build_fingerprint(model: nn.Module, adapter_name: str, plan: Any = None,
         "fingerprint_version": FINGERPRINT_VERSION,
         "adapter_name": adapter_name,
         "environment": environment(",".join(devices) or None),
-        "precision": plan.to_dict() if plan is not None else None,
+        "precision": _precision_record(model, adapter_name, plan),
         "model_dtype": dtype_name(model_dtype(model)),
         "base_layers": layers,
         "quantization": _quantization(model, quantized),

@@ -7,7 +7,6 @@ Shared by the `train` and `merge` commands. Nothing here downloads: every call p
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,18 +50,6 @@ def check_model_folder(path: str | Path, what: str = "model") -> Path:
     return folder
 
 
-def read_model_config(folder: Path) -> dict[str, Any]:
-    """The raw ``config.json`` of a model folder.
-
-    Raises:
-        ModelFolderError: the file is not valid JSON.
-    """
-    try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFolderError(f"cannot read {folder / 'config.json'}: {exc}") from exc
-
-
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Inside the block, transformers logs only errors and draws no loading bars (loracast reports
@@ -71,15 +58,18 @@ def quiet_transformers() -> Iterator[None]:
 
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
+    bnb_logger = logging.getLogger("bitsandbytes")  # it logs the note once, when first imported
+    bnb_level = bnb_logger.level
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    bnb_logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+        bnb_logger.setLevel(bnb_level)
 
 
 def auto_class(task_type: str | None) -> type:

@@ -9,15 +9,17 @@ how to apply it in forward, and what delta it adds to the base weight.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from loracast.config import lora_scaling
 from loracast.layers import build
 from loracast.layers.merge import BitResidual, check_finite, exact_sum
+from loracast.layers.per_sample import PerSampleNames
+from loracast.layers.routing import routed_adapter_names
 from loracast.precision.rules import cast_for_adapter
 
 
@@ -51,7 +53,6 @@ class LoraLayer(nn.Module):
             _active_adapters=[], _disable_adapters=False, merged_adapters=[],
             _weight_restore=None,  # BitResidual (float base) or a backend snapshot
             _bias_original=None,
-            _batch_adapter_names=None,  # a PerSampleNames, set only for the duration of one forward
         )
 
     # -- adapter bookkeeping ---------------------------------------------------------------------
@@ -136,13 +137,12 @@ class LoraLayer(nn.Module):
         self.lora_alpha[adapter_name] = lora_alpha
         self.use_rslora[adapter_name] = use_rslora
         self.lora_bias[adapter_name] = lora_bias
-        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.scaling[adapter_name] = lora_scaling(r, lora_alpha, use_rslora)
         build.put(self.lora_dropout, adapter_name, nn.Dropout(p=dropout) if dropout > 0.0 else build.identity())
 
     def set_scale(self, adapter_name: str, scale: float) -> None:
         """Multiply an adapter's update by `scale` (relative to alpha/r)."""
-        r, alpha = self.r[adapter_name], self.lora_alpha[adapter_name]
-        base = alpha / math.sqrt(r) if self.use_rslora[adapter_name] else alpha / r
+        base = lora_scaling(self.r[adapter_name], self.lora_alpha[adapter_name], self.use_rslora[adapter_name])
         self.scaling[adapter_name] = base * scale
 
     # -- what subclasses provide -----------------------------------------------------------------
@@ -176,21 +176,22 @@ class LoraLayer(nn.Module):
                     "adapters are disabled while merged into the base weight; use PeftModel.disable_adapter() "
                     "(which unmerges exactly and re-merges) or call unmerge_adapter() first")
             return self.base_layer(x, *args, **kwargs)
+        routed = routed_adapter_names()
         if self.merged:
-            if self._batch_adapter_names is not None:
+            if routed is not None:
                 raise RuntimeError("per-sample adapter_names cannot be used while adapters are merged; "
                                    "call unmerge_adapter() first")
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        if self._batch_adapter_names is not None:
-            return self._mixed_batch_forward(x, result)
+        if routed is not None:
+            return self._mixed_batch_forward(x, result, routed)
         out_dtype = result.dtype
         for name in self._active_adapters:
             result = result + self._lora_output(x, name)
         return result.to(out_dtype)
 
-    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        names = self._batch_adapter_names.for_batch(x.shape[0])
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor, routed: PerSampleNames) -> torch.Tensor:
+        names = routed.for_batch(x.shape[0])
         out_dtype = result.dtype
         for name in dict.fromkeys(names):
             if name == "__base__" or name not in self.r:

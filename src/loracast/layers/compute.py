@@ -17,9 +17,16 @@ and what ``torch.autocast`` does for matmuls.
 per-layer attribute (`Linear.lora_compute`); other layer kinds always compute exactly. Layers
 added later (a new adapter on new modules) start in "exact" unless added with
 ``precision="mixed"``; `set_lora_compute` switches any of them at any time.
+
+Since the mode belongs to the layer, an adapter that shares layers with a "mixed" one, or whose
+layers were switched by hand, can compute "fast" in some layers and "exact" in others: what it
+did is read from its layers (`adapter_compute_record`), which the fingerprint records and the
+doctor reports.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import nn
 
@@ -66,3 +73,16 @@ def get_lora_compute(model: nn.Module) -> str | None:
     if not modes:
         return None
     return modes.pop() if len(modes) == 1 else "mixed"
+
+
+def adapter_compute_record(model: nn.Module, adapter_name: str) -> dict[str, Any]:
+    """How the layers holding `adapter_name` compute its LoRA branch, read from the layers:
+    ``{"lora_compute": "exact" | "fast"}``, or ``"mixed"`` with ``"fast_layers"`` (their paths
+    in `model`) when the layers disagree. Layers other than LoRA Linear always compute "exact"."""
+    by_mode: dict[str, list[str]] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.r:
+            by_mode.setdefault(getattr(module, "lora_compute", "exact"), []).append(path)
+    if len(by_mode) < 2:
+        return {"lora_compute": next(iter(by_mode), "exact")}
+    return {"lora_compute": "mixed", "fast_layers": sorted(by_mode.get("fast", []))}

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loracast.layers.routing import routed_adapter_names
 from loracast.precision.rules import autocast_active
 
 LORA_COMPUTE_MODES: tuple[str, ...] = ("exact", "fast")
@@ -211,7 +212,7 @@ def single_adapter(layer: Any, x: torch.Tensor) -> str | None:
     per-sample adapter names, nothing merged or disabled, no autocast, and adapter factors that
     are plain `nn.Linear` modules without hooks (others are called as modules by the general path).
     """
-    if layer._disable_adapters or layer.merged_adapters or layer._batch_adapter_names is not None:
+    if layer._disable_adapters or layer.merged_adapters or routed_adapter_names() is not None:
         return None
     active = layer._active_adapters
     if len(active) != 1 or not x.is_floating_point() or x.dim() < 2:

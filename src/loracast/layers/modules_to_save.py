@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from loracast.layers.per_sample import PerSampleNames
+from loracast.layers.routing import routed_adapter_names
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -27,7 +28,6 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self._active_adapters: list[str] = []
         self._disable_adapters = False
-        self._batch_adapter_names: PerSampleNames | None = None
 
     @property
     def adapter_names(self) -> list[str]:
@@ -87,8 +87,9 @@ class ModulesToSaveWrapper(nn.Module):
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._batch_adapter_names is not None and not self._disable_adapters:
-            return self._mixed_batch_forward(*args, **kwargs)
+        routed = routed_adapter_names()
+        if routed is not None and not self._disable_adapters:
+            return self._mixed_batch_forward(routed, *args, **kwargs)
         return self._run(self._module_in_use(), args, kwargs)
 
     def _module_in_use(self) -> nn.Module:
@@ -96,8 +97,8 @@ class ModulesToSaveWrapper(nn.Module):
             return self.original_module
         return self.modules_to_save[self._active_adapters[0]]
 
-    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        names = self._batch_adapter_names.for_batch(x.shape[0])
+    def _mixed_batch_forward(self, routed: PerSampleNames, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        names = routed.for_batch(x.shape[0])
         pieces, order = [], []
         for name in dict.fromkeys(names):
             rows = [i for i, n in enumerate(names) if n == name]

@@ -25,6 +25,7 @@ from torch.func import functional_call
 from loracast.errors import ConfigError
 from loracast.layers import build
 from loracast.layers.base import LoraLayer, delta_dtype
+from loracast.layers.routing import routed_adapter_names
 
 
 class ParamWrapper(LoraLayer):
@@ -107,7 +108,7 @@ class ParamWrapper(LoraLayer):
         return self._delta(adapter_name, delta_dtype(self.lora_A[adapter_name].weight))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self._batch_adapter_names is not None:
+        if routed_adapter_names() is not None:
             raise ValueError("per-sample adapter_names cannot be used with target_parameters adapters (as PEFT)")
         names = [n for n in self._active_adapters if n in self.r]
         if self._disable_adapters or self.merged or not names:

@@ -26,6 +26,8 @@ from torch import nn
 
 from loracast.layers.base import LoraLayer
 from loracast.layers.merge import check_finite
+from loracast.layers.per_sample import PerSampleNames
+from loracast.layers.routing import routed_adapter_names
 
 
 class TrainableTokensLayer(LoraLayer):
@@ -111,20 +113,18 @@ class TrainableTokensLayer(LoraLayer):
                 raise RuntimeError("adapters are disabled while merged into the base weight; call "
                                    "unmerge_adapter() first")
             return result
-        if self._batch_adapter_names is not None:
-            return self._mixed_batch(x, result)
+        routed = routed_adapter_names()
+        if routed is not None:
+            return self._mixed_batch(x, result, routed)
         names = [n for n in self._active_adapters if n in self.r]
         self._check_disjoint(names)
         for name in names:
             result = self._replace(x, result, name)
         return result
 
-    def _mixed_batch(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def _mixed_batch(self, x: torch.Tensor, result: torch.Tensor, routed: PerSampleNames) -> torch.Tensor:
         """Per-sample adapters (`adapter_names=` in forward): each sample gets its adapter's rows."""
-        names = self._batch_adapter_names
-        if len(names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} samples; "
-                             "give one adapter name (or '__base__') per sample")
+        names = routed.for_batch(x.shape[0])
         for name in dict.fromkeys(names):
             if name not in self.r:
                 continue

@@ -21,7 +21,7 @@
   saved, read from the fingerprint, and the LoRA compute mode it was trained with; refused
   for an adapter saved without one (by PEFT).
 
-Precedence. Without ``precision=``, the knobs act as documented in `loracast.precision`
+Precedence. Without ``precision=``, the knobs act as documented in `loracast.precision.rules`
 (explicit ``adapter_dtype`` > ``autocast_adapter_dtype`` > base dtype), and the choice is
 recorded as "stable" (autocast on), "fast" (autocast off) or "custom" (an explicit
 ``adapter_dtype``). With ``precision=``, the preset sets the knobs; passing
@@ -44,9 +44,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from loracast.dtypes import dtype_from_name, dtype_name, parse_dtype
 from loracast.errors import PrecisionError
-from loracast.precision.rules import HALF_DTYPES, parse_dtype
-from loracast.precision.view import dtype_from_name, dtype_name
+from loracast.precision.rules import HALF_DTYPES
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,8 @@ class PrecisionPlan:
         explicit: the caller chose the dtypes (a preset or a knob), rather than the defaults.
         recorded_dtypes: match-training only: file key -> dtype the tensor had when saved.
         lora_compute: how the adapter's LoRA Linear layers compute ("exact" or "fast").
+        fast_layers: match-training only: layers (paths in the model) to compute "fast" although
+            `lora_compute` is "exact", for an adapter saved while its layers disagreed.
     """
 
     policy: str
@@ -68,6 +70,7 @@ class PrecisionPlan:
     explicit: bool
     recorded_dtypes: dict[str, torch.dtype] | None = field(default=None, compare=False)
     lora_compute: str = "exact"
+    fast_layers: tuple[str, ...] = field(default=(), compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-ready values."""
@@ -140,7 +143,11 @@ def _match_training(model, autocast, adapter_dtype, fingerprint, loading) -> Pre
     # Create the adapter in the widest recorded dtype, so loading rounds nothing that a
     # tensor's own recorded dtype would keep; each tensor is then cast to its own dtype.
     widest = kinds.pop() if len(kinds) == 1 else max(kinds | {torch.float32}, key=lambda d: torch.finfo(d).bits)
-    compute = (fingerprint.get("precision") or {}).get("lora_compute", "exact")  # "mixed" computed "fast"
+    saved = fingerprint.get("precision") or {}
+    compute = saved.get("lora_compute", "exact")  # the policy "mixed" computed "fast"
+    if compute == "mixed":  # the layers disagreed at save (fingerprint.adapter_compute_record): layer by layer
+        return PrecisionPlan("match-training", False, widest, True, recorded,
+                             fast_layers=tuple(saved.get("fast_layers") or ()))
     return PrecisionPlan("match-training", False, widest, True, recorded, lora_compute=compute)
 
 
@@ -176,7 +183,7 @@ def resolve_precision(model: nn.Module, precision: str | None = None, autocast_a
         return PrecisionPlan(policy, autocast, dtype, explicit)
     if precision not in POLICIES:
         raise PrecisionError(f"precision={precision!r} is not a precision policy; use one of {sorted(POLICIES)} "
-                             "(see loracast.policies)")
+                             "(see loracast.precision.policies)")
     return POLICIES[precision](model, autocast_adapter_dtype, dtype, fingerprint, loading)
 
 

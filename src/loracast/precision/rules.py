@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loracast.dtypes import dtype_from_name
+from loracast.dtypes import parse_dtype as parse_dtype  # re-exported: its home before loracast.dtypes
 from loracast.quant import find_backend
 
 # Dtypes an adapter is upcast from when autocast_adapter_dtype is on (PEFT's list).
@@ -41,32 +43,6 @@ HALF_DTYPES: frozenset[torch.dtype] = frozenset(
         "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
        if hasattr(torch, name)]
 )
-
-DTYPE_NAMES: dict[str, torch.dtype] = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp64": torch.float64, "float64": torch.float64,
-}
-
-
-def parse_dtype(value: torch.dtype | str | None, what: str = "dtype") -> torch.dtype | None:
-    """A torch dtype from a dtype or a name such as 'bf16' or 'torch.bfloat16'.
-
-    Raises:
-        ValueError: the name is not a floating dtype loracast knows.
-    """
-    if value is None or isinstance(value, torch.dtype):
-        if isinstance(value, torch.dtype) and not value.is_floating_point:
-            raise ValueError(f"{what}={value} is not a floating dtype; use torch.float32, torch.bfloat16 or torch.float16")
-        return value
-    if isinstance(value, str):
-        key = value.removeprefix("torch.").lower()
-        if key in DTYPE_NAMES:
-            return DTYPE_NAMES[key]
-    raise ValueError(f"{what}={value!r} is not a known floating dtype; use one of fp32, bf16, fp16 "
-                     "(or torch.float32, torch.bfloat16, torch.float16)")
-
 
 def base_weight(base_layer: nn.Module) -> torch.Tensor | None:
     """The tensor that carries a base layer's device and storage dtype."""
@@ -101,7 +77,7 @@ def declared_dtype(model: nn.Module) -> torch.dtype | None:
     # a warning on every read, so the old name is read only from configs that lack the new one.
     value = getattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", None)
     if isinstance(value, str):
-        value = DTYPE_NAMES.get(value.removeprefix("torch.").lower())
+        value = dtype_from_name(value.removeprefix("torch.").lower())
     return value if isinstance(value, torch.dtype) and value.is_floating_point else None
 
 

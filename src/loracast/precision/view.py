@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+# dtype_name and dtype_from_name are re-exported: their home before loracast.dtypes
+from loracast.dtypes import dtype_from_name as dtype_from_name
+from loracast.dtypes import dtype_name as dtype_name
 from loracast.precision.rules import base_compute_dtype, base_weight
 from loracast.quant import find_backend
 
@@ -26,7 +29,7 @@ ROLES: dict[str, str] = {
     "lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
     "lora_magnitude_vector": "magnitude", "trainable_tokens_delta": "tokens",
 }
-_ADAPTER_PARTS = frozenset(ROLES) | {"modules_to_save"}
+_LORA_PARTS = frozenset(ROLES)
 
 
 @dataclass
@@ -49,19 +52,6 @@ class BaseLayerInfo:
     compute: torch.dtype | None
     backend: str | None  # quantization backend name, None for a float layer
     device: str | None
-
-
-def dtype_name(dtype: torch.dtype | None) -> str | None:
-    """'bfloat16' for torch.bfloat16; None stays None."""
-    return None if dtype is None else str(dtype).removeprefix("torch.")
-
-
-def dtype_from_name(name: str | None) -> torch.dtype | None:
-    """The torch dtype a `dtype_name` string names, or None when it names none."""
-    if not name:
-        return None
-    dtype = getattr(torch, name.removeprefix("torch."), None)
-    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def is_lora_layer(module: nn.Module) -> bool:
@@ -99,14 +89,20 @@ def adapter_tensors_of(model: nn.Module) -> Iterator[AdapterTensor]:
                     yield AdapterTensor(path, adapter, "copy", f"{prefix}modules_to_save.{adapter}.{name}", param)
 
 
-def base_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """(name, parameter) for every parameter of `model` that belongs to no adapter.
+def adapter_part(name: str) -> str | None:
+    """What a parameter is, by its full name: "lora" under a LoRA container (``lora_A``,
+    ``lora_B``, ...), "copy" in a ``modules_to_save`` copy, None for a base parameter. The names
+    are the same in loracast and PEFT; this is the one place that decides it."""
+    parts = name.split(".")
+    if "modules_to_save" in parts:
+        return "copy"
+    return None if _LORA_PARTS.isdisjoint(parts) else "lora"
 
-    Decided by name, in one walk: a parameter under an adapter container (``lora_A``, ...) or
-    a ``modules_to_save`` copy is the adapter's; the names are the same in loracast and PEFT.
-    """
+
+def base_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(name, parameter) for every parameter of `model` that belongs to no adapter (`adapter_part`)."""
     for name, param in model.named_parameters():
-        if _ADAPTER_PARTS.isdisjoint(name.split(".")):
+        if adapter_part(name) is None:
             yield name, param
 
 
@@ -137,13 +133,6 @@ def base_layer_info(path: str, layer: nn.Module) -> BaseLayerInfo:
         compute = base_compute_dtype(layer)
     device = str(weight.device) if weight is not None else None
     return BaseLayerInfo(path, storage, compute, backend.name if backend is not None else None, device)
-
-
-def adapted_base_layers(model: nn.Module) -> Iterator[BaseLayerInfo]:
-    """`BaseLayerInfo` for the base layer of every LoRA layer in `model`."""
-    for path, module in model.named_modules():
-        if is_lora_layer(module):
-            yield base_layer_info(path, module.get_base_layer())
 
 
 def quantized_layers(model: nn.Module) -> Iterator[BaseLayerInfo]:

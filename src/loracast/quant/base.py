@@ -46,6 +46,10 @@ class QuantBackend(Protocol):
         """Put back a `snapshot`."""
 
 
+# Optional backend members, read with getattr: ``repacks_in_eval`` (True when the layer's
+# eval-mode forward rewrites its own weight) and ``prepare_for_sharding(module)`` (makes the layer
+# safe to shard with FSDP), used by `repacks_in_eval` and `loracast.quant.sharding`.
+
 _BACKENDS: list[QuantBackend] = []
 # (module that must already be imported, module of ours that registers the backend)
 _LAZY: list[tuple[str, str]] = [("bitsandbytes", "loracast.quant.bnb")]
@@ -71,3 +75,9 @@ def find_backend(module: nn.Module) -> QuantBackend | None:
         if backend.handles(module):
             return backend
     return None
+
+
+def repacks_in_eval(module: nn.Module) -> bool:
+    """True for a quantized layer whose eval-mode forward rewrites its own weight (bitsandbytes
+    4-bit on an AVX512-BF16 CPU repacks it); loops keep such layers in training mode to evaluate."""
+    return bool(getattr(find_backend(module), "repacks_in_eval", False))

@@ -88,9 +88,20 @@ class Bnb4bitBackend:
     """`bitsandbytes.nn.Linear4bit` (LinearNF4/LinearFP4 included)."""
 
     name = "bitsandbytes-4bit"
+    repacks_in_eval = True  # on AVX512-BF16 CPUs (see the module docstring): loops evaluate it in training mode
 
     def handles(self, module: nn.Module) -> bool:
         return isinstance(module, bnb.nn.Linear4bit)
+
+    def prepare_for_sharding(self, module: nn.Module) -> None:
+        """Put a CPU-repacked weight back in the standard layout, in place, and stop the layer from
+        repacking again (`loracast.quant.sharding` says why FSDP needs this). Only CPU inference at
+        batch size 1 is given up (the repacked kernel); training never used it."""
+        weight = module.weight
+        if _is_cpu_packed(weight.quant_state):
+            weight.data, weight.quant_state = _unpack_cpu_layout(weight, weight.quant_state)
+            module.quant_state = weight.quant_state
+        module.support_avx512bf16_for_cpu = False  # the switch Linear4bit.forward reads before repacking
 
     def storage_dtype(self, module: nn.Module) -> torch.dtype:
         # the requested carrier dtype; the tensor itself turns uint8 when bitsandbytes repacks it in

@@ -94,15 +94,19 @@ def upcast_parameters(model: nn.Module, upcast: str | Iterable[str] = "all") -> 
     groups = _parse_upcast(upcast)
     inputs, head = _call_or_none(model, "get_input_embeddings"), _call_or_none(model, "get_output_embeddings")
     chosen: dict[int, tuple[str, nn.Parameter]] = {}
+    packed: set[int] = set()  # quantized layers' weights: packed values, whatever their carrier dtype
     for module_name, module in model.named_modules():
         group = _module_group(module, inputs, head)
+        quantized = find_backend(module) is not None
         for name, param in module.named_parameters(recurse=False):
             full = f"{module_name}.{name}" if module_name else name
+            if quantized and name == "weight":
+                packed.add(id(param))
             if group in groups and id(param) not in chosen:
                 chosen[id(param)] = (full, param)
     changed = []
     for full, param in chosen.values():
-        if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
+        if param.dtype in (torch.float16, torch.bfloat16) and id(param) not in packed:
             param.data = param.data.to(torch.float32)  # .data keeps the Parameter (and any tying) intact
             changed.append(full)
     return changed

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loracast.quant.base import repacks_in_eval
 from loracast.training.data import LabelledTexts
 from loracast.training.progress import ProgressBar
 from loracast.training.runtime import Runtime
@@ -122,7 +123,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     for module in model.modules():
-        if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes"):
+        if repacks_in_eval(module):
             module.training = True
     try:
         yield

@@ -1,6 +1,6 @@
 """The precision policies `loracast train` offers, and how a run applies one.
 
-The policies are `loracast.policies`' presets ("stable": float32 adapters and head copy on
+The policies are `loracast.precision.policies`' presets ("stable": float32 adapters and head copy on
 any base, PEFT's default; "fast": adapters in the base's (compute) dtype; "fsdp": one uniform
 float dtype for everything). "match-training" applies only when loading a saved adapter, so
 training does not offer it.

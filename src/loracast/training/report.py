@@ -10,15 +10,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from loracast.precision.view import dtype_name
+from loracast.dtypes import dtype_name
+from loracast.precision.view import adapter_part
 from loracast.training.loop import History
+
+_KINDS = {"lora": "adapters", "copy": "modules_to_save"}
 
 
 def _kind(name: str, param: torch.Tensor) -> str:
-    if ".lora_" in name or name.startswith("lora_"):
-        return "adapters"
-    if ".modules_to_save." in name:
-        return "modules_to_save"
+    part = adapter_part(name)
+    if part is not None:
+        return _KINDS[part]
     return "trainable_other" if param.requires_grad else "base"
 
 

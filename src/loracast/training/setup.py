@@ -3,7 +3,6 @@ adapter under a precision policy, and the labelled data."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,15 +10,14 @@ from typing import Any
 import torch
 
 from loracast.config import LoraConfig
+from loracast.dtypes import dtype_name
 from loracast.errors import LoracastError
 from loracast.integrations.hf_loading import (
     check_model_folder,
     load_model,
     load_tokenizer,
     quiet_transformers,
-    read_model_config,
 )
-from loracast.precision.view import dtype_name
 from loracast.training.data import LabelledTexts, default_data_path, read_examples, split_examples
 from loracast.training.policy import peft_model_kwargs
 from loracast.tuner.peft_model import PeftModel, get_peft_model
@@ -69,19 +67,6 @@ class ModelSpec:
     seed: int = 0
 
 
-def trained_label_names(folder: Path) -> list[str] | None:
-    """The label names of a model folder that already holds a trained classification head."""
-    config = read_model_config(check_model_folder(folder))
-    architectures = config.get("architectures") or []
-    id2label = config.get("id2label") or {}
-    if not any(a.endswith("ForSequenceClassification") for a in architectures) or not id2label:
-        return None
-    names = [id2label[k] for k in sorted(id2label, key=int)]
-    if all(name == f"LABEL_{i}" for i, name in enumerate(names)):
-        return None  # transformers' placeholders: no real label set
-    return names
-
-
 def load_data(path: Path | None, labels: list[str] | None, eval_fraction: float, seed: int
               ) -> tuple[LabelledTexts, LabelledTexts, Path]:
     """(train, eval, file) for a run; the shipped dataset when `path` is None."""
@@ -93,9 +78,9 @@ def load_data(path: Path | None, labels: list[str] | None, eval_fraction: float,
 
 
 def _quantization_config(dtype: torch.dtype | None) -> Any:
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its optional 'kernels' package is not needed
     try:
-        import bitsandbytes  # noqa: F401  (transformers needs it for 4-bit loading)
+        with quiet_transformers():  # bitsandbytes' note about its optional 'kernels' package is not needed
+            import bitsandbytes  # noqa: F401  (transformers needs it for 4-bit loading)
         from transformers import BitsAndBytesConfig
     except ImportError as exc:
         raise SetupError("--load-in-4bit needs bitsandbytes: pip install 'loracast[bnb]'") from exc

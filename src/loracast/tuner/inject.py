@@ -10,9 +10,7 @@ weight's device in their final dtype, so injection costs little more than a walk
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 import re
 from collections.abc import Callable, Iterable, Iterator
 
@@ -178,11 +176,6 @@ def _output_heads(model: nn.Module, config: LoraConfig) -> list[nn.Module]:
     return []
 
 
-def _named_modules_outside_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """named_modules(), skipping the insides of LoRA layers and modules_to_save wrappers."""
-    return [(node.name, node.module) for node in _outside_wrappers(model)]
-
-
 def _outside_wrappers(model: nn.Module) -> list[Node]:
     return walk(model, stop=(LoraLayer, ModulesToSaveWrapper))
 
@@ -257,25 +250,6 @@ def inject_adapter(
         ValueError: nothing matches (the message lists the patterns and some module names),
             or a matched module cannot carry an adapter.
     """
-    with _collector_paused():
-        return _inject(model, config, adapter_name, autocast_adapter_dtype, adapter_dtype, initialize)
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector: injection creates tens of thousands of container
-    objects and no garbage, and the collections they would trigger cost about 7 % of it."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool,
-            adapter_dtype: torch.dtype | None, initialize: bool) -> list[str]:
     resolve_target_modules(model, config)
     matcher = TargetMatcher(config)
     init = config.init_lora_weights if initialize else None

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from loracast.config import LoraConfig
 from loracast.integrations import transformers as transformers_integration
-from loracast.layers import LoraLayer
 from loracast.layers.compute import set_lora_compute
-from loracast.layers.per_sample import PerSampleNames
+from loracast.layers.routing import per_sample_adapters
 from loracast.precision.policies import PrecisionPlan, resolve_precision
 from loracast.quant.merge import requantization_report
 from loracast.tuner.inject import TASK_HEADS, inject_adapter, wrap_modules_to_save
@@ -29,6 +28,8 @@ from loracast.tuner.signature import ForwardWithWrappedSignature
 from loracast.tuner.tokens import wrap_trainable_tokens
 
 __all__ = ["BASE_ONLY", "LoraModel", "PeftModel", "check_adapter_name", "get_peft_model"]
+
+_Self = TypeVar("_Self", bound="PeftModel")
 
 
 def _freeze_all(model: nn.Module) -> bool:
@@ -49,29 +50,47 @@ def _freeze_all(model: nn.Module) -> bool:
     return checkpointing
 
 
+def _check_wrappable(model: nn.Module, peft_config: LoraConfig) -> None:
+    if isinstance(model, PeftModel):
+        raise ValueError("the model already is a PeftModel; use add_adapter() to add another adapter")
+    if not isinstance(peft_config, LoraConfig):
+        raise TypeError(f"peft_config must be a loracast LoraConfig, got {type(peft_config).__name__}; "
+                        "build it with loracast.LoraConfig(...) or LoraConfig.from_dict(peft_config.to_dict())")
+
+
 class PeftModel(AdapterFiles, nn.Module):
     """A model with LoRA adapters, with PEFT's `PeftModel` API.
 
-    Adapter dtypes follow `loracast.precision` (explicit `adapter_dtype` > autocast flag > base dtype),
-    or a named `precision` policy (`loracast.policies`).
+    Adapter dtypes follow `loracast.precision.rules` (explicit `adapter_dtype` > autocast flag > base dtype),
+    or a named `precision` policy (`loracast.precision.policies`).
     """
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool | None = None, adapter_dtype: torch.dtype | str | None = None,
-                 low_cpu_mem_usage: bool = False, *, precision: str | None = None, _initialize: bool = True,
-                 _plan: PrecisionPlan | None = None) -> None:
+                 low_cpu_mem_usage: bool = False, *, precision: str | None = None) -> None:
         super().__init__()
+        _check_wrappable(model, peft_config)
+        plan = resolve_precision(model, precision, autocast_adapter_dtype, adapter_dtype)
+        self._wrap(model, peft_config, adapter_name, plan, initialize=True)
+
+    @classmethod
+    def _for_loading(cls: type[_Self], model: nn.Module, peft_config: LoraConfig, adapter_name: str,
+                     plan: PrecisionPlan) -> _Self:
+        """A `PeftModel` whose first adapter is created with the dtypes of `plan` and left
+        uninitialised, its values about to be loaded (`from_pretrained`)."""
+        _check_wrappable(model, peft_config)
+        peft_model = cls.__new__(cls)
+        nn.Module.__init__(peft_model)
+        peft_model._wrap(model, peft_config, adapter_name, plan, initialize=False)
+        return peft_model
+
+    def _wrap(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str, plan: PrecisionPlan,
+              initialize: bool) -> None:
         self._precision_plans: dict[str, PrecisionPlan] = {}  # adapter -> how its dtypes were chosen
         self._fingerprints: dict[str, dict] = {}  # adapter -> fingerprint of the file it was loaded from
-        if isinstance(model, PeftModel):
-            raise ValueError("the model already is a PeftModel; use add_adapter() to add another adapter")
-        if not isinstance(peft_config, LoraConfig):
-            raise TypeError(f"peft_config must be a loracast LoraConfig, got {type(peft_config).__name__}; "
-                            "build it with loracast.LoraConfig(...) or LoraConfig.from_dict(peft_config.to_dict())")
         checkpointing = _freeze_all(model)  # the base is frozen; adapters decide their own requires_grad
-        plan = _plan or resolve_precision(model, precision, autocast_adapter_dtype, adapter_dtype)
         self.base_model = LoraModel(model)
-        self._add(adapter_name, peft_config, plan, _initialize)
+        self._add(adapter_name, peft_config, plan, initialize)
         self.base_model.set_adapter(adapter_name)
         if checkpointing and hasattr(model, "enable_input_require_grads"):
             # reentrant checkpointing needs an input that requires grad, or no grad reaches the adapters
@@ -131,6 +150,8 @@ class PeftModel(AdapterFiles, nn.Module):
                                   adapter_dtype=plan.adapter_dtype, initialize=initialize)
             if plan.lora_compute != "exact":
                 set_lora_compute(model, plan.lora_compute, adapter_name)
+            for path in plan.fast_layers:
+                set_lora_compute(model.get_submodule(path), "fast")
         except BaseException:
             self._remove_everywhere(adapter_name)
             raise
@@ -213,17 +234,10 @@ class PeftModel(AdapterFiles, nn.Module):
         unknown = sorted(set(adapter_names) - known)
         if unknown:
             raise ValueError(f"adapter_names holds unknown adapter(s) {unknown}; known: {sorted(known)}")
-        modules = [m for _, m in list(self.base_model.lora_layers()) + list(self.base_model.wrappers())]
-        if any(isinstance(m, LoraLayer) and m.merged for m in modules):
+        if any(layer.merged for _, layer in self.base_model.lora_layers()):
             raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
-        try:
-            per_sample = PerSampleNames(tuple(adapter_names), expansion)
-            for module in modules:
-                module._batch_adapter_names = per_sample
+        with per_sample_adapters(adapter_names, expansion):
             yield
-        finally:
-            for module in modules:
-                module._batch_adapter_names = None
 
     def _forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's forward; `adapter_names` picks an adapter per sample ('__base__': none)."""
@@ -298,8 +312,20 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     Adapter dtype, in order of precedence: `adapter_dtype` if given; else float32 when
     `autocast_adapter_dtype` is True (the default) and the base is fp16/bf16; else the base
     layer's dtype (a quantized layer's compute dtype). Or name a policy with `precision`
-    ("stable", "mixed", "fast", "fsdp"; see `loracast.policies`), which sets all of these at once; a knob
+    ("stable", "mixed", "fast", "fsdp"; see `loracast.precision.policies`), which sets all of these at once; a knob
     passed with it must agree with it. Base parameters are frozen.
+
+    `model` is adapted in place: its targeted modules are replaced by LoRA layers that wrap them.
+    On a transformers `PreTrainedModel`, loracast also sets transformers' PEFT-integration
+    attributes on that model instance (never on its class), so that transformers treats it as an
+    adapter model without the peft package: ``_hf_peft_config_loaded``, ``peft_config`` (the
+    returned model's dict) and the methods ``active_adapters``, ``active_adapter``,
+    ``get_adapter_state_dict``, ``set_adapter``, ``enable_adapters``, ``disable_adapters``,
+    ``add_adapter``, ``load_adapter`` and ``delete_adapter``, each acting on the returned
+    `PeftModel`. With them `Trainer(model=peft_model.get_base_model())` trains the adapter (on a
+    quantized base too) and its ``save_pretrained`` / ``trainer.save_model`` write only the adapter,
+    in PEFT's format. `merge_and_unload()` and `unload()` remove them again
+    (`loracast.integrations.transformers`).
 
     Raises:
         ValueError: target_modules matches nothing (the message lists module names), or a matched

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from loracast.config import LoraConfig
-from loracast.errors import PrecisionError, PrecisionWarning
+from loracast.dtypes import parse_dtype
+from loracast.errors import PrecisionError, PrecisionWarning, UnsupportedArgumentError
 from loracast.files.fingerprint import build_fingerprint, check_loaded_adapter, fingerprint_metadata, parse_fingerprint
 from loracast.files.folder import AdapterFolder, read_adapter_folder, write_adapter_folder
 from loracast.files.format import (
@@ -29,7 +30,6 @@ from loracast.files.format import (
 )
 from loracast.files.mutated import converted_config, subtract_initial
 from loracast.precision.policies import apply_recorded_dtypes, resolve_precision
-from loracast.precision.rules import parse_dtype
 from loracast.tuner.names import check_adapter_name
 
 _Model = TypeVar("_Model", bound="AdapterFiles")
@@ -65,8 +65,14 @@ class AdapterFiles:
         LoftQ adapter was saved to before training; the adapter is then written as the plain
         rank-2r LoRA adapter that applies the same change to the original, unmodified base.
 
+        Of PEFT's other arguments, the ones that change nothing here are accepted at their
+        harmless values (`save_embedding_layers` "auto" or False, `push_to_hub=False`); anything
+        else is refused.
+
         Raises:
             ValueError: an unknown adapter is selected, or `safe_serialization=False` is asked for.
+            UnsupportedArgumentError: an argument loracast does not implement (`push_to_hub=True`,
+                `max_shard_size`, `state_dict`, ...).
             ConfigError: a config is invalid or cannot be written as JSON (nothing is written for it).
             ConfigError / AdapterLoadError: the initial adapter does not fit (see `files.mutated`).
             OSError: a file could not be written; that adapter's earlier files are unchanged.
@@ -74,9 +80,7 @@ class AdapterFiles:
         if not safe_serialization:
             raise ValueError("loracast writes only safetensors (pickle files can run code when read); "
                              "drop safe_serialization=False")
-        unknown_kwargs = set(kwargs) - {"save_embedding_layers", "max_shard_size", "push_to_hub"}
-        if unknown_kwargs:
-            raise TypeError(f"save_pretrained got unexpected arguments {sorted(unknown_kwargs)}")
+        _refuse_unsupported_save_kwargs(kwargs)
         dtype = parse_dtype(save_dtype, "save_dtype")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
@@ -165,7 +169,7 @@ class AdapterFiles:
                         strict_precision: bool = False, allow_nonfinite: bool = False, **kwargs: Any) -> _Model:
         """Wrap `model` with an adapter read from a folder written by loracast or PEFT.
 
-        Adapter dtypes follow `precision` (a `loracast.policies` name; "match-training" restores
+        Adapter dtypes follow `precision` (a `loracast.precision.policies` name; "match-training" restores
         the dtypes recorded at save) or the knobs, as in `get_peft_model`. A loracast-written
         adapter's fingerprint is compared with this model and environment: each difference is
         listed in one `PrecisionWarning`, or raised as a `PrecisionError` with `strict_precision`; a
@@ -186,7 +190,7 @@ class AdapterFiles:
         fingerprint = _usable_fingerprint(files, precision)
         plan = resolve_precision(model, precision, autocast_adapter_dtype, adapter_dtype,
                                  fingerprint=fingerprint, loading=True)
-        peft_model = cls(model, files.config, adapter_name, _initialize=False, _plan=plan)
+        peft_model = cls._for_loading(model, files.config, adapter_name, plan)
         try:
             peft_model._load_weights(files, adapter_name, fingerprint, strict_precision, allow_nonfinite)
         except BaseException:
@@ -197,14 +201,36 @@ class AdapterFiles:
 
 _IGNORED_KWARGS = {"low_cpu_mem_usage", "torch_device", "ephemeral_gpu_offload", "subfolder"}
 
+# PEFT's save_pretrained arguments that change nothing at these values (the first is PEFT's default).
+_HARMLESS_SAVE_KWARGS: dict[str, tuple[Any, ...]] = {
+    "save_embedding_layers": ("auto", False),
+    "push_to_hub": (False,),
+}
+_SAVE_FIXES = {
+    "push_to_hub": "save to a folder, then upload it with huggingface_hub.upload_folder",
+    "max_shard_size": "drop it: an adapter is written as one adapter_model.safetensors file",
+    "state_dict": "drop it: the adapter tensors are read from the model",
+}
+
+
+def _refuse_unsupported_save_kwargs(kwargs: dict[str, Any]) -> None:
+    for name, value in kwargs.items():
+        harmless = _HARMLESS_SAVE_KWARGS.get(name)
+        if harmless is not None and any(value is v or (type(value) is type(v) and value == v) for v in harmless):
+            continue
+        allowed = "" if harmless is None else f" (accepted: {', '.join(repr(v) for v in harmless)})"
+        fix = _SAVE_FIXES.get(name, "drop it")
+        raise UnsupportedArgumentError(
+            f"save_pretrained({name}={value!r}): loracast does not implement this argument{allowed}; {fix}")
+
 
 def _reject_unknown_kwargs(where: str, kwargs: dict[str, Any]) -> None:
     unknown = sorted(set(kwargs) - _IGNORED_KWARGS)
     if unknown:
         hint = " (use adapter_dtype= to choose the adapter dtype)" if {"torch_dtype", "dtype"} & set(unknown) else ""
-        raise TypeError(f"{where}() got unexpected arguments {unknown}{hint}")
+        raise UnsupportedArgumentError(f"{where}() got unexpected arguments {unknown}{hint}")
     if kwargs.get("subfolder"):
-        raise TypeError(f"{where}(): pass the sub-folder in the path instead of subfolder=")
+        raise UnsupportedArgumentError(f"{where}(): pass the sub-folder in the path instead of subfolder=")
 
 
 def _usable_fingerprint(files: AdapterFolder, precision: str | None) -> dict[str, Any] | None:

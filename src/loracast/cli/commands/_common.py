@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import torch
 
 from loracast.cli import CommandError
-from loracast.errors import AdapterLoadError, ConfigError, PrecisionError
-from loracast.precision.rules import parse_dtype
+from loracast.dtypes import parse_dtype
+from loracast.errors import LoracastError
 
 
 def positive_int(text: str) -> int:
@@ -41,7 +41,7 @@ def dtype_arg(text: str) -> torch.dtype:
     """argparse type: fp32, bf16 or fp16 (or their long names)."""
     try:
         dtype = parse_dtype(text, "--dtype")
-    except ValueError as exc:
+    except LoracastError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise argparse.ArgumentTypeError(f"{text!r}: use fp32, bf16 or fp16")
@@ -63,13 +63,8 @@ def command_errors(value_errors: bool = False) -> Iterator[None]:
     `value_errors`: also treat a plain `ValueError` as the user's (for library calls that
     document ValueError for bad arguments, such as an output path that is a file).
     """
-    from loracast.integrations.hf_loading import ModelFolderError
-    from loracast.training.data import DataError
-    from loracast.training.runtime import LaunchError
-    from loracast.training.setup import SetupError
-
-    user_errors = (DataError, SetupError, ModelFolderError, LaunchError, AdapterLoadError, ConfigError,
-                   PrecisionError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+    # every error loracast raises on purpose is a LoracastError: bad data, files, set-up, precision, ...
+    user_errors = (LoracastError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
     try:
         yield
     except CommandError:

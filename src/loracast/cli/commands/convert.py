@@ -9,7 +9,7 @@ import warnings
 
 from loracast.cli import CommandError
 from loracast.cli.commands._common import add_command, command_errors, dtype_arg
-from loracast.precision.view import dtype_name
+from loracast.dtypes import dtype_name
 
 EXAMPLES = """\
 examples:

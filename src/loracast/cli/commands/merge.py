@@ -6,7 +6,7 @@ import argparse
 import os
 
 from loracast.cli.commands._common import add_command, command_errors, dtype_arg
-from loracast.precision.view import dtype_name
+from loracast.dtypes import dtype_name
 
 EXAMPLES = """\
 examples:

@@ -57,7 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     precision = parser.add_argument_group("precision")
     precision.add_argument("--precision", choices=TRAIN_POLICIES, default="stable",
                            help="stable: fp32 adapters (default); fast: adapters in the base dtype; fsdp: one "
-                                "uniform dtype (see loracast.policies)")
+                                "uniform dtype (see loracast.precision.policies)")
     precision.add_argument("--dtype", type=dtype_arg, metavar="fp32|bf16|fp16",
                            help="dtype of the frozen base (default: as stored; bf16 with --compare-precision)")
     precision.add_argument("--load-in-4bit", action="store_true",
