@@ -13,7 +13,8 @@ from typing import Any
 from loracast.precision.view import dtype_from_name
 
 _SCALARS = (str, int, float, bool, type(None))
-LORA_COMPUTE_MODES = ("exact", "fast")
+# what an adapter's layers computed: one mode, or "mixed" with the paths of its "fast" layers
+LORA_COMPUTE_MODES = ("exact", "fast", "mixed")
 
 
 def _is_str_map(value: Any, values: tuple[type, ...]) -> bool:
@@ -32,8 +33,12 @@ def _float_dtype_name(value: Any) -> bool:
 def _check_precision(value: Any) -> str | None:
     if value is None:
         return None
-    if not _is_str_map(value, _SCALARS):
+    fast_layers = value.get("fast_layers") if isinstance(value, dict) else None
+    plain = {k: v for k, v in value.items() if k != "fast_layers"} if isinstance(value, dict) else value
+    if not _is_str_map(plain, _SCALARS):
         return "an object of plain values or null"
+    if fast_layers is not None and not _is_str_list(fast_layers):
+        return "'fast_layers' a list of module paths"
     if value.get("lora_compute", "exact") not in LORA_COMPUTE_MODES:
         return f"'lora_compute' one of {LORA_COMPUTE_MODES}"
     return None
