@@ -53,7 +53,6 @@ def test_json_written_by_loracast_is_read_by_peft_and_back(tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("use_dora", True),
     ("init_lora_weights", "pissa"),
     ("init_lora_weights", "loftq"),
     ("layer_replication", [[0, 1]]),

@@ -27,7 +27,6 @@ SUPPORTED_INITS = (True, False, "gaussian")
 # PEFT fields that change the math and that loracast does not implement, with the value that
 # means "not used". A config carrying anything else is refused.
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
-    "use_dora": False,
     "layer_replication": None,
     "loftq_config": {},
     "eva_config": None,
@@ -106,7 +105,7 @@ class LoraConfig:
     megatron_core: str | None = _help("PEFT's Megatron module name (kept, unused).", "megatron.core")
     qalora_group_size: int = _help("PEFT's QALoRA group size (kept, unused).", 16)
     # PEFT options loracast refuses unless left at their default (see _UNSUPPORTED_DEFAULTS).
-    use_dora: bool = _help("DoRA: not implemented by loracast; must be False.", False)
+    use_dora: bool = _help("DoRA: learn a magnitude per output row as well (loracast.layers.dora).", False)
     layer_replication: Any = _help("Not implemented by loracast; must be None.", None)
     loftq_config: Any = _help("Not implemented by loracast; must be empty.", factory=dict)
     eva_config: Any = _help("Not implemented by loracast; must be None.", None)
@@ -138,7 +137,7 @@ class LoraConfig:
         _expect_int("r", self.r)
         _expect_number("lora_alpha", self.lora_alpha)
         _expect_number("lora_dropout", self.lora_dropout)
-        for name in ("fan_in_fan_out", "use_rslora", "lora_bias", "inference_mode"):
+        for name in ("fan_in_fan_out", "use_rslora", "lora_bias", "inference_mode", "use_dora"):
             _expect_bool(name, getattr(self, name))
         self.target_modules = _names_or_regex("target_modules", self.target_modules)
         self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
@@ -198,6 +197,8 @@ class LoraConfig:
                               "None when target_modules is a regex string")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_to_transform", None, "set together with layers_pattern")
+        if self.use_dora and self.lora_bias:
+            raise ConfigError("lora_bias", True, "False when use_dora=True (DoRA does not support lora_bias, as in PEFT)")
 
     def _check_unsupported(self) -> None:
         found = unsupported_options({name: getattr(self, name) for name in _UNSUPPORTED_DEFAULTS})

@@ -283,11 +283,13 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ad
         base = layer.get_base_layer()
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
+        dtype = resolve_adapter_dtype(base, autocast_adapter_dtype, adapter_dtype, model_dtype)
+        device = adapter_device(base)
         layer.update_layer(
             adapter_name, r, alpha, lora_dropout=config.lora_dropout, init_lora_weights=init,
-            use_rslora=config.use_rslora, lora_bias=config.lora_bias,
-            dtype=resolve_adapter_dtype(base, autocast_adapter_dtype, adapter_dtype, model_dtype),
-            device=adapter_device(base))
+            use_rslora=config.use_rslora, lora_bias=config.lora_bias, dtype=dtype, device=device)
+        if config.use_dora:  # the magnitude follows the adapter dtype rule, like the factors
+            layer.add_dora(adapter_name, dtype=dtype, device=device, initialize=init is not None)
         if layer is not module:
             _freeze(base)
             replace_child(parent, attr, layer)
