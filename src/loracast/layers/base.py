@@ -62,6 +62,14 @@ class LoraLayer(nn.Module):
         """The original module this layer wraps."""
         return self.base_layer
 
+    def adapter_reference(self) -> nn.Module:
+        """The layer whose weight decides a new adapter's device and dtype (the wrapped layer)."""
+        return self.base_layer
+
+    def release_base_layer(self) -> nn.Module:
+        """The wrapped module, freed of any LoRA parts placed inside it, to put back in the model."""
+        return self.base_layer
+
     # The wrapped layer's weight and bias, passed through as PEFT's layers do: model code reads
     # them (transformers' T5 feed-forward checks `self.wo.weight.dtype`). Read-only here, so the
     # frozen base cannot be replaced through the wrapper by accident.

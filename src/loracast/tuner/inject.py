@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from loracast.config import LoraConfig
-from loracast.layers import Conv, Embedding, Linear, LoraLayer
+from loracast.layers import Conv, Embedding, Linear, LoraLayer, MultiheadAttention
 from loracast.layers.modules_to_save import ModulesToSaveWrapper
 from loracast.precision.rules import adapter_device, apply_adapter_rule, declared_dtype, resolve_adapter_dtype
 from loracast.quant import find_backend
@@ -201,6 +201,7 @@ DISPATCH: list[tuple[str, Callable[[nn.Module], bool], LayerFactory]] = [
     ("quantized linear", lambda m: find_backend(m) is not None, _make_linear),
     ("nn.Embedding", lambda m: isinstance(m, nn.Embedding), lambda m, c: Embedding(m)),
     ("nn.Conv1d/2d/3d", lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), lambda m, c: Conv(m)),
+    ("nn.MultiheadAttention", lambda m: isinstance(m, nn.MultiheadAttention), lambda m, c: MultiheadAttention(m)),
     ("nn.Linear", lambda m: isinstance(m, nn.Linear), _make_linear),
     ("transformers Conv1D", lambda m: (_conv1d_type() is not None and isinstance(m, _conv1d_type())),
      _make_linear),
@@ -279,8 +280,12 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ad
             candidates.append(name)
         if not matcher.matches(name):
             continue
-        layer = module if isinstance(module, LoraLayer) else make_lora_layer(module, config, name)
-        base = layer.get_base_layer()
+        if isinstance(module, LoraLayer):
+            layer = module
+        else:  # frozen before any adapter exists (an MHA wrapper holds adapter parts inside its base)
+            layer = make_lora_layer(module, config, name)
+            _freeze(layer.get_base_layer())
+        base = layer.adapter_reference()
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
         dtype = resolve_adapter_dtype(base, autocast_adapter_dtype, adapter_dtype, model_dtype)
@@ -291,7 +296,6 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ad
         if config.use_dora:  # the magnitude follows the adapter dtype rule, like the factors
             layer.add_dora(adapter_name, dtype=dtype, device=device, initialize=init is not None)
         if layer is not module:
-            _freeze(base)
             replace_child(parent, attr, layer)
         targeted.append(name)
     if not targeted:
