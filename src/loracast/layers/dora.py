@@ -162,4 +162,25 @@ def folded_linear_output(result: torch.Tensor, h: torch.Tensor, weight_b: torch.
     `weight_b` and `factor` share one dtype."""
     folded_b = weight_b * (factor * scaling).unsqueeze(1)        # (out, r)
     folded_bias = None if bias is None else (1 - factor) * bias  # (out,)
-    return torch.addcmul(F.linear(h, folded_b, folded_bias), result, factor)
+    return RescaleAdd.apply(F.linear(h, folded_b, folded_bias), result, factor)
+
+
+class RescaleAdd(torch.autograd.Function):
+    """``z + f * result`` (f broadcast over the last dim), with a backward that makes one pass
+    over the (tokens, out) tensors per gradient it is asked for (autograd's addcmul backward
+    also multiplies by its scalar weight and copies)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, result: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(result, factor)
+        return torch.addcmul(z, result, factor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        result, factor = ctx.saved_tensors
+        grad_z = grad if ctx.needs_input_grad[0] else None
+        grad_result = (grad * factor).to(result.dtype) if ctx.needs_input_grad[1] else None
+        grad_factor = None
+        if ctx.needs_input_grad[2]:  # sum over every leading (token) dim: (out,)
+            grad_factor = (grad * result).reshape(-1, factor.shape[-1]).sum(0).to(factor.dtype)
+        return grad_z, grad_result, grad_factor
