@@ -88,7 +88,7 @@ def test_fp32_outputs_and_gradients_match_peft(layer):
 
 
 def test_training_with_dropout_matches_peft_step_by_step():
-    ours, theirs = pair(target_modules=["lin", "gpt_conv"], lora_dropout=0.25)
+    ours, theirs = pair(target_modules=["lin", "gpt_conv", "conv1d"], lora_dropout=0.25)
     randomize_adapters(theirs)
     copy_params(theirs, ours)
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ours, theirs)]
@@ -214,3 +214,17 @@ def test_dora_refusals_name_the_fix():
     ours, _ = pair(target_modules=["lin"])
     with pytest.raises(ValueError, match="DoRA"):
         ours(IDS, adapter_names=["default"] * 3)
+
+
+def test_norm_is_reused_until_a_factor_changes_and_inference_mode_works():
+    ours, _ = pair(target_modules=["lin"])
+    layer = ours.base_model.model.lin
+    first = dora.weight_norm(layer, "default")
+    assert dora.weight_norm(layer, "default") is first  # nothing changed: the cached tensor
+    with torch.no_grad():
+        layer.lora_B["default"].weight.add_(0.1)  # what an optimizer step does
+    second = dora.weight_norm(layer, "default")
+    assert second is not first
+    torch.testing.assert_close(second.double(), dora.direct_weight_norm(layer, "default"), atol=1e-6, rtol=1e-6)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(IDS), ours(IDS))

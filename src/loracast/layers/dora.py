@@ -41,9 +41,12 @@ class DoraMagnitude(nn.Module):
         self.weight = nn.Parameter(weight)
 
 
-def _cache_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+def _cache_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:
     """What identifies a tensor's current values: its storage, its version (bumped by every
-    in-place write, shared with its views), shape and device."""
+    in-place write, shared with its views), shape and device; None for an inference-mode tensor,
+    which has no version counter (nothing computed from it is reused)."""
+    if tensor.is_inference():
+        return None
     return (tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.device)
 
 
@@ -53,7 +56,7 @@ def base_row_sq_norms(layer: Any) -> torch.Tensor:
     source = layer._dora_weight_source()
     key = (id(source), _cache_key(source))
     cached = layer.__dict__.get("_dora_base_sq")
-    if cached is not None and cached[0] == key:
+    if cached is not None and key[1] is not None and cached[0] == key:
         return cached[1]
     with torch.no_grad():
         rows = layer._dora_weight_rows(layer._dora_base_weight())
@@ -76,7 +79,7 @@ def weight_norm(layer: Any, adapter_name: str) -> torch.Tensor:
     key = (_cache_key(a), _cache_key(b), scaling, id(source), _cache_key(source))
     norms = layer.__dict__.setdefault("_dora_norms", {})
     cached = norms.get(adapter_name)
-    if cached is not None and cached[0] == key:
+    if cached is not None and None not in key and cached[0] == key:
         return cached[1]
     dtype = torch.promote_types(a.dtype, torch.float32)
     with torch.no_grad():
