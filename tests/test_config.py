@@ -54,7 +54,6 @@ def test_json_written_by_loracast_is_read_by_peft_and_back(tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("use_dora", True),
     ("init_lora_weights", "eva"),
     ("init_lora_weights", "corda"),
     ("layer_replication", [[0, 1]]),

@@ -256,18 +256,33 @@ def test_peft_written_folder_has_no_fingerprint(make_llama, tmp_path, capsys):
 def test_peft_options_loracast_does_not_implement(make_llama, tmp_path):
     import peft
 
-    dora = peft.get_peft_model(make_llama(), peft.LoraConfig(target_modules=["q_proj"], use_dora=True))
-    dora.save_pretrained(str(tmp_path))
+    replicated = peft.get_peft_model(make_llama(), peft.LoraConfig(target_modules=["q_proj"],
+                                                                   layer_replication=[[0, 2]]))
+    replicated.save_pretrained(str(tmp_path))
     report = doctor(tmp_path)
-    assert the(report, "unsupported-peft-options").seen == ["default: use_dora=True"]
+    assert the(report, "unsupported-peft-options").seen == ["default: layer_replication=[[0, 2]]"]
     assert report.exit_status == 1
-    assert {r["module"]: r["dtypes"] for r in report.rows}["model.layers.0.self_attn.q_proj"] == {
-        "A": "float32", "B": "float32", "magnitude": "float32"}
-    live = doctor(dora)
+    live = doctor(replicated)
     assert the(live, "unsupported-peft-options").severity == "warning"  # it works in PEFT itself
-    assert "magnitude" in live.rows[0]["dtypes"]
     on_base = doctor(tmp_path, base=make_llama())  # cannot load: reported once, as unsupported
     assert "unsupported-peft-options" in on_base.ids and "adapter-load-failed" not in on_base.ids
+
+
+def test_dora_magnitude_dtype_is_reported_for_peft_files_and_loracast_models(make_llama, tmp_path):
+    import peft
+
+    peft.get_peft_model(make_llama(), peft.LoraConfig(target_modules=["q_proj"], use_dora=True)).save_pretrained(
+        str(tmp_path))
+    report = doctor(tmp_path)
+    assert "unsupported-peft-options" not in report.ids
+    assert {r["module"]: r["dtypes"] for r in report.rows}["model.layers.0.self_attn.q_proj"] == {
+        "A": "float32", "B": "float32", "magnitude": "float32"}
+    on_base = doctor(tmp_path, base=make_llama(torch.bfloat16))
+    assert "adapter-load-failed" not in on_base.ids and "unsupported-peft-options" not in on_base.ids
+    ours = get_peft_model(make_llama(torch.bfloat16), LoraConfig(target_modules=["q_proj"], use_dora=True),
+                          autocast_adapter_dtype=False)
+    live = doctor(ours)
+    assert live.rows[0]["dtypes"] == {"A": "bfloat16", "B": "bfloat16", "magnitude": "bfloat16"}
 
 
 def test_unknown_peft_fields_and_a_damaged_fingerprint(make_llama, tmp_path):

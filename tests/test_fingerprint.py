@@ -186,3 +186,23 @@ def test_device_type_change_is_reported(make_llama, tmp_path):
     save_file(load_file(path), path, metadata={"format": "pt", **fp.fingerprint_metadata(record)})
     _, said = load(make_llama(), tmp_path)
     assert len(said) == 1 and "device type: cuda at save, cpu now" in said[0]
+
+
+def test_dora_magnitude_dtype_is_recorded_and_a_changed_one_reported(make_llama, tmp_path):
+    model = get_peft_model(make_llama(torch.bfloat16), config(use_dora=True), autocast_adapter_dtype=False)
+    model.save_pretrained(tmp_path)
+    record = fp.read_fingerprint(tmp_path)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    assert record["magnitude_dtypes"] == ["bfloat16"] and record["adapter_dtypes"][key] == "bfloat16"
+    loaded, messages = load(make_llama(torch.bfloat16), tmp_path)  # autocast on: fp32 magnitudes now
+    assert loaded.base_model.model.model.layers[0].self_attn.q_proj.lora_magnitude_vector["default"].weight.dtype \
+        == torch.float32
+    others = len(record["adapter_dtypes"]) - 1  # every A, B and magnitude is reported
+    assert len(messages) == 1 and f"and {others} more: bfloat16 at save, float32 now" in messages[0]
+    again, messages = load(make_llama(torch.bfloat16), tmp_path, precision="match-training")
+    assert not messages
+    assert again.base_model.model.model.layers[0].self_attn.q_proj.lora_magnitude_vector["default"].weight.dtype \
+        == torch.bfloat16
+    plain = get_peft_model(make_llama(), config())
+    plain.save_pretrained(tmp_path / "plain")
+    assert fp.read_fingerprint(tmp_path / "plain")["magnitude_dtypes"] is None

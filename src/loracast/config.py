@@ -38,7 +38,6 @@ def init_is_supported(value: Any) -> bool:
 # PEFT fields that change the math and that loracast does not implement, with the value that
 # means "not used". A config carrying anything else is refused.
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
-    "use_dora": False,
     "layer_replication": None,
     "eva_config": None,
     "corda_config": None,
@@ -130,7 +129,7 @@ class LoraConfig:
         "Train only these rows of the input embedding (a list of token ids), or of the named embeddings "
         "({name: ids}); a head tied to the embedding follows.", None)
     # PEFT options loracast refuses unless left at their default (see _UNSUPPORTED_DEFAULTS).
-    use_dora: bool = _help("DoRA: not implemented by loracast; must be False.", False)
+    use_dora: bool = _help("DoRA: learn a magnitude per output row as well (loracast.layers.dora).", False)
     layer_replication: Any = _help("Not implemented by loracast; must be None.", None)
     eva_config: Any = _help("Not implemented by loracast; must be None.", None)
     corda_config: Any = _help("Not implemented by loracast; must be None.", None)
@@ -235,6 +234,8 @@ class LoraConfig:
                               "None when target_modules is a regex string")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_to_transform", None, "set together with layers_pattern")
+        if self.use_dora and self.lora_bias:
+            raise ConfigError("lora_bias", True, "False when use_dora=True (DoRA does not support lora_bias, as in PEFT)")
 
     def _check_unsupported(self) -> None:
         found = unsupported_options({name: getattr(self, name) for name in _UNSUPPORTED_DEFAULTS})

@@ -117,6 +117,9 @@ def build_fingerprint(model: nn.Module, adapter_name: str, plan: Any = None,
         "base_layers": layers,
         "quantization": _quantization(model, quantized),
         "adapter_dtypes": {key: dtype_name(t.dtype) for key, t in live.items()},
+        # DoRA magnitudes, summarised (each one is also under adapter_dtypes); None without DoRA
+        "magnitude_dtypes": sorted({dtype_name(t.dtype) for key, t in live.items()
+                                    if key.endswith(".lora_magnitude_vector")}) or None,
         "save_dtype": dtype_name(save_dtype),
         "trainable": any(t.requires_grad for t in live.values()),
     }

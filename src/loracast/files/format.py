@@ -51,6 +51,8 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
                 entry = container[adapter_name]
                 if isinstance(entry, nn.Parameter):
                     out[f"{prefix}{container_name}"] = entry
+                elif container_name == "lora_magnitude_vector":  # PEFT's key drops the module's ".weight"
+                    out[f"{prefix}{container_name}"] = entry.weight
                 else:
                     for name, param in entry.named_parameters():
                         out[f"{prefix}{container_name}.{name}"] = param

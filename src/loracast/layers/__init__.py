@@ -4,5 +4,6 @@ from loracast.layers.base import LoraLayer
 from loracast.layers.conv import Conv
 from loracast.layers.embedding import Embedding
 from loracast.layers.linear import Linear
+from loracast.layers.mha import MultiheadAttention
 
-__all__ = ["Conv", "Embedding", "Linear", "LoraLayer"]
+__all__ = ["Conv", "Embedding", "Linear", "LoraLayer", "MultiheadAttention"]

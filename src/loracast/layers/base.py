@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from loracast.config import lora_scaling
-from loracast.layers import build
+from loracast.errors import LoracastError
+from loracast.layers import build, dora
 from loracast.layers.merge import BitResidual, check_finite, exact_sum
 from loracast.layers.per_sample import PerSampleNames
 from loracast.layers.routing import routed_adapter_names
@@ -40,6 +41,7 @@ class LoraLayer(nn.Module):
     scaling: dict[str, float]
     use_rslora: dict[str, bool]
     lora_bias: dict[str, bool]
+    use_dora: dict[str, bool]
     merged_adapters: list[str]
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -49,7 +51,7 @@ class LoraLayer(nn.Module):
         self._modules["base_layer"] = base_layer
         self._modules["lora_dropout"] = build.module_dict()
         self.__dict__.update(
-            r={}, lora_alpha={}, scaling={}, use_rslora={}, lora_bias={},
+            r={}, lora_alpha={}, scaling={}, use_rslora={}, lora_bias={}, use_dora={},
             _active_adapters=[], _disable_adapters=False, merged_adapters=[],
             _weight_restore=None,  # BitResidual (float base) or a backend snapshot
             _bias_original=None,
@@ -60,6 +62,35 @@ class LoraLayer(nn.Module):
     def get_base_layer(self) -> nn.Module:
         """The original module this layer wraps."""
         return self.base_layer
+
+    def adapter_reference(self) -> nn.Module:
+        """The layer whose weight decides a new adapter's device and dtype (the wrapped layer)."""
+        return self.base_layer
+
+    def release_base_layer(self) -> nn.Module:
+        """The wrapped module, freed of any LoRA parts placed inside it, to put back in the model."""
+        return self.base_layer
+
+    # The wrapped layer's weight and bias, passed through as PEFT's layers do: model code reads
+    # them (transformers' T5 feed-forward checks `self.wo.weight.dtype`). Read-only here, so the
+    # frozen base cannot be replaced through the wrapper by accident.
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's weight (the same tensor; replace it on `base_layer`, not here)."""
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The wrapped layer's bias (the same tensor, or None; replace it on `base_layer`, not here)."""
+        return self.get_base_layer().bias
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("weight", "bias"):
+            raise ReadOnlyBaseTensorError(
+                f"{type(self).__name__}.{name} is the wrapped layer's {name}, read-only through the LoRA "
+                f"wrapper; to replace it on purpose, set base_layer.{name}")
+        super().__setattr__(name, value)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -126,7 +157,7 @@ class LoraLayer(nn.Module):
             container = getattr(self, container_name)
             if adapter_name in container:
                 del container[adapter_name]
-        for numbers in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.lora_bias):
+        for numbers in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.lora_bias, self.use_dora):
             numbers.pop(adapter_name, None)
         if adapter_name in self._active_adapters:
             self._active_adapters.remove(adapter_name)
@@ -167,6 +198,36 @@ class LoraLayer(nn.Module):
         x = cast_for_adapter(x, lora_a.weight.dtype)
         return self.lora_B[adapter_name](lora_a(self.lora_dropout[adapter_name](x))) * self.scaling[adapter_name]
 
+    def add_dora(self, adapter_name: str, *, dtype: torch.dtype, device: torch.device, initialize: bool) -> None:
+        """Make adapter `adapter_name` (already added by `update_layer`) a DoRA adapter: give it a
+        magnitude vector in `dtype` (see `loracast.layers.dora`)."""
+        dora.add_magnitude(self, adapter_name, dtype, device, initialize)
+
+    # DoRA hooks: where the base weight is, and how it and the factors read as (out, in) rows.
+
+    def _dora_weight_source(self) -> torch.Tensor:
+        """The tensor whose identity and version say whether the base weight changed."""
+        return self.get_base_layer().weight
+
+    def _dora_base_weight(self) -> torch.Tensor:
+        """The base weight as a float tensor, in the base layout."""
+        return self.get_base_layer().weight.detach()
+
+    def _dora_weight_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """A (out, in) view of a base-layout tensor: one row per magnitude entry."""
+        return weight
+
+    def _dora_factor_rows(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's factors as A (r, in) and B (out, r)."""
+        return self.lora_A[adapter_name].weight.flatten(1), self.lora_B[adapter_name].weight.flatten(1)
+
+    def _dora_magnitude_shape(self) -> tuple[int, ...]:
+        return (self.out_features,)
+
+    def _dora_forward(self, x: torch.Tensor, adapter_name: str, result: torch.Tensor) -> torch.Tensor:
+        """`result` (the output so far) with DoRA adapter `adapter_name` applied."""
+        raise NotImplementedError(f"{type(self).__name__} has no DoRA forward")
+
     # -- forward ----------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -187,11 +248,18 @@ class LoraLayer(nn.Module):
             return self._mixed_batch_forward(x, result, routed)
         out_dtype = result.dtype
         for name in self._active_adapters:
-            result = result + self._lora_output(x, name)
+            if self.use_dora.get(name):
+                result = self._dora_forward(x, name, result)
+            else:
+                result = result + self._lora_output(x, name)
         return result.to(out_dtype)
 
     def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor, routed: PerSampleNames) -> torch.Tensor:
         names = routed.for_batch(x.shape[0])
+        dora_names = sorted({n for n in names if self.use_dora.get(n)})
+        if dora_names:
+            raise DoraMixedBatchError(f"per-sample adapter_names cannot include DoRA adapters ({dora_names}), as "
+                                      "in PEFT; run the DoRA adapter on its own batch")
         out_dtype = result.dtype
         for name in dict.fromkeys(names):
             if name == "__base__" or name not in self.r:
@@ -249,7 +317,10 @@ class LoraLayer(nn.Module):
             return
         names = self.merged_adapters + new
         original = self._read_original_weight()
-        merged = exact_sum(original, [self.get_delta_weight(n) for n in names])
+        if any(self.use_dora.get(n) for n in names):
+            merged = dora.merged_weight(self, original, names)
+        else:
+            merged = exact_sum(original, [self.get_delta_weight(n) for n in names])
         where = type(self.base_layer).__name__
         if safe_merge:
             check_finite(merged, f"the weight of a {where}", new)
@@ -286,6 +357,14 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={self._active_adapters}, merged={self.merged_adapters}"
+
+
+class DoraMixedBatchError(LoracastError):
+    """Per-sample adapter names were given for a batch that uses a DoRA adapter."""
+
+
+class ReadOnlyBaseTensorError(LoracastError, AttributeError):
+    """Code tried to replace a base layer's weight or bias through its LoRA wrapper."""
 
 
 def delta_dtype(factor: torch.Tensor) -> torch.dtype:

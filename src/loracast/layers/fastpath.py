@@ -187,13 +187,13 @@ def _no_hooks(module: nn.Module) -> bool:
     return not (module._forward_hooks or module._forward_pre_hooks)
 
 
-def _plain_factor(module: nn.Module) -> bool:
+def plain_factor(module: nn.Module) -> bool:
     """True for a LoRA factor whose weight the fast paths may read directly: a plain `nn.Linear`
     without hooks. A wrapper (an FSDP1 unit) materialises the weight only inside its own forward."""
     return type(module) is nn.Linear and _no_hooks(module)
 
 
-def _global_hooks() -> bool:
+def global_hooks() -> bool:
     hooks = nn.modules.module
     return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
 
@@ -208,7 +208,7 @@ def _plain_linear_base(base: nn.Module) -> bool:
 def single_adapter(layer: Any, x: torch.Tensor) -> str | None:
     """The one active adapter when the fast paths apply to this call, else None.
 
-    They apply to a float input of 2+ dims, one active adapter without ``lora_bias``, no
+    They apply to a float input of 2+ dims, one active adapter without ``lora_bias`` or DoRA, no
     per-sample adapter names, nothing merged or disabled, no autocast, and adapter factors that
     are plain `nn.Linear` modules without hooks (others are called as modules by the general path).
     """
@@ -218,9 +218,9 @@ def single_adapter(layer: Any, x: torch.Tensor) -> str | None:
     if len(active) != 1 or not x.is_floating_point() or x.dim() < 2:
         return None
     name = active[0]
-    if layer.lora_bias.get(name) or autocast_active(x.device.type) or _global_hooks():
+    if layer.lora_bias.get(name) or layer.use_dora.get(name) or autocast_active(x.device.type) or global_hooks():
         return None
-    if not (_plain_factor(layer.lora_A[name]) and _plain_factor(layer.lora_B[name])):
+    if not (plain_factor(layer.lora_A[name]) and plain_factor(layer.lora_B[name])):
         return None
     return name
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from loracast.config import LoraConfig, layer_index_regex, modules_to_save_regex, pattern_key_regex
 from loracast.errors import ConfigError
-from loracast.layers import Conv, Embedding, Linear, LoraLayer
+from loracast.layers import Conv, Embedding, Linear, LoraLayer, MultiheadAttention
 from loracast.layers.init_from_base import is_weight_init
 from loracast.layers.modules_to_save import ModulesToSaveWrapper
 from loracast.precision.rules import adapter_device, apply_adapter_rule, declared_dtype, resolve_adapter_dtype
@@ -204,6 +204,7 @@ DISPATCH: list[tuple[str, Callable[[nn.Module], bool], LayerFactory]] = [
     ("quantized linear", lambda m: find_backend(m) is not None, _make_linear),
     ("nn.Embedding", lambda m: isinstance(m, nn.Embedding), lambda m, c: Embedding(m)),
     ("nn.Conv1d/2d/3d", lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), lambda m, c: Conv(m)),
+    ("nn.MultiheadAttention", lambda m: isinstance(m, nn.MultiheadAttention), lambda m, c: MultiheadAttention(m)),
     ("nn.Linear", lambda m: isinstance(m, nn.Linear), _make_linear),
     ("transformers Conv1D", lambda m: (_conv1d_type() is not None and isinstance(m, _conv1d_type())),
      _make_linear),
@@ -266,19 +267,24 @@ def inject_adapter(
             candidates.append(name)
         if matcher.inactive or not matcher.matches(name):
             continue
-        layer = module if isinstance(module, LoraLayer) else make_lora_layer(module, config, name)
-        base = layer.get_base_layer()
+        if isinstance(module, LoraLayer):
+            layer = module
+        else:  # frozen before any adapter exists (an MHA wrapper holds adapter parts inside its base)
+            layer = make_lora_layer(module, config, name)
+            _freeze(layer.get_base_layer())
+        base = layer.adapter_reference()
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
+        dtype = resolve_adapter_dtype(base, autocast_adapter_dtype, adapter_dtype, model_dtype)
+        device = adapter_device(base)
         layer.update_layer(
             adapter_name, r, alpha, lora_dropout=config.lora_dropout, init_lora_weights=init,
-            use_rslora=config.use_rslora, lora_bias=config.lora_bias,
-            dtype=resolve_adapter_dtype(base, autocast_adapter_dtype, adapter_dtype, model_dtype),
-            device=adapter_device(base))
+            use_rslora=config.use_rslora, lora_bias=config.lora_bias, dtype=dtype, device=device)
         if from_base:  # also when loading: the saved factors belong to the residual base (as PEFT)
             _init_from_base(layer, adapter_name, from_base, config, name)
+        if config.use_dora:  # the magnitude follows the adapter dtype rule, like the factors
+            layer.add_dora(adapter_name, dtype=dtype, device=device, initialize=init is not None)
         if layer is not module:
-            _freeze(base)
             replace_child(parent, attr, layer)
         targeted.append(name)
     if not targeted and not config.target_parameters:

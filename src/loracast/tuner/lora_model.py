@@ -94,7 +94,7 @@ class LoraModel(nn.Module):
                     layer.merge(names, safe_merge=safe_merge, keep_restore=False)
                 elif layer.merged:
                     layer.unmerge()
-                _replace(self.model, _slot_of(self.model, name), layer.get_base_layer())
+                _replace(self.model, _slot_of(self.model, name), layer.release_base_layer())
         for name, wrapper in list(self.wrappers()):
             _replace(self.model, name, wrapper.unwrap(names[0] if (merge and names) else None))
         transformers_integration.uninstall(self.model)  # a plain model again: saves in full
