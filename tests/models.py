@@ -79,3 +79,11 @@ def train_losses(model: nn.Module, ids: torch.Tensor, steps: int = 3, lr: float 
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def read_fingerprint(folder) -> dict | None:
+    """The precision fingerprint saved in an adapter folder (None when it has none)."""
+    from loracast.files.fingerprint import parse_fingerprint
+    from loracast.files.folder import read_adapter_folder
+
+    return parse_fingerprint(read_adapter_folder(folder).metadata)

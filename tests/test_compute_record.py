@@ -7,8 +7,7 @@ import torch
 
 import loracast
 from loracast import LoraConfig, PeftModel, get_peft_model
-from loracast.files.fingerprint import parse_fingerprint
-from loracast.files.folder import read_adapter_folder
+from models import read_fingerprint
 
 Q0, Q1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
 
@@ -41,7 +40,3 @@ def test_adapter_sharing_layers_with_a_mixed_one_is_recorded_layer_by_layer(make
     assert {path for path, mode in modes.items() if mode == "fast"} == {Q0, Q1}
     assert modes["model.layers.0.self_attn.v_proj"] == "exact"
 
-
-def read_fingerprint(folder):
-    """The fingerprint saved in an adapter folder."""
-    return parse_fingerprint(read_adapter_folder(folder).metadata)

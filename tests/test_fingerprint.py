@@ -15,6 +15,7 @@ from loracast import LoraConfig, PeftModel, PrecisionError, PrecisionWarning, ge
 from loracast.files import fingerprint as fp
 from loracast.files.format import WEIGHTS_NAME
 from loracast.precision.view import adapter_tensors_of
+from models import read_fingerprint
 
 
 def config(**extra) -> LoraConfig:
@@ -191,7 +192,7 @@ def test_device_type_change_is_reported(make_llama, tmp_path):
 def test_dora_magnitude_dtype_is_recorded_and_a_changed_one_reported(make_llama, tmp_path):
     model = get_peft_model(make_llama(torch.bfloat16), config(use_dora=True), autocast_adapter_dtype=False)
     model.save_pretrained(tmp_path)
-    record = fp.read_fingerprint(tmp_path)
+    record = read_fingerprint(tmp_path)
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
     assert record["magnitude_dtypes"] == ["bfloat16"] and record["adapter_dtypes"][key] == "bfloat16"
     loaded, messages = load(make_llama(torch.bfloat16), tmp_path)  # autocast on: fp32 magnitudes now
@@ -205,4 +206,4 @@ def test_dora_magnitude_dtype_is_recorded_and_a_changed_one_reported(make_llama,
         == torch.bfloat16
     plain = get_peft_model(make_llama(), config())
     plain.save_pretrained(tmp_path / "plain")
-    assert fp.read_fingerprint(tmp_path / "plain")["magnitude_dtypes"] is None
+    assert read_fingerprint(tmp_path / "plain")["magnitude_dtypes"] is None
