@@ -36,3 +36,20 @@ def test_every_loracast_exception_is_a_loracast_error():
     outside = [c.__qualname__ for c in found if not issubclass(c, loracast.LoracastError)]
     assert outside == []
     assert all(issubclass(c, ValueError) for c in found)
+
+
+def test_misuse_of_a_peft_model_raises_loracast_errors():
+    """Bad calls on a model (unknown adapter, a second wrap, forward while merged with per-sample
+    names) raise the LoracastError family, so callers catch one type."""
+    import pytest
+    import torch
+    from torch import nn
+
+    model = loracast.get_peft_model(nn.Sequential(nn.Linear(4, 4)), loracast.LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(loracast.LoracastError, match="not found"):
+        model.set_adapter("missing")
+    with pytest.raises(loracast.LoracastError, match="already is a PeftModel"):
+        loracast.get_peft_model(model, loracast.LoraConfig(r=2, target_modules=["0"]))
+    model.merge_adapter()
+    with pytest.raises(loracast.LoracastError, match="merged"):
+        model(torch.ones(1, 4), adapter_names=["default"])

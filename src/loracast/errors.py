@@ -58,3 +58,8 @@ class PrecisionError(LoracastError):
 class PrecisionWarning(UserWarning):
     """Something about dtypes will make results differ from what the user expects (e.g. an adapter
     loaded in an environment other than the one it was saved in)."""
+
+
+class AdapterStateError(LoracastError, RuntimeError):
+    """An operation does not fit the adapters' current state (merged, disabled); the message says
+    what to call first."""

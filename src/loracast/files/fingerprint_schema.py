@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from loracast.precision.view import dtype_from_name
+from loracast.dtypes import dtype_from_name
 
 _SCALARS = (str, int, float, bool, type(None))
 # what an adapter's layers computed: one mode, or "mixed" with the paths of its "fast" layers

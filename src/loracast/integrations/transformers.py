@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from loracast.errors import LoracastError
 from loracast.files.format import KEY_PREFIX, adapter_tensors, prepare_for_safetensors, trained_bias_tensors
 
 
@@ -102,7 +103,7 @@ def uninstall(model: nn.Module) -> None:
 def _active_adapters(peft_model: PeftModel) -> list[str]:
     active = peft_model.active_adapters
     if not active:
-        raise ValueError("the model has no active adapter; add one with get_peft_model or load_adapter")
+        raise LoracastError("the model has no active adapter; add one with get_peft_model or load_adapter")
     return active
 
 
@@ -155,7 +156,7 @@ def adapter_state_dict_for_transformers(model: nn.Module, peft_config: dict, ada
     an adapter parameter, its value is taken from there instead of the live parameter.
     """
     if adapter_name not in peft_config:
-        raise ValueError(f"adapter {adapter_name!r} not found; this model has {sorted(peft_config)}")
+        raise LoracastError(f"adapter {adapter_name!r} not found; this model has {sorted(peft_config)}")
     live = dict(trained_bias_tensors(model, adapter_name, peft_config[adapter_name].bias))
     live.update(adapter_tensors(model, adapter_name))
     if state_dict is not None:

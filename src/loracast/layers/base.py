@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from loracast.config import lora_scaling
-from loracast.errors import LoracastError
+from loracast.errors import AdapterStateError, LoracastError
 from loracast.layers import build, dora
 from loracast.layers.merge import BitResidual, check_finite, exact_sum
 from loracast.layers.per_sample import PerSampleNames
@@ -151,7 +151,7 @@ class LoraLayer(nn.Module):
             RuntimeError: the adapter is merged (unmerge first).
         """
         if adapter_name in self.merged_adapters:
-            raise RuntimeError(f"adapter {adapter_name!r} is merged into {type(self.base_layer).__name__}; "
+            raise AdapterStateError(f"adapter {adapter_name!r} is merged into {type(self.base_layer).__name__}; "
                                "call unmerge_adapter() before deleting it")
         for container_name in self.adapter_layer_names + ("lora_dropout",):
             container = getattr(self, container_name)
@@ -233,14 +233,14 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self._disable_adapters:
             if self.merged:
-                raise RuntimeError(
+                raise AdapterStateError(
                     "adapters are disabled while merged into the base weight; use PeftModel.disable_adapter() "
                     "(which unmerges exactly and re-merges) or call unmerge_adapter() first")
             return self.base_layer(x, *args, **kwargs)
         routed = routed_adapter_names()
         if self.merged:
             if routed is not None:
-                raise RuntimeError("per-sample adapter_names cannot be used while adapters are merged; "
+                raise AdapterStateError("per-sample adapter_names cannot be used while adapters are merged; "
                                    "call unmerge_adapter() first")
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)

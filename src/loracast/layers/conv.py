@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loracast.errors import LoracastError
 from loracast.layers import dora
 from loracast.layers.base import LoraLayer, delta_dtype
 from loracast.layers.init import init_factor_pair, rounding_dtype
@@ -31,7 +32,7 @@ class Conv(LoraLayer):
                      lora_bias, dtype, device):
         base = self.base_layer
         if r % base.groups:
-            raise ValueError(f"rank {r} is not divisible by the groups={base.groups} of the targeted "
+            raise LoracastError(f"rank {r} is not divisible by the groups={base.groups} of the targeted "
                              f"{type(base).__name__}; choose r as a multiple of {base.groups} or exclude the layer")
         self._register_numbers(adapter_name, r, lora_alpha, use_rslora, lora_bias, lora_dropout)
         conv_type = type(base)
@@ -48,7 +49,7 @@ class Conv(LoraLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         base = self.base_layer
         if base.groups > 1:
-            raise ValueError(f"cannot merge into a {type(base).__name__} with groups={base.groups}: its weight "
+            raise LoracastError(f"cannot merge into a {type(base).__name__} with groups={base.groups}: its weight "
                              "holds only the in-group connections the LoRA update spans; keep the adapter unmerged")
         weight_a = self.lora_A[adapter_name].weight  # (r, in, *kernel)
         weight_b = self.lora_B[adapter_name].weight  # (out, r, 1, ...)
@@ -61,7 +62,7 @@ class Conv(LoraLayer):
     def add_dora(self, adapter_name: str, *, dtype: torch.dtype, device: torch.device, initialize: bool) -> None:
         base = self.base_layer
         if base.groups > 1:
-            raise ValueError(f"use_dora=True cannot adapt a {type(base).__name__} with groups={base.groups}: "
+            raise LoracastError(f"use_dora=True cannot adapt a {type(base).__name__} with groups={base.groups}: "
                              "its weight holds only the in-group connections the update spans; exclude the layer "
                              "from target_modules or set use_dora=False")
         super().add_dora(adapter_name, dtype=dtype, device=device, initialize=initialize)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loracast.errors import LoracastError
 from loracast.layers import dora
 from loracast.layers.base import LoraLayer, delta_dtype
 from loracast.layers.init import init_embedding_pair, rounding_dtype
@@ -31,7 +32,7 @@ class Embedding(LoraLayer):
     def update_layer(self, adapter_name, r, lora_alpha, *, lora_dropout, init_lora_weights, use_rslora,
                      lora_bias, dtype, device):
         if lora_bias:
-            raise ValueError("lora_bias=True is not supported on an Embedding; remove the embedding from "
+            raise LoracastError("lora_bias=True is not supported on an Embedding; remove the embedding from "
                              "target_modules or set lora_bias=False")
         self._register_numbers(adapter_name, r, lora_alpha, use_rslora, lora_bias, lora_dropout)
         weight_a = nn.Parameter(torch.empty((r, self.in_features), dtype=dtype, device=device))

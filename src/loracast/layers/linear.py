@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loracast.errors import ConfigError
+from loracast.errors import ConfigError, LoracastError
 from loracast.layers import build, dora
 from loracast.layers.base import LoraLayer, delta_dtype
 from loracast.layers.fastpath import exact_forward, fast_forward, global_hooks, plain_factor, single_adapter
@@ -162,7 +162,7 @@ def linear_features(base_layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, i
         return int(base_layer.in_features), int(base_layer.out_features)
     weight = base_weight(base_layer)
     if weight is None or weight.dim() != 2:
-        raise ValueError(f"cannot read the in/out features of {type(base_layer).__name__}: "
+        raise LoracastError(f"cannot read the in/out features of {type(base_layer).__name__}: "
                          "it has no in_features/out_features attributes and no 2-D weight")
     rows, cols = weight.shape
     return (int(rows), int(cols)) if fan_in_fan_out else (int(cols), int(rows))

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loracast.errors import AdapterStateError, LoracastError
 from loracast.layers import build
 from loracast.layers.base import LoraLayer, delta_dtype
 from loracast.layers.linear import Linear
@@ -37,7 +38,7 @@ class MultiheadAttention(LoraLayer):
 
     def __init__(self, base_layer: nn.MultiheadAttention) -> None:
         if not base_layer._qkv_same_embed_dim:
-            raise ValueError("LoRA on an nn.MultiheadAttention needs query, key and value of the same size "
+            raise LoracastError("LoRA on an nn.MultiheadAttention needs query, key and value of the same size "
                              "(kdim == vdim == embed_dim), as in PEFT; exclude this module from target_modules")
         super().__init__(base_layer)
         self.__dict__.update(in_features=base_layer.embed_dim, out_features=3 * base_layer.embed_dim)
@@ -56,7 +57,7 @@ class MultiheadAttention(LoraLayer):
     def update_layer(self, adapter_name, r, lora_alpha, *, lora_dropout, init_lora_weights, use_rslora,
                      lora_bias, dtype, device):
         if lora_bias:
-            raise ValueError("lora_bias=True is not supported on an nn.MultiheadAttention; set lora_bias=False "
+            raise LoracastError("lora_bias=True is not supported on an nn.MultiheadAttention; set lora_bias=False "
                              "or exclude the module from target_modules")
         self._register_numbers(adapter_name, r, lora_alpha, use_rslora, lora_bias, lora_dropout)
         init_a = None if init_lora_weights in (None, "gaussian") else "kaiming"
@@ -71,7 +72,7 @@ class MultiheadAttention(LoraLayer):
             use_rslora=use_rslora, lora_bias=lora_bias, dtype=dtype, device=device)
 
     def add_dora(self, adapter_name: str, *, dtype: torch.dtype, device: torch.device, initialize: bool) -> None:
-        raise ValueError("use_dora=True is not supported on an nn.MultiheadAttention (nor in PEFT); set "
+        raise LoracastError("use_dora=True is not supported on an nn.MultiheadAttention (nor in PEFT); set "
                          "use_dora=False or exclude the module from target_modules")
 
     # -- the adapter containers of both parts move together ---------------------------------------
@@ -128,12 +129,12 @@ class MultiheadAttention(LoraLayer):
 
     def forward(self, query: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if routed_adapter_names() is not None:
-            raise ValueError("per-sample adapter_names are not supported on an nn.MultiheadAttention (as in PEFT); "
+            raise LoracastError("per-sample adapter_names are not supported on an nn.MultiheadAttention (as in PEFT); "
                              "run one adapter per batch")
         active = [name for name in self._active_adapters if name in self.r]
         if self._disable_adapters or self.merged or not active:
             if self._disable_adapters and self.merged:
-                raise RuntimeError("adapters are disabled while merged into the base weight; call "
+                raise AdapterStateError("adapters are disabled while merged into the base weight; call "
                                    "unmerge_adapter() first")
             return self.base_layer(query, *args, **kwargs)
         out_proj = self.out_proj_lora.get_base_layer()

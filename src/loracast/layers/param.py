@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from loracast.errors import ConfigError
+from loracast.errors import ConfigError, LoracastError
 from loracast.layers import build
 from loracast.layers.base import LoraLayer, delta_dtype
 from loracast.layers.routing import routed_adapter_names
@@ -46,7 +46,7 @@ class ParamWrapper(LoraLayer):
             experts, transposed = 1, False
             out_features, in_features = param.shape
         else:
-            raise ValueError(f"target_parameters: {parameter_name!r} has {param.dim()} dimensions; LoRA adapts "
+            raise LoracastError(f"target_parameters: {parameter_name!r} has {param.dim()} dimensions; LoRA adapts "
                              "2-D (out, in) and 3-D (experts, ...) parameters only")
         self.__dict__.update(parameter_name=parameter_name, num_experts=int(experts), in_features=int(in_features),
                              out_features=int(out_features), transposed=transposed)
@@ -109,7 +109,7 @@ class ParamWrapper(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if routed_adapter_names() is not None:
-            raise ValueError("per-sample adapter_names cannot be used with target_parameters adapters (as PEFT)")
+            raise LoracastError("per-sample adapter_names cannot be used with target_parameters adapters (as PEFT)")
         names = [n for n in self._active_adapters if n in self.r]
         if self._disable_adapters or self.merged or not names:
             return super().forward(x, *args, **kwargs)  # the base alone (and the shared checks)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from loracast.errors import LoracastError
+
 
 @dataclass(frozen=True)
 class PerSampleNames:
@@ -30,5 +32,5 @@ class PerSampleNames:
             return [name for name in self.names for _ in range(self.expansion)]
         expanded = f" (or {len(self.names) * self.expansion} after generate's x{self.expansion} expansion)" \
             if self.expansion > 1 else ""
-        raise ValueError(f"adapter_names has {len(self.names)} entries{expanded} but the batch has {batch} samples; "
+        raise LoracastError(f"adapter_names has {len(self.names)} entries{expanded} but the batch has {batch} samples; "
                          "give one adapter name (or '__base__') per input sample")

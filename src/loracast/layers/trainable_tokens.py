@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loracast.errors import AdapterStateError, LoracastError
 from loracast.layers.base import LoraLayer
 from loracast.layers.merge import check_finite
 from loracast.layers.per_sample import PerSampleNames
@@ -42,7 +43,7 @@ class TrainableTokensLayer(LoraLayer):
     def __init__(self, base_layer: nn.Module, tied_to: TrainableTokensLayer | None = None) -> None:
         super().__init__(base_layer)
         if not isinstance(base_layer, (nn.Embedding, nn.Linear)):
-            raise ValueError(f"trainable tokens need an nn.Embedding (or a tied nn.Linear head), got "
+            raise LoracastError(f"trainable tokens need an nn.Embedding (or a tied nn.Linear head), got "
                              f"{type(base_layer).__name__}; name the input embedding in trainable_token_indices")
         # the tied source is a plain attribute, out of the module tree; a tied head shows the
         # embedding's rows under its own name too (as PEFT's state dict does) but does not list them
@@ -78,7 +79,7 @@ class TrainableTokensLayer(LoraLayer):
         bad = [i for i in indices if not 0 <= i < size]
         if bad or len(set(indices)) != len(indices):
             problem = f"ids {bad} outside [0, {size})" if bad else "repeated ids"
-            raise ValueError(f"trainable_token_indices has {problem}; give distinct ids of the "
+            raise LoracastError(f"trainable_token_indices has {problem}; give distinct ids of the "
                              f"{size}-token vocabulary (resize the embeddings first for new tokens)")
         self._register_numbers(adapter_name, len(indices), 1.0, False, False, 0.0)
         if self._tied_to is not None:
@@ -102,7 +103,7 @@ class TrainableTokensLayer(LoraLayer):
         for name in names:
             ids = set(self.indices(name))
             if seen & ids:
-                raise ValueError(f"adapter {name!r} trains token ids {sorted(seen & ids)} that another active or "
+                raise LoracastError(f"adapter {name!r} trains token ids {sorted(seen & ids)} that another active or "
                                  "merged adapter trains too; only adapters with disjoint token ids can be combined")
             seen |= ids
 
@@ -110,7 +111,7 @@ class TrainableTokensLayer(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self._disable_adapters or self.merged:
             if self._disable_adapters and self.merged:
-                raise RuntimeError("adapters are disabled while merged into the base weight; call "
+                raise AdapterStateError("adapters are disabled while merged into the base weight; call "
                                    "unmerge_adapter() first")
             return result
         routed = routed_adapter_names()
@@ -202,7 +203,7 @@ class TrainableTokensLayer(LoraLayer):
             return
         if self._tied_to is None:
             if self._weight_restore is None:
-                raise RuntimeError("the merge kept no copy of the base rows (merged with keep_restore=False); "
+                raise AdapterStateError("the merge kept no copy of the base rows (merged with keep_restore=False); "
                                    "reload the base model to undo it")
             weight = self.base_layer.weight
             for name in reversed(self.merged_adapters):

@@ -33,7 +33,6 @@ import torch
 from torch import nn
 
 from loracast.dtypes import dtype_from_name
-from loracast.dtypes import parse_dtype as parse_dtype  # re-exported: its home before loracast.dtypes
 from loracast.quant import find_backend
 
 # Dtypes an adapter is upcast from when autocast_adapter_dtype is on (PEFT's list).

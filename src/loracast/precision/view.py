@@ -18,9 +18,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# dtype_name and dtype_from_name are re-exported: their home before loracast.dtypes
-from loracast.dtypes import dtype_from_name as dtype_from_name
-from loracast.dtypes import dtype_name as dtype_name
 from loracast.precision.rules import base_compute_dtype, base_weight
 from loracast.quant import find_backend
 

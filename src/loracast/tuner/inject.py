@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from loracast.config import LoraConfig, layer_index_regex, modules_to_save_regex, pattern_key_regex
-from loracast.errors import ConfigError
+from loracast.errors import ConfigError, LoracastError
 from loracast.layers import Conv, Embedding, Linear, LoraLayer, MultiheadAttention
 from loracast.layers.init_from_base import is_weight_init
 from loracast.layers.modules_to_save import ModulesToSaveWrapper
@@ -151,7 +151,7 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig) -> None:
     if config.target_modules is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGETS:
-            raise ValueError(
+            raise LoracastError(
                 f"target_modules is None and loracast has no default for model type {model_type!r}; "
                 "set target_modules, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
         config.target_modules = list(DEFAULT_TARGETS[model_type])
@@ -230,7 +230,7 @@ def make_lora_layer(base: nn.Module, config: LoraConfig, name: str) -> LoraLayer
         if accepts(base):
             return factory(base, config)
     supported = ", ".join(label for label, _, _ in DISPATCH)
-    raise ValueError(f"target module {name!r} is a {type(base).__name__}, which LoRA cannot adapt; "
+    raise LoracastError(f"target module {name!r} is a {type(base).__name__}, which LoRA cannot adapt; "
                      f"supported: {supported}. Narrow target_modules so it does not match this module")
 
 
@@ -288,7 +288,7 @@ def inject_adapter(
             replace_child(parent, attr, layer)
         targeted.append(name)
     if not targeted and not config.target_parameters:
-        raise ValueError(_no_match_message(config, candidates))
+        raise LoracastError(_no_match_message(config, candidates))
     targeted += inject_parameters(
         model, config, adapter_name,
         lambda key: (pattern_value(config.rank_pattern, key, config.r),
@@ -350,7 +350,7 @@ def wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str
     task_heads = set(TASK_HEADS.get(config.task_type or "", []))
     missing = [w for w in wanted if w not in found and w not in task_heads]
     if missing:
-        raise ValueError(f"modules_to_save names {missing} match no module of the model; "
+        raise LoracastError(f"modules_to_save names {missing} match no module of the model; "
                          "give module names (or dotted suffixes) that exist")
     return wrapped
 

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from loracast.config import LoraConfig
+from loracast.errors import LoracastError
 from loracast.files.format import trained_bias_tensors
 from loracast.integrations import transformers as transformers_integration
 from loracast.layers import LoraLayer
@@ -55,7 +56,7 @@ class LoraModel(nn.Module):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
-            raise ValueError(f"adapter(s) {unknown} not found; this model has {sorted(self.peft_config)}")
+            raise LoracastError(f"adapter(s) {unknown} not found; this model has {sorted(self.peft_config)}")
         trainable = any(not self.peft_config[n].inference_mode for n in names)
         for module in iter_adapter_modules(self.model):
             module.set_adapter(names, trainable=trainable)

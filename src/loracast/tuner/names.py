@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from loracast.errors import LoracastError
+
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 BASE_ONLY = "__base__"  # per-sample adapter name meaning "no adapter"
 
@@ -16,6 +18,6 @@ def check_adapter_name(name: Any) -> str:
         ValueError: it is empty, reserved, or holds characters other than letters, digits, '_' and '-'.
     """
     if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name == BASE_ONLY:
-        raise ValueError(f"adapter name {name!r} is not allowed: use letters, digits, '_' and '-' (it becomes a "
+        raise LoracastError(f"adapter name {name!r} is not allowed: use letters, digits, '_' and '-' (it becomes a "
                          f"module key and a folder name), not starting with '-', and not {BASE_ONLY!r}")
     return name

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from loracast.config import LoraConfig
+from loracast.errors import AdapterStateError, LoracastError
 from loracast.integrations import transformers as transformers_integration
 from loracast.layers.compute import set_lora_compute
 from loracast.layers.routing import per_sample_adapters
@@ -52,7 +53,7 @@ def _freeze_all(model: nn.Module) -> bool:
 
 def _check_wrappable(model: nn.Module, peft_config: LoraConfig) -> None:
     if isinstance(model, PeftModel):
-        raise ValueError("the model already is a PeftModel; use add_adapter() to add another adapter")
+        raise LoracastError("the model already is a PeftModel; use add_adapter() to add another adapter")
     if not isinstance(peft_config, LoraConfig):
         raise TypeError(f"peft_config must be a loracast LoraConfig, got {type(peft_config).__name__}; "
                         "build it with loracast.LoraConfig(...) or LoraConfig.from_dict(peft_config.to_dict())")
@@ -132,7 +133,7 @@ class PeftModel(AdapterFiles, nn.Module):
     def _add(self, adapter_name: str, config: LoraConfig, plan: PrecisionPlan, initialize: bool) -> None:
         check_adapter_name(adapter_name)
         if adapter_name in self.base_model.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
+            raise LoracastError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
         model = self.base_model.model
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
@@ -187,9 +188,9 @@ class PeftModel(AdapterFiles, nn.Module):
             ValueError: no such adapter.
         """
         if adapter_name not in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} not found; this model has {sorted(self.peft_config)}")
+            raise LoracastError(f"adapter {adapter_name!r} not found; this model has {sorted(self.peft_config)}")
         if any(adapter_name in layer.merged_adapters for _, layer in self.base_model.lora_layers()):
-            raise RuntimeError(f"adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() "
+            raise AdapterStateError(f"adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() "
                                "before deleting it")
         active = [n for n in self.active_adapters if n != adapter_name]
         self._remove_everywhere(adapter_name)
@@ -233,9 +234,9 @@ class PeftModel(AdapterFiles, nn.Module):
         known = set(self.peft_config) | {BASE_ONLY}
         unknown = sorted(set(adapter_names) - known)
         if unknown:
-            raise ValueError(f"adapter_names holds unknown adapter(s) {unknown}; known: {sorted(known)}")
+            raise LoracastError(f"adapter_names holds unknown adapter(s) {unknown}; known: {sorted(known)}")
         if any(layer.merged for _, layer in self.base_model.lora_layers()):
-            raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
+            raise LoracastError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
         with per_sample_adapters(adapter_names, expansion):
             yield
 
@@ -333,7 +334,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         PrecisionError: the precision arguments conflict, or the base cannot satisfy the policy.
     """
     if mixed:
-        raise ValueError("mixed=True (PeftMixedModel) is not supported; loracast models hold several LoRA "
+        raise LoracastError("mixed=True (PeftMixedModel) is not supported; loracast models hold several LoRA "
                          "adapters without it (add_adapter / set_adapter)")
     if revision is not None:
         peft_config.revision = revision

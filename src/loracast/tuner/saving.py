@@ -18,7 +18,7 @@ from torch import nn
 
 from loracast.config import LoraConfig
 from loracast.dtypes import parse_dtype
-from loracast.errors import PrecisionError, PrecisionWarning, UnsupportedArgumentError
+from loracast.errors import LoracastError, PrecisionError, PrecisionWarning, UnsupportedArgumentError
 from loracast.files.fingerprint import build_fingerprint, check_loaded_adapter, fingerprint_metadata, parse_fingerprint
 from loracast.files.folder import AdapterFolder, read_adapter_folder, write_adapter_folder
 from loracast.files.format import (
@@ -78,17 +78,17 @@ class AdapterFiles:
             OSError: a file could not be written; that adapter's earlier files are unchanged.
         """
         if not safe_serialization:
-            raise ValueError("loracast writes only safetensors (pickle files can run code when read); "
+            raise LoracastError("loracast writes only safetensors (pickle files can run code when read); "
                              "drop safe_serialization=False")
         _refuse_unsupported_save_kwargs(kwargs)
         dtype = parse_dtype(save_dtype, "save_dtype")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
-            raise ValueError(f"selected_adapters {unknown} not found; this model has {sorted(self.peft_config)}")
+            raise LoracastError(f"selected_adapters {unknown} not found; this model has {sorted(self.peft_config)}")
         root = os.fspath(save_directory)
         if os.path.isfile(root):
-            raise ValueError(f"save_directory {root!r} is a file; give a folder path")
+            raise LoracastError(f"save_directory {root!r} is a file; give a folder path")
         for name in names:
             self.peft_config[name].validate()  # before any rank gathers or writes anything
         for name in names:
