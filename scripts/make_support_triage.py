@@ -13,7 +13,7 @@ it is released under CC0-1.0. The output is deterministic for a given seed.
     python scripts/make_support_triage.py        # writes src/loracast/data/support_triage.jsonl
 
 Held-out rows (``split`` = "test") are built from parts no "train" row uses: a quarter of the
-core requests of each intent, a third of the urgency phrasings, two of the seven ways to write an
+core requests of each intent, two of the seven phrasings of high and of low urgency, two of the seven ways to write an
 order number, and a quarter of the items. A score on them measures whether the model learnt the
 task, not the templates.
 """

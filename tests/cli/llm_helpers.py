@@ -66,4 +66,4 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 # Options for short SFT runs on the tiny model (seconds).
-SFT_FAST = ["--max-steps", "6", "--batch-size", "8", "--lr", "5e-3", "--max-new-tokens", "12", "--device", "cpu"]
+SFT_FAST = ["--max-steps", "4", "--batch-size", "4", "--lr", "5e-3", "--max-new-tokens", "8", "--device", "cpu"]
