@@ -27,9 +27,10 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
+
+from harness import run_child
 
 CASES = ("peft", "loracast-stable", "loracast-mixed")
 
@@ -103,14 +104,6 @@ def _child(case: str, args: argparse.Namespace) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def _run_child(case: str, argv: list[str]) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), *argv, "--child", case]
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
-    if done.returncode != 0:
-        raise RuntimeError(f"the {case} run failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def _summary(runs: list[dict]) -> dict:
     steps = [t for run in runs for t in run["step_s"]]
     cpu = [t for run in runs for t in run["step_cpu_s"]]
@@ -134,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     for round_index in range(args.rounds):
         order = CASES if round_index % 2 == 0 else CASES[::-1]
         for case in order:
-            results[case].append(_run_child(case, argv))
+            results[case].append(run_child(__file__, argv, case))
             print(f"round {round_index + 1}/{args.rounds} {case}: median step "
                   f"{statistics.median(results[case][-1]['step_s']):.2f} s", file=sys.stderr)
     summary = {case: _summary(runs) for case, runs in results.items()}

@@ -12,7 +12,7 @@ import torch
 from loracast.cli import CommandError
 
 SFT_DEFAULTS = {"lr": 2e-3, "batch_size": 8, "max_length": 256, "max_steps": 60, "r": 16, "alpha": 32.0,
-                "dropout": 0.05}
+                "dropout": 0.05, "eval_examples": 64}
 
 
 def _is_causal_lm_folder(model: Path) -> bool:
@@ -86,7 +86,8 @@ def run_sft_command(args: argparse.Namespace) -> int:
                            batch_size=_value(args, "batch_size"), max_length=_value(args, "max_length"),
                            seed=args.seed, max_new_tokens=args.max_new_tokens)
     options = SftOptions(model=spec, data=data, out=args.out, precision=args.precision,
-                         eval_fraction=args.eval_fraction, eval_examples=args.eval_examples, settings=settings)
+                         eval_fraction=args.eval_fraction, eval_examples=_value(args, "eval_examples"),
+                         settings=settings)
     device = pick_device(args.device)
     if args.compare_precision:
         results = compare_sft_precision(options, device)

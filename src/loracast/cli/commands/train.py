@@ -68,7 +68,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     where.add_argument("--eval-fraction", type=positive_float, default=0.2, metavar="F",
                        help="share held out when the data has no split column (default 0.2)")
     where.add_argument("--eval-examples", type=positive_int, metavar="N",
-                       help="SFT: evaluate on the first N held-out conversations (default: all)")
+                       help=f"SFT: evaluate on the first N held-out conversations (default {SFT['eval_examples']}: "
+                            "greedy generation is the slow part of an evaluation on a CPU)")
     where.add_argument("--out", type=Path, default=Path("out/train"), metavar="DIR",
                        help="output folder (default out/train)")
     lora = parser.add_argument_group("LoRA")
