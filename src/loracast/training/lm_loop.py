@@ -110,6 +110,7 @@ def train_sft(model: nn.Module, tokenizer: Any, train: Sequence[EncodedExample],
                          f"(assistant-token loss {evaluation.loss:.4f}; {evaluation.seconds:.0f} s)")
 
     run_eval(0)
+    progress.restart_clock()  # tokens/s and time left count training steps only
     model.train()
     step, epoch = 0, 0
     while step < total and history.diverged_at_step is None:
