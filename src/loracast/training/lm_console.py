@@ -18,6 +18,12 @@ def _score(entry: dict[str, Any]) -> str:
     return text
 
 
+def _one_line(answer: str, width: int = 160) -> str:
+    """An answer on one line of at most `width` characters (base models often answer in paragraphs)."""
+    flat = " ".join(answer.split())
+    return flat if len(flat) <= width else flat[:width - 3] + "..."
+
+
 def format_sft_run(result: SftResult) -> str:
     """Scores before/after, a few answers side by side, the precision summary, the doctor's verdict
     and the files of one SFT run."""
@@ -33,8 +39,8 @@ def format_sft_run(result: SftResult) -> str:
     answers_before, answers_after = result.history.evaluations[0].answers, result.history.evaluations[-1].answers
     for example, b, a in list(zip(result.held_out, answers_before, answers_after))[:SHOWN]:
         lines.append(f"  message:  {example.prompt_messages[-1]['content']}")
-        lines.append(f"    base:    {b[:160]}")
-        lines.append(f"    adapter: {a[:160]}")
+        lines.append(f"    base:    {_one_line(b)}")
+        lines.append(f"    adapter: {_one_line(a)}")
     if m["diverged_at_step"] is not None:
         lines.append(f"warning: the loss stopped being finite at step {m['diverged_at_step']}; training stopped early")
     lines.extend(precision_lines(m))
