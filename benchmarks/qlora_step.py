@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+
+from harness import run_child
 
 IMPLEMENTATIONS = ("loracast", "peft")
 
@@ -48,7 +48,8 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-checkpointing", action="store_true", help="train without gradient checkpointing")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--child", nargs=2, metavar=("IMPL", "MODEL_DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", metavar="IMPL", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -131,14 +132,6 @@ def _save_model(args: argparse.Namespace, folder: str) -> None:
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
 
 
-def _run_child(impl: str, folder: str, argv: list[str]) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), *argv, "--child", impl, folder]
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
-    if done.returncode != 0:
-        raise RuntimeError(f"the {impl} run failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def _summary(runs: list[dict]) -> dict:
     steps = [t for run in runs for t in run["step_s"]]
     cpu = [t for run in runs for t in run["step_cpu_s"]]
@@ -155,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parse_args(argv)
     if args.child:
-        print(json.dumps(_child(args.child[0], args.child[1], args)))
+        print(json.dumps(_child(args.child, args.model_dir, args)))
         return 0
     results: dict[str, list[dict]] = {impl: [] for impl in IMPLEMENTATIONS}
     with tempfile.TemporaryDirectory(prefix="loracast-bench-") as folder:
@@ -163,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         for round_index in range(args.rounds):
             order = IMPLEMENTATIONS if round_index % 2 == 0 else IMPLEMENTATIONS[::-1]
             for impl in order:
-                results[impl].append(_run_child(impl, folder, argv))
+                results[impl].append(run_child(__file__, [*argv, "--model-dir", folder], impl))
                 print(f"round {round_index + 1}/{args.rounds} {impl}: median step "
                       f"{1e3 * statistics.median(results[impl][-1]['step_s']):.1f} ms", file=sys.stderr)
     summary = {impl: _summary(runs) for impl, runs in results.items()}

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from .cli_helpers import TRAIN_FAST, rows_per_label, save_tiny_bert
+from .llm_helpers import save_tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +40,9 @@ def trained_run(tmp_path_factory, tiny_bert, tiny_data) -> Path:
     status = main(["train", "--model", str(tiny_bert), "--data", str(tiny_data), "--out", str(out), *TRAIN_FAST])
     assert status == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """Folder of a tiny random LlamaForCausalLM with a BPE tokenizer and a ChatML chat template."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))

@@ -152,5 +152,5 @@ def test_bad_input_exits_2_without_traceback_in_a_real_process(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"loracast train: error: data file {str(tmp_path / 'none.csv')!r} does not exist (or is not a file); "
-        "pass a CSV or JSONL file with 'text' and 'label' columns"]
+        "pass a JSONL file of messages or prompt/completion rows, or a CSV/JSONL file with 'text' and 'label'"]
     assert result.stdout == ""

@@ -2,7 +2,10 @@
 folder (safetensors), checked against the unmerged model on a few inputs.
 
 The check is end to end: outputs of the adapter model (LoRA branch separate) are compared with
-outputs of the model read back from the written folder with transformers' `from_pretrained`.
+outputs of the model read back from the written folder with transformers' `from_pretrained`; for
+a causal LM, greedy generations are compared as well. A causal LM's base may be a GGUF file
+(dequantized by transformers on load); the folder written is then a plain transformers model with
+the GGUF's tokenizer and chat template.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from loracast.integrations.hf_loading import (
     load_tokenizer,
     quiet_transformers,
 )
+from loracast.training.lm_eval import generate_answers
+from loracast.training.lm_setup import check_llm_source, is_gguf, load_llm, load_llm_tokenizer
 from loracast.tuner.peft_model import PeftModel
 
 PROBE_TEXTS = [
@@ -35,6 +40,8 @@ PROBE_TEXTS = [
     "How do I change the email address on my profile?",
 ]
 LABELS_NAME = "labels.json"  # written beside an adapter by `loracast train`
+SFT_NAME = "sft.json"  # written beside an SFT adapter by `loracast train`: its system prompt
+PROBE_NEW_TOKENS = 24
 
 
 @dataclass
@@ -49,6 +56,8 @@ class MergeReport:
     mean_abs_diff: float
     max_abs_output: float
     notes: list[str] = field(default_factory=list)  # precision differences found when loading the adapter
+    generations: int = 0  # causal LMs: greedy generations compared
+    generations_equal: int = 0  # of which the merged model's equal the unmerged one's, token for token
 
 
 def _head_labels(adapter: Path, config: LoraConfig) -> dict[str, Any]:
@@ -70,9 +79,29 @@ def _head_labels(adapter: Path, config: LoraConfig) -> dict[str, Any]:
     return {}
 
 
+def _chat_prompts(tokenizer: Any, adapter: Path) -> tuple[list[str], list[bool]]:
+    """The probe texts as the adapter's training would have framed them (system prompt, chat template)."""
+    system = None
+    if (adapter / SFT_NAME).is_file():
+        try:
+            system = json.loads((adapter / SFT_NAME).read_text(encoding="utf-8")).get("system")
+        except (OSError, ValueError, AttributeError):
+            system = None  # the probe still works without the training's system prompt
+    if not getattr(tokenizer, "chat_template", None):
+        return list(PROBE_TEXTS), [True] * len(PROBE_TEXTS)
+    prefix = [{"role": "system", "content": system}] if system else []
+    prompts = [tokenizer.apply_chat_template(prefix + [{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True) for text in PROBE_TEXTS]
+    return prompts, [False] * len(prompts)
+
+
+def _load_tokenizer(base: Path) -> Any:
+    return load_llm_tokenizer(base) if is_gguf(base) else load_tokenizer(base)
+
+
 def _probe_inputs(base: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     try:
-        tokenizer = load_tokenizer(base)
+        tokenizer = _load_tokenizer(base)
     except ValueError:  # no tokenizer: random token ids from the model's vocabulary
         vocab = int(getattr(model.config, "vocab_size", 100))
         generator = torch.Generator().manual_seed(0)
@@ -101,7 +130,8 @@ def merge_to_folder(base: str | Path, adapter: str | Path, out: str | Path,
         FileNotFoundError / AdapterLoadError / ConfigError: `adapter` is missing or does not fit.
         ValueError: `out` is a file.
     """
-    base, adapter, out = check_model_folder(base, "base model"), Path(adapter), Path(out)
+    base, adapter, out = Path(base), Path(adapter), Path(out)
+    base = check_llm_source(base) if is_gguf(base) else check_model_folder(base, "base model")
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {str(out)!r} is a file; pass a folder path")
     if out.resolve() in (base.resolve(), adapter.resolve()):
@@ -109,8 +139,14 @@ def merge_to_folder(base: str | Path, adapter: str | Path, out: str | Path,
     config = LoraConfig.from_pretrained(adapter)
     cls = auto_class(config.task_type)
     extra = _head_labels(adapter, config) if config.task_type in ("SEQ_CLS", "TOKEN_CLS") else {}
-    with quiet_transformers():
-        model = load_model(cls, base, dtype, ignore_mismatched_sizes=bool(extra), **extra)
+    if is_gguf(base) and config.task_type != "CAUSAL_LM":
+        raise AdapterLoadError(f"{adapter} is a {config.task_type} adapter, but {base.name} is a GGUF causal LM; "
+                               "merge it into the model folder it was trained on")
+    if is_gguf(base):
+        model = load_llm(base, dtype, False, torch.device("cpu"))
+    else:
+        with quiet_transformers():
+            model = load_model(cls, base, dtype, ignore_mismatched_sizes=bool(extra), **extra)
     model.eval()
     inputs = _probe_inputs(base, model)
     with warnings.catch_warnings(record=True) as caught:
@@ -122,19 +158,28 @@ def merge_to_folder(base: str | Path, adapter: str | Path, out: str | Path,
         warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
     peft_model.eval()
     output_name, reference = _main_output(peft_model, inputs)
+    tokenizer, prompts, plain, before = None, [], [], []
+    if config.task_type == "CAUSAL_LM":
+        tokenizer = _load_tokenizer(base)
+        prompts, plain = _chat_prompts(tokenizer, adapter)
+        before = generate_answers(peft_model, tokenizer, prompts, plain, PROBE_NEW_TOKENS, len(prompts),
+                                  torch.device("cpu"))
     merged = peft_model.merge_and_unload()
     merged_dtype = next(p.dtype for p in merged.parameters() if p.is_floating_point())
     with quiet_transformers():
         merged.save_pretrained(str(out), safe_serialization=True)
         try:
-            load_tokenizer(base).save_pretrained(str(out))
+            (tokenizer or _load_tokenizer(base)).save_pretrained(str(out))  # the chat template goes with it
         except ValueError:
             pass  # the base has no tokenizer to pass on
     del merged, peft_model, model
     with quiet_transformers():
         reloaded = load_model(cls, out, merged_dtype).eval()
     _, result = _main_output(reloaded, inputs)
+    after = (generate_answers(reloaded, tokenizer, prompts, plain, PROBE_NEW_TOKENS, len(prompts), torch.device("cpu"))
+             if tokenizer is not None else [])
     diff = (result - reference).abs()
     return MergeReport(out=out, dtype=merged_dtype, inputs=int(reference.shape[0]), output_name=output_name,
                        max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()),
-                       max_abs_output=float(reference.abs().max()), notes=notes)
+                       max_abs_output=float(reference.abs().max()), notes=notes, generations=len(after),
+                       generations_equal=sum(a == b for a, b in zip(before, after)))

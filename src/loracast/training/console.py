@@ -11,11 +11,13 @@ MIB = 1024 * 1024
 KIND_ORDER = ("base", "adapters", "modules_to_save", "trainable_other")
 
 
-def _mib(n: float) -> str:
+def mib(n: float) -> str:
+    """`n` bytes in MiB, as the summaries print them."""
     return f"{n / MIB:,.1f} MiB"
 
 
-def _dtypes(entry: dict[str, Any]) -> str:
+def dtypes_text(entry: dict[str, Any]) -> str:
+    """The dtypes of a parameter-table entry, joined by '/'."""
     return "/".join(entry["dtypes"]) or "-"
 
 
@@ -24,6 +26,23 @@ def _final_loss(result: RunResult) -> float:
     losses = [s.loss for s in result.history.steps]
     tail = losses[-max(1, len(losses) // 10):] if losses else [float("nan")]
     return sum(tail) / len(tail)
+
+
+def precision_lines(metrics: dict[str, Any]) -> list[str]:
+    """The precision summary of a run's metrics: each kind of parameter with its dtypes and size,
+    what training them costs, and the peak memory."""
+    m, s = metrics, metrics["precision_summary"]
+    lines = [f"precision summary (policy {m['policy']}, base {m['base_dtype']}):"]
+    for kind in KIND_ORDER:
+        entry = s["parameters"].get(kind)
+        if entry:
+            state = "trainable" if entry["trainable"] else "frozen"
+            lines.append(f"  {kind:<16}{dtypes_text(entry):<24}{entry['params']:>13,} params {mib(entry['bytes']):>12}"
+                         f"  {state}")
+    lines.append(f"  trainable {s['trainable_params']:,} of {s['total_params']:,} ({s['trainable_share']:.2%}); "
+                 f"gradients {mib(s['gradient_bytes'])}, AdamW state {mib(s['optimizer_state_bytes'])}")
+    lines.append(f"  peak memory {mib(s['peak_memory']['bytes'])} ({s['peak_memory']['what']})")
+    return lines
 
 
 def format_run(result: RunResult) -> str:
@@ -35,16 +54,7 @@ def format_run(result: RunResult) -> str:
              f"({m['eval']['examples']} held-out examples, {len(m['labels'])} labels)"]
     if m["diverged_at_step"] is not None:
         lines.append(f"warning: the loss stopped being finite at step {m['diverged_at_step']}; training stopped early")
-    lines.append(f"precision summary (policy {m['policy']}, base {m['base_dtype']}):")
-    for kind in KIND_ORDER:
-        entry = s["parameters"].get(kind)
-        if entry:
-            state = "trainable" if entry["trainable"] else "frozen"
-            lines.append(f"  {kind:<16}{_dtypes(entry):<24}{entry['params']:>13,} params {_mib(entry['bytes']):>12}"
-                         f"  {state}")
-    lines.append(f"  trainable {s['trainable_params']:,} of {s['total_params']:,} ({s['trainable_share']:.2%}); "
-                 f"gradients {_mib(s['gradient_bytes'])}, AdamW state {_mib(s['optimizer_state_bytes'])}")
-    lines.append(f"  peak memory {_mib(s['peak_memory']['bytes'])} ({s['peak_memory']['what']})")
+    lines.extend(precision_lines(m))
     lines.append(f"  time per step {seconds['median']:.3f} s median ({seconds['min']:.3f}-{seconds['max']:.3f}), "
                  f"{s['examples_per_second']:.1f} examples/s; {m['train']['steps']} steps, "
                  f"train {m['seconds']['train']:.1f} s, load {m['seconds']['load']:.1f} s")
@@ -65,8 +75,8 @@ def format_comparison(results: Sequence[RunResult], plot: str) -> str:
         ("final train loss", [f"{_final_loss(r):.4f}" for r in results]),
         ("diverged at step", [str(r.metrics["diverged_at_step"] or "-") for r in results]),
         ("time per step (s)", [f"{r.metrics['precision_summary']['seconds_per_step']['median']:.3f}" for r in results]),
-        ("adapter+AdamW memory", [_mib(_trainable_bytes(r.metrics)) for r in results]),
-        ("peak memory (process)", [_mib(r.metrics["precision_summary"]["peak_memory"]["bytes"]) for r in results]),
+        ("adapter+AdamW memory", [mib(_trainable_bytes(r.metrics)) for r in results]),
+        ("peak memory (process)", [mib(r.metrics["precision_summary"]["peak_memory"]["bytes"]) for r in results]),
     ]
     header = "".ljust(width) + "".join(r.policy.ljust(width) for r in results)
     body = [name.ljust(width) + "".join(v.ljust(width) for v in values) for name, values in rows]

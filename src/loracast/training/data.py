@@ -121,20 +121,41 @@ def _read_jsonl(handle, path: Path) -> list[Example]:
     for number, raw in enumerate(handle, start=1):
         if not raw.strip():
             continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {number} is not valid JSON ({exc.msg}); each line must be one object "
-                            'such as {"text": "...", "label": "..."}') from exc
-        if not isinstance(record, dict):
-            raise DataError(f"{path}: line {number} is a JSON {type(record).__name__}, not an object with 'text' "
-                            "and 'label'")
+        record = parse_json_object(raw, path, number, '{"text": "...", "label": "..."}')
         missing = [c for c in (TEXT, LABEL) if c not in record]
         if missing:
             raise DataError(f"{path}: line {number} has fields {sorted(record)}; expected 'text' and 'label' "
                             f"(missing: {', '.join(missing)})")
         rows.append(_example(record[TEXT], record[LABEL], record.get(SPLIT), path, number))
     return rows
+
+
+def require_every_split(examples: Sequence, source: str) -> None:
+    """Refuse a file where some rows (objects with ``split`` and ``line``) have a split and others not.
+
+    Raises:
+        DataError: naming the first row without one.
+    """
+    row = next((e for e in examples if e.split is None), None)
+    if row is not None:
+        raise DataError(f"{source}: line {row.line} has no split while other rows do; give every row a split "
+                        "or drop the field")
+
+
+def parse_json_object(raw: str, path: Path, number: int, example: str) -> dict:
+    """Line `number` of a JSON-lines file as an object.
+
+    Raises:
+        DataError: it is not valid JSON, or not an object (`example` shows the expected shape).
+    """
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: line {number} is not valid JSON ({exc.msg} at column {exc.colno}); each line must "
+                        f"be one object such as {example}") from exc
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: line {number} is a JSON {type(record).__name__}, not an object such as {example}")
+    return record
 
 
 def label_order(labels: Sequence[str]) -> list[str]:
@@ -183,10 +204,7 @@ def split_examples(examples: Sequence[Example], source: str, eval_fraction: floa
         raise DataError(f"{source}: every example has label {names[0]!r}; classification needs at least two labels")
     with_split = [e for e in examples if e.split is not None]
     if with_split:
-        if len(with_split) != len(examples):
-            row = next(e for e in examples if e.split is None)
-            raise DataError(f"{source}: line {row.line} has no split while other rows do; give every row a split "
-                            "or drop the column")
+        require_every_split(examples, source)
         train = [e for e in examples if e.split in TRAIN_SPLITS]
         held = [e for e in examples if e.split in EVAL_SPLITS]
         if not train or not held:

@@ -48,6 +48,7 @@ class StepRecord:
     loss: float
     seconds: float
     examples: int
+    tokens: int = 0  # trained (non-padding) tokens, for language models
 
 
 @dataclass
@@ -151,7 +152,8 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, data: LabelledTexts, batch_
     return correct / len(data), loss_sum / len(data)
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """The learning-rate multiplier at `step`: linear warm-up over `warmup` steps, then linear decay to 0."""
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
@@ -171,7 +173,7 @@ def train_classifier(model: nn.Module, tokenizer: Tokenizer, train: LabelledText
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
     total = steps_per_epoch * settings.epochs
     warmup = max(1, int(total * settings.warmup_fraction))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
     eval_at = _eval_steps(steps_per_epoch, settings.epochs, settings.evals_per_epoch)
     generator = torch.Generator().manual_seed(settings.seed)
     forward = runtime.wrap(model)

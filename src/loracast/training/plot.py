@@ -22,8 +22,10 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_runs(runs: Sequence[tuple[str, History]], path: str | os.PathLike, title: str) -> Path:
-    """Write a two-panel PNG (training loss per step; eval accuracy) with one curve per run.
+def plot_runs(runs: Sequence[tuple[str, History]], path: str | os.PathLike, title: str,
+              score_name: str = "held-out accuracy") -> Path:
+    """Write a two-panel PNG (training loss per step; the eval score, named `score_name`) with one
+    curve per run.
 
     Raises:
         ImportError: matplotlib is not installed (install loracast[demo]).
@@ -47,7 +49,7 @@ def plot_runs(runs: Sequence[tuple[str, History]], path: str | os.PathLike, titl
         acc_axes.plot([e.step for e in evals], [100 * e.accuracy for e in evals], marker="o", color=color,
                       label=f"{name}: {100 * evals[0].accuracy:.1f}% -> {100 * evals[-1].accuracy:.1f}%")
     loss_axes.set(title="training loss (thin: per step, thick: moving average)", xlabel="step", ylabel="loss")
-    acc_axes.set(title="held-out accuracy", xlabel="step", ylabel="accuracy (%)", ylim=(0, 100))
+    acc_axes.set(title=score_name, xlabel="step", ylabel=f"{score_name} (%)", ylim=(0, 100))
     for axes in (loss_axes, acc_axes):
         axes.grid(alpha=0.3)
         axes.legend(loc="best", fontsize=8)

@@ -77,7 +77,8 @@ def load_data(path: Path | None, labels: list[str] | None, eval_fraction: float,
     return train, held_out, source
 
 
-def _quantization_config(dtype: torch.dtype | None) -> Any:
+def quantization_config(dtype: torch.dtype | None) -> Any:
+    """transformers' BitsAndBytesConfig for NF4 with compute `dtype` (bf16 by default), heads unquantized."""
     try:
         with quiet_transformers():  # bitsandbytes' note about its optional 'kernels' package is not needed
             import bitsandbytes  # noqa: F401  (transformers needs it for 4-bit loading)
@@ -103,7 +104,7 @@ def build_classifier(spec: ModelSpec, label_names: list[str], policy: str, devic
         "ignore_mismatched_sizes": True,  # a head trained for other labels is replaced
     }
     if spec.load_in_4bit:
-        kwargs["quantization_config"] = _quantization_config(spec.dtype)
+        kwargs["quantization_config"] = quantization_config(spec.dtype)
         kwargs["device_map"] = {"": str(device)}
     torch.manual_seed(spec.seed)  # the new head's initial weights
     with quiet_transformers():  # the "newly initialised head" notice is expected here
@@ -114,11 +115,19 @@ def build_classifier(spec: ModelSpec, label_names: list[str], policy: str, devic
         model.config.pad_token_id = tokenizer.pad_token_id
     config = LoraConfig(task_type="SEQ_CLS", r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                         target_modules=spec.target_modules)
+    return add_lora(model, config, policy), tokenizer
+
+
+def add_lora(model: Any, config: LoraConfig, policy: str) -> PeftModel:
+    """`model` with a new LoRA adapter from `config` under precision `policy`.
+
+    Raises:
+        SetupError: the config does not fit the model (e.g. target modules it lacks).
+    """
     try:
-        peft_model = get_peft_model(model, config, **peft_model_kwargs(policy))
+        return get_peft_model(model, config, **peft_model_kwargs(policy))
     except ValueError as exc:
         raise SetupError(str(exc).splitlines()[0]) from exc
-    return peft_model, tokenizer
 
 
 def base_dtype_name(peft_model: PeftModel) -> str:

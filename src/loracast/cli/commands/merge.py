@@ -12,10 +12,13 @@ EXAMPLES = """\
 examples:
   loracast merge ~/models/minilm out/train/adapter out/merged
   loracast merge ./llama-base ./my-adapter ./llama-merged --dtype bf16
+  loracast merge SmolLM2-135M-Instruct.Q4_1.gguf out/train/adapter out/merged --dtype bf16
 
 The merged folder loads with transformers' from_pretrained (the auto class matching the adapter's
-task type, e.g. AutoModelForSequenceClassification for SEQ_CLS). The printed difference compares
-the merged model, read back from OUT, with the unmerged adapter model on a few inputs.
+task type, e.g. AutoModelForSequenceClassification for SEQ_CLS; AutoModelForCausalLM for an LLM,
+whose tokenizer and chat template are written too). The printed difference compares the merged
+model, read back from OUT, with the unmerged adapter model on a few inputs; for a causal LM, greedy
+generations are compared as well. A causal LM's BASE may be a GGUF file.
 """
 
 
@@ -25,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         subparsers, "merge", "merge an adapter into its base model and save it (safetensors)",
         "Merge a LoRA adapter into its base model (each weight rounded once) and write the result as a transformers "
         "model folder; print how far the merged outputs are from the unmerged ones.", EXAMPLES)
-    parser.add_argument("base", metavar="BASE", help="the base model folder (config.json + weights)")
+    parser.add_argument("base", metavar="BASE", help="the base model folder (config.json + weights), or a GGUF file")
     parser.add_argument("adapter", metavar="ADAPTER", help="the adapter folder (adapter_config.json + weights)")
     parser.add_argument("out", metavar="OUT", help="folder to write the merged model to")
     parser.add_argument("--dtype", type=dtype_arg, metavar="fp32|bf16|fp16",
@@ -47,4 +50,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"merged model written to {report.out} ({dtype}, safetensors)")
     print(f"merged vs unmerged {report.output_name} on {report.inputs} inputs: max abs diff {report.max_abs_diff:.3g}, "
           f"mean abs diff {report.mean_abs_diff:.3g} (largest |output| {report.max_abs_output:.3g})")
+    if report.generations:
+        print(f"greedy generations ({report.generations} prompts): {report.generations_equal} of "
+              f"{report.generations} equal to the unmerged model's"
+              + ("" if report.generations_equal == report.generations else
+                 f"; {report.generations - report.generations_equal} differ (the merged weights are rounded once to "
+                 f"{dtype}, the unmerged model adds the LoRA branch in its own dtype)"))
     return 0

@@ -1,0 +1,99 @@
+"""The SFT side of `loracast train`: which job the data and model ask for, and the instruction-
+tuning run of a causal LM with its options and printed summary."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from loracast.cli import CommandError
+
+SFT_DEFAULTS = {"lr": 2e-3, "batch_size": 8, "max_length": 256, "max_steps": 60, "r": 16, "alpha": 32.0,
+                "dropout": 0.05, "eval_examples": 64}
+
+
+def _is_causal_lm_folder(model: Path) -> bool:
+    from loracast.integrations.hf_loading import read_model_config
+
+    if not (model / "config.json").is_file():
+        return False  # the classifier path reports what is missing
+    architectures = read_model_config(model).get("architectures") or []
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+
+
+def is_sft_job(data: Path | None, model: Path | None) -> bool:
+    """Whether `loracast train` fine-tunes a causal LM on instruction data (True) or trains a
+    classifier (False): the data's format decides; without data, the model's kind.
+
+    Raises:
+        CommandError: text/label data with a GGUF model (a causal LM that cannot hold a classifier head).
+    """
+    from loracast.training.chat_data import data_kind
+    from loracast.training.lm_setup import is_gguf
+
+    if data is not None:
+        if data_kind(data) == "chat":
+            return True
+        if model is not None and is_gguf(model):
+            raise CommandError(f"{data} holds text/label rows for a classifier, but {model.name} is a GGUF causal LM; "
+                               "give it instruction data (messages or prompt/completion rows), or pass a classifier "
+                               "or encoder model folder for text/label data")
+        return False
+    return model is None or is_gguf(model) or _is_causal_lm_folder(model)
+
+
+def _value(args: argparse.Namespace, name: str):
+    value = getattr(args, name)
+    return SFT_DEFAULTS[name] if value is None else value
+
+
+def run_sft_command(args: argparse.Namespace) -> int:
+    """Instruction-tune a causal LM as `args` ask; print the summary."""
+    from loracast.training.chat_data import default_chat_data_path
+    from loracast.training.lm_console import format_sft_comparison, format_sft_run
+    from loracast.training.lm_loop import SftSettings
+    from loracast.training.lm_run import COMPARE_NAME, SftOptions, compare_sft_precision, run_sft
+    from loracast.training.lm_setup import LlmSpec, check_llm_source, default_llm_path
+    from loracast.training.runtime import pick_device
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CommandError("instruction tuning runs in one process; launch it without torchrun")
+    if args.labels is not None:
+        raise CommandError("--labels applies to text/label data; instruction data has no label set")
+    try:
+        __import__("matplotlib")
+    except ImportError as exc:
+        raise CommandError("the training plot needs matplotlib: pip install 'loracast[demo]'") from exc
+    data = args.data if args.data is not None else default_chat_data_path()
+    source = check_llm_source(args.model if args.model is not None else default_llm_path())
+    template = None
+    if args.chat_template is not None:
+        try:
+            template = args.chat_template.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CommandError(f"--chat-template {args.chat_template}: cannot read it as UTF-8 text ({exc})") from exc
+    targets = None if args.target_modules is None else [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    spec = LlmSpec(source=source, dtype=args.dtype if args.dtype is not None else torch.bfloat16,
+                   load_in_4bit=args.load_in_4bit,
+                   target_modules="all-linear" if targets in (None, ["all-linear"]) else targets,
+                   r=_value(args, "r"), alpha=_value(args, "alpha"), dropout=_value(args, "dropout"),
+                   gradient_checkpointing=args.gradient_checkpointing, chat_template=template)
+    max_steps = args.max_steps if args.max_steps is not None or args.epochs is not None else SFT_DEFAULTS["max_steps"]
+    settings = SftSettings(max_steps=max_steps, epochs=args.epochs or 1, lr=_value(args, "lr"),
+                           batch_size=_value(args, "batch_size"), max_length=_value(args, "max_length"),
+                           seed=args.seed, max_new_tokens=args.max_new_tokens)
+    options = SftOptions(model=spec, data=data, out=args.out, precision=args.precision,
+                         eval_fraction=args.eval_fraction, eval_examples=_value(args, "eval_examples"),
+                         settings=settings)
+    device = pick_device(args.device)
+    if args.compare_precision:
+        results = compare_sft_precision(options, device)
+        for result in results:
+            print(f"\n== {result.policy} ==\n{format_sft_run(result)}")
+        print("\n" + format_sft_comparison(results, str(args.out / COMPARE_NAME)))
+    else:
+        print(format_sft_run(run_sft(options, device)))
+    return 0

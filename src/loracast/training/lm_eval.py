@@ -1,0 +1,125 @@
+"""Evaluating a causal LM on held-out conversations: greedy answers, their exact score, and the
+loss on the assistant's tokens.
+
+Scoring is exact. When the references are JSON objects (the shipped triage task), an answer
+counts as valid when the whole answer parses as one JSON object, as correct when it equals the
+reference object, and each field of the reference is scored on its own. Otherwise an answer is
+correct when it equals the reference text (surrounding whitespace aside).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from loracast.training.chat_data import ChatExample
+from loracast.training.chat_template import EncodedExample, prompt_text
+from loracast.training.lm_batching import collate, left_padded
+
+
+@dataclass
+class Score:
+    """The exact score of a list of answers."""
+
+    exact: float  # share of answers equal to the reference
+    valid_json: float | None = None  # share of whole answers that are one JSON object (JSON tasks only)
+    fields: dict[str, float] = field(default_factory=dict)  # per-field accuracy (JSON tasks only)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"exact": self.exact, "valid_json": self.valid_json, "fields": dict(self.fields)}
+
+
+def _as_object(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text.strip())
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def score_answers(answers: Sequence[str], references: Sequence[str]) -> Score:
+    """The exact score of `answers` against `references` (see the module's rule)."""
+    if not references:
+        return Score(exact=math.nan)
+    expected = [_as_object(r) for r in references]
+    if any(e is None for e in expected):
+        exact = sum(a.strip() == r.strip() for a, r in zip(answers, references)) / len(references)
+        return Score(exact=exact)
+    parsed = [_as_object(a) for a in answers]
+    keys = sorted({k for e in expected for k in e})
+    fields = {k: sum(p is not None and k in e and p.get(k, object()) == e[k] for p, e in zip(parsed, expected))
+              / sum(k in e for e in expected) for k in keys}
+    return Score(exact=sum(p == e for p, e in zip(parsed, expected)) / len(expected),
+                 valid_json=sum(p is not None for p in parsed) / len(parsed), fields=fields)
+
+
+def stop_token_ids(tokenizer: Any, model: nn.Module) -> list[int]:
+    """Tokens that end an answer: the tokenizer's EOS and the model's generation-config EOS ids."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids.update(int(i) for i in (configured if isinstance(configured, (list, tuple)) else [configured]))
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], plain: Sequence[bool],
+                     max_new_tokens: int, batch_size: int, device: torch.device) -> list[str]:
+    """Greedy answers to `prompts` (rendered prompt texts; `plain` marks those without a chat
+    template, which get the tokenizer's own special tokens), batched with left padding and the KV cache."""
+    encoded = [tokenizer(p, add_special_tokens=is_plain)["input_ids"] for p, is_plain in zip(prompts, plain)]
+    # longest first: one padded width per batch, and an out-of-memory error shows up at once
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    answers: list[str] = [""] * len(encoded)
+    stops = stop_token_ids(tokenizer, model)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            inputs = left_padded([encoded[i] for i in rows], tokenizer.pad_token_id, device)
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, use_cache=True,
+                                    temperature=None, top_p=None, top_k=None)
+            new_tokens = output[:, inputs["input_ids"].shape[1]:]
+            for row, tokens in zip(rows, new_tokens):
+                answers[row] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def answer_examples(model: nn.Module, tokenizer: Any, examples: Sequence[ChatExample], max_new_tokens: int,
+                    batch_size: int, device: torch.device) -> list[str]:
+    """Greedy answers of `model` to the last turn of each example."""
+    prompts = [prompt_text(tokenizer, e) for e in examples]
+    return generate_answers(model, tokenizer, prompts, [e.plain for e in examples], max_new_tokens, batch_size,
+                            device)
+
+
+@torch.no_grad()
+def assistant_loss(model: nn.Module, encoded: Sequence[EncodedExample], pad_id: int, batch_size: int,
+                   device: torch.device) -> float:
+    """Mean cross-entropy (float32) over every assistant token of `encoded`."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(encoded), batch_size):
+            batch = collate(encoded[start:start + batch_size], pad_id, device)
+            tokens = int((batch["labels"][:, 1:] != -100).sum())
+            loss = model(**batch).loss
+            total += float(loss) * tokens
+            count += tokens
+    finally:
+        model.train(was_training)
+    return total / count if count else math.nan

