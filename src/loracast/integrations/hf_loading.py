@@ -7,6 +7,7 @@ Shared by the `train` and `merge` commands. Nothing here downloads: every call p
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,18 @@ def check_model_folder(path: str | Path, what: str = "model") -> Path:
         raise ModelFolderError(f"{what} folder {str(folder)!r} has no config.json; pass a folder written by "
                                "save_pretrained (config.json + weights)")
     return folder
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """The raw ``config.json`` of a model folder.
+
+    Raises:
+        ModelFolderError: the file is not valid JSON.
+    """
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"cannot read {folder / 'config.json'}: {exc}") from exc
 
 
 @contextlib.contextmanager
