@@ -53,9 +53,9 @@ def test_quiet_loading_restores_the_bitsandbytes_logger(bnb_logger):
 
 
 def test_4bit_set_up_restores_the_bitsandbytes_logger(bnb_logger):
-    from loracast.training.setup import _quantization_config
+    from loracast.training.setup import quantization_config
 
-    assert _quantization_config(torch.bfloat16).load_in_4bit
+    assert quantization_config(torch.bfloat16).load_in_4bit
     assert bnb_logger.level == logging.INFO
 
 
