@@ -80,7 +80,9 @@ def evaluate_lm(model: nn.Module, tokenizer: Any, examples: Sequence[ChatExample
     began = time.perf_counter()
     answers = answer_examples(model, tokenizer, examples, settings.max_new_tokens, settings.eval_batch_size, device)
     score = score_answers(answers, [e.reference for e in examples])
-    loss = assistant_loss(model, encoded, tokenizer.pad_token_id, settings.eval_batch_size, device)
+    # the loss batch is the training batch: a loss needs the full-vocabulary logits of every
+    # position (float32 for the cross-entropy), which a generation batch of 32 makes gigabytes
+    loss = assistant_loss(model, encoded, tokenizer.pad_token_id, settings.batch_size, device)
     return Evaluation(step, score, loss, answers, time.perf_counter() - began)
 
 
