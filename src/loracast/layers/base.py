@@ -152,7 +152,7 @@ class LoraLayer(nn.Module):
         """
         if adapter_name in self.merged_adapters:
             raise AdapterStateError(f"adapter {adapter_name!r} is merged into {type(self.base_layer).__name__}; "
-                               "call unmerge_adapter() before deleting it")
+                                    "call unmerge_adapter() before deleting it")
         for container_name in self.adapter_layer_names + ("lora_dropout",):
             container = getattr(self, container_name)
             if adapter_name in container:
@@ -241,7 +241,7 @@ class LoraLayer(nn.Module):
         if self.merged:
             if routed is not None:
                 raise AdapterStateError("per-sample adapter_names cannot be used while adapters are merged; "
-                                   "call unmerge_adapter() first")
+                                        "call unmerge_adapter() first")
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if routed is not None:

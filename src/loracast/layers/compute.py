@@ -38,7 +38,7 @@ from loracast.layers.fastpath import LORA_COMPUTE_MODES
 def _check_mode(mode: str) -> str:
     if mode not in LORA_COMPUTE_MODES:
         raise LoracastError(f"lora_compute={mode!r} is not a compute mode; use one of {list(LORA_COMPUTE_MODES)}: "
-                         "'exact' (PEFT's arithmetic, the default) or 'fast' (LoRA branch in the activation dtype)")
+                            "'exact' (PEFT's arithmetic, the default) or 'fast' (LoRA branch in the activation dtype)")
     return mode
 
 
@@ -64,7 +64,7 @@ def set_lora_compute(model: nn.Module, mode: str, adapter_name: str | None = Non
     if not count:
         kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, LoraLayer)})
         raise LoracastError(f"{type(model).__name__} holds no LoRA Linear layer to set lora_compute on "
-                         f"(LoRA layers found: {kinds or 'none'}); call set_lora_compute after get_peft_model")
+                            f"(LoRA layers found: {kinds or 'none'}); call set_lora_compute after get_peft_model")
     return count
 
 

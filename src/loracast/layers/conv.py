@@ -33,7 +33,7 @@ class Conv(LoraLayer):
         base = self.base_layer
         if r % base.groups:
             raise LoracastError(f"rank {r} is not divisible by the groups={base.groups} of the targeted "
-                             f"{type(base).__name__}; choose r as a multiple of {base.groups} or exclude the layer")
+                                f"{type(base).__name__}; choose r as a multiple of {base.groups} or exclude the layer")
         self._register_numbers(adapter_name, r, lora_alpha, use_rslora, lora_bias, lora_dropout)
         conv_type = type(base)
         ones = (1,) * (base.weight.dim() - 2)
@@ -50,7 +50,7 @@ class Conv(LoraLayer):
         base = self.base_layer
         if base.groups > 1:
             raise LoracastError(f"cannot merge into a {type(base).__name__} with groups={base.groups}: its weight "
-                             "holds only the in-group connections the LoRA update spans; keep the adapter unmerged")
+                                "holds only the in-group connections the LoRA update spans; keep the adapter unmerged")
         weight_a = self.lora_A[adapter_name].weight  # (r, in, *kernel)
         weight_b = self.lora_B[adapter_name].weight  # (out, r, 1, ...)
         dtype = delta_dtype(weight_a)
@@ -63,8 +63,8 @@ class Conv(LoraLayer):
         base = self.base_layer
         if base.groups > 1:
             raise LoracastError(f"use_dora=True cannot adapt a {type(base).__name__} with groups={base.groups}: "
-                             "its weight holds only the in-group connections the update spans; exclude the layer "
-                             "from target_modules or set use_dora=False")
+                                "its weight holds only the in-group connections the update spans; exclude the layer "
+                                "from target_modules or set use_dora=False")
         super().add_dora(adapter_name, dtype=dtype, device=device, initialize=initialize)
 
     def _dora_weight_rows(self, weight: torch.Tensor) -> torch.Tensor:

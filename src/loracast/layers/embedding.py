@@ -33,7 +33,7 @@ class Embedding(LoraLayer):
                      lora_bias, dtype, device):
         if lora_bias:
             raise LoracastError("lora_bias=True is not supported on an Embedding; remove the embedding from "
-                             "target_modules or set lora_bias=False")
+                                "target_modules or set lora_bias=False")
         self._register_numbers(adapter_name, r, lora_alpha, use_rslora, lora_bias, lora_dropout)
         weight_a = nn.Parameter(torch.empty((r, self.in_features), dtype=dtype, device=device))
         weight_b = nn.Parameter(torch.empty((self.out_features, r), dtype=dtype, device=device))

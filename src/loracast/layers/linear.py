@@ -163,6 +163,6 @@ def linear_features(base_layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, i
     weight = base_weight(base_layer)
     if weight is None or weight.dim() != 2:
         raise LoracastError(f"cannot read the in/out features of {type(base_layer).__name__}: "
-                         "it has no in_features/out_features attributes and no 2-D weight")
+                            "it has no in_features/out_features attributes and no 2-D weight")
     rows, cols = weight.shape
     return (int(rows), int(cols)) if fan_in_fan_out else (int(cols), int(rows))

@@ -39,7 +39,7 @@ class MultiheadAttention(LoraLayer):
     def __init__(self, base_layer: nn.MultiheadAttention) -> None:
         if not base_layer._qkv_same_embed_dim:
             raise LoracastError("LoRA on an nn.MultiheadAttention needs query, key and value of the same size "
-                             "(kdim == vdim == embed_dim), as in PEFT; exclude this module from target_modules")
+                                "(kdim == vdim == embed_dim), as in PEFT; exclude this module from target_modules")
         super().__init__(base_layer)
         self.__dict__.update(in_features=base_layer.embed_dim, out_features=3 * base_layer.embed_dim)
         self._modules["lora_A"] = build.module_dict()
@@ -58,7 +58,7 @@ class MultiheadAttention(LoraLayer):
                      lora_bias, dtype, device):
         if lora_bias:
             raise LoracastError("lora_bias=True is not supported on an nn.MultiheadAttention; set lora_bias=False "
-                             "or exclude the module from target_modules")
+                                "or exclude the module from target_modules")
         self._register_numbers(adapter_name, r, lora_alpha, use_rslora, lora_bias, lora_dropout)
         init_a = None if init_lora_weights in (None, "gaussian") else "kaiming"
         init_b = None if init_lora_weights is None else ("kaiming" if init_lora_weights is False else "zeros")
@@ -73,7 +73,7 @@ class MultiheadAttention(LoraLayer):
 
     def add_dora(self, adapter_name: str, *, dtype: torch.dtype, device: torch.device, initialize: bool) -> None:
         raise LoracastError("use_dora=True is not supported on an nn.MultiheadAttention (nor in PEFT); set "
-                         "use_dora=False or exclude the module from target_modules")
+                            "use_dora=False or exclude the module from target_modules")
 
     # -- the adapter containers of both parts move together ---------------------------------------
 
@@ -130,12 +130,12 @@ class MultiheadAttention(LoraLayer):
     def forward(self, query: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if routed_adapter_names() is not None:
             raise LoracastError("per-sample adapter_names are not supported on an nn.MultiheadAttention (as in PEFT); "
-                             "run one adapter per batch")
+                                "run one adapter per batch")
         active = [name for name in self._active_adapters if name in self.r]
         if self._disable_adapters or self.merged or not active:
             if self._disable_adapters and self.merged:
                 raise AdapterStateError("adapters are disabled while merged into the base weight; call "
-                                   "unmerge_adapter() first")
+                                        "unmerge_adapter() first")
             return self.base_layer(query, *args, **kwargs)
         out_proj = self.out_proj_lora.get_base_layer()
         in_weight, out_weight = self.base_layer.in_proj_weight, out_proj.weight

@@ -47,7 +47,7 @@ class ParamWrapper(LoraLayer):
             out_features, in_features = param.shape
         else:
             raise LoracastError(f"target_parameters: {parameter_name!r} has {param.dim()} dimensions; LoRA adapts "
-                             "2-D (out, in) and 3-D (experts, ...) parameters only")
+                                "2-D (out, in) and 3-D (experts, ...) parameters only")
         self.__dict__.update(parameter_name=parameter_name, num_experts=int(experts), in_features=int(in_features),
                              out_features=int(out_features), transposed=transposed)
         self._modules["lora_A"] = build.module_dict()

@@ -33,4 +33,4 @@ class PerSampleNames:
         expanded = f" (or {len(self.names) * self.expansion} after generate's x{self.expansion} expansion)" \
             if self.expansion > 1 else ""
         raise LoracastError(f"adapter_names has {len(self.names)} entries{expanded} but the batch has {batch} samples; "
-                         "give one adapter name (or '__base__') per input sample")
+                            "give one adapter name (or '__base__') per input sample")

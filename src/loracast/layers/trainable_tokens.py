@@ -44,7 +44,7 @@ class TrainableTokensLayer(LoraLayer):
         super().__init__(base_layer)
         if not isinstance(base_layer, (nn.Embedding, nn.Linear)):
             raise LoracastError(f"trainable tokens need an nn.Embedding (or a tied nn.Linear head), got "
-                             f"{type(base_layer).__name__}; name the input embedding in trainable_token_indices")
+                                f"{type(base_layer).__name__}; name the input embedding in trainable_token_indices")
         # the tied source is a plain attribute, out of the module tree; a tied head shows the
         # embedding's rows under its own name too (as PEFT's state dict does) but does not list them
         # as its adapter tensors, so they are saved and counted once
@@ -80,7 +80,7 @@ class TrainableTokensLayer(LoraLayer):
         if bad or len(set(indices)) != len(indices):
             problem = f"ids {bad} outside [0, {size})" if bad else "repeated ids"
             raise LoracastError(f"trainable_token_indices has {problem}; give distinct ids of the "
-                             f"{size}-token vocabulary (resize the embeddings first for new tokens)")
+                                f"{size}-token vocabulary (resize the embeddings first for new tokens)")
         self._register_numbers(adapter_name, len(indices), 1.0, False, False, 0.0)
         if self._tied_to is not None:
             return
@@ -104,7 +104,7 @@ class TrainableTokensLayer(LoraLayer):
             ids = set(self.indices(name))
             if seen & ids:
                 raise LoracastError(f"adapter {name!r} trains token ids {sorted(seen & ids)} that another active or "
-                                 "merged adapter trains too; only adapters with disjoint token ids can be combined")
+                                    "merged adapter trains too; only adapters with disjoint token ids can be combined")
             seen |= ids
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -112,7 +112,7 @@ class TrainableTokensLayer(LoraLayer):
         if self._disable_adapters or self.merged:
             if self._disable_adapters and self.merged:
                 raise AdapterStateError("adapters are disabled while merged into the base weight; call "
-                                   "unmerge_adapter() first")
+                                        "unmerge_adapter() first")
             return result
         routed = routed_adapter_names()
         if routed is not None:
@@ -204,7 +204,7 @@ class TrainableTokensLayer(LoraLayer):
         if self._tied_to is None:
             if self._weight_restore is None:
                 raise AdapterStateError("the merge kept no copy of the base rows (merged with keep_restore=False); "
-                                   "reload the base model to undo it")
+                                        "reload the base model to undo it")
             weight = self.base_layer.weight
             for name in reversed(self.merged_adapters):
                 index = torch.tensor(self.indices(name), device=weight.device)

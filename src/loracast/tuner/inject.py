@@ -231,7 +231,7 @@ def make_lora_layer(base: nn.Module, config: LoraConfig, name: str) -> LoraLayer
             return factory(base, config)
     supported = ", ".join(label for label, _, _ in DISPATCH)
     raise LoracastError(f"target module {name!r} is a {type(base).__name__}, which LoRA cannot adapt; "
-                     f"supported: {supported}. Narrow target_modules so it does not match this module")
+                        f"supported: {supported}. Narrow target_modules so it does not match this module")
 
 
 def inject_adapter(
@@ -351,7 +351,7 @@ def wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str
     missing = [w for w in wanted if w not in found and w not in task_heads]
     if missing:
         raise LoracastError(f"modules_to_save names {missing} match no module of the model; "
-                         "give module names (or dotted suffixes) that exist")
+                            "give module names (or dotted suffixes) that exist")
     return wrapped
 
 

@@ -19,5 +19,5 @@ def check_adapter_name(name: Any) -> str:
     """
     if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name == BASE_ONLY:
         raise LoracastError(f"adapter name {name!r} is not allowed: use letters, digits, '_' and '-' (it becomes a "
-                         f"module key and a folder name), not starting with '-', and not {BASE_ONLY!r}")
+                            f"module key and a folder name), not starting with '-', and not {BASE_ONLY!r}")
     return name

@@ -191,7 +191,7 @@ class PeftModel(AdapterFiles, nn.Module):
             raise LoracastError(f"adapter {adapter_name!r} not found; this model has {sorted(self.peft_config)}")
         if any(adapter_name in layer.merged_adapters for _, layer in self.base_model.lora_layers()):
             raise AdapterStateError(f"adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() "
-                               "before deleting it")
+                                    "before deleting it")
         active = [n for n in self.active_adapters if n != adapter_name]
         self._remove_everywhere(adapter_name)
         if not active and self.peft_config:
@@ -335,7 +335,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     """
     if mixed:
         raise LoracastError("mixed=True (PeftMixedModel) is not supported; loracast models hold several LoRA "
-                         "adapters without it (add_adapter / set_adapter)")
+                            "adapters without it (add_adapter / set_adapter)")
     if revision is not None:
         peft_config.revision = revision
     return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,

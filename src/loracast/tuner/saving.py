@@ -79,7 +79,7 @@ class AdapterFiles:
         """
         if not safe_serialization:
             raise LoracastError("loracast writes only safetensors (pickle files can run code when read); "
-                             "drop safe_serialization=False")
+                                "drop safe_serialization=False")
         _refuse_unsupported_save_kwargs(kwargs)
         dtype = parse_dtype(save_dtype, "save_dtype")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
