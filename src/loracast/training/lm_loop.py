@@ -21,6 +21,7 @@ from loracast.training.chat_data import ChatExample
 from loracast.training.chat_template import EncodedExample
 from loracast.training.lm_batching import collate, length_grouped_batches
 from loracast.training.lm_eval import Score, answer_examples, assistant_loss, score_answers
+from loracast.training.lm_loss import AssistantLoss
 from loracast.training.loop import EvalRecord, History, StepRecord, lr_factor
 from loracast.training.progress import ProgressBar
 
@@ -61,6 +62,7 @@ class SftHistory(History):
     """What an SFT run recorded: steps, and evaluations whose accuracy is the exact-match score."""
 
     evaluations: list[Evaluation] = field(default_factory=list)
+    head_on_labelled_only: bool | None = None  # whether the loss projected only labelled positions (lm_loss)
 
     def tokens_per_second(self) -> float:
         """Trained-on tokens (padding excluded) per second of training steps."""
@@ -101,6 +103,7 @@ def train_sft(model: nn.Module, tokenizer: Any, train: Sequence[EncodedExample],
     generator = torch.Generator().manual_seed(settings.seed)
     lengths = [len(e.input_ids) for e in train]
     history = SftHistory()
+    loss_of = AssistantLoss(model)
     progress = ProgressBar(total, label=label, unit="tok")
 
     def run_eval(step: int) -> None:
@@ -119,7 +122,7 @@ def train_sft(model: nn.Module, tokenizer: Any, train: Sequence[EncodedExample],
         for rows in length_grouped_batches(lengths, settings.batch_size, generator):
             began = time.perf_counter()
             batch = collate([train[i] for i in rows], tokenizer.pad_token_id, device)
-            loss = model(**batch).loss
+            loss = loss_of(batch)
             value = float(loss.detach())
             if not math.isfinite(value):
                 history.diverged_at_step = step + 1
@@ -140,5 +143,6 @@ def train_sft(model: nn.Module, tokenizer: Any, train: Sequence[EncodedExample],
                 break
         epoch += 1
     progress.close()
+    history.head_on_labelled_only = loss_of.split
     run_eval(step)
     return history, optimizer

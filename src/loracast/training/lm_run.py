@@ -125,6 +125,8 @@ def train_sft_once(options: SftOptions, policy: str, train: list[ChatExample], h
                  else config.target_modules},
         "train": {**asdict(settings), "examples": len(train_encoded), "skipped_too_long": skipped_train,
                   "steps": len(history.steps), "gradient_checkpointing": options.model.gradient_checkpointing,
+                  "attention": getattr(model.config, "_attn_implementation", None),
+                  "head_on_labelled_positions_only": history.head_on_labelled_only,
                   "tokens_per_second": history.tokens_per_second()},
         "eval": {"examples": len(held_kept), "skipped_too_long": skipped_held, "before": before.to_dict(),
                  "after": after.to_dict(), "evaluations": [e.to_dict() for e in history.evaluations]},

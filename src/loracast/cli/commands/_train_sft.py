@@ -12,7 +12,7 @@ import torch
 from loracast.cli import CommandError
 
 SFT_DEFAULTS = {"lr": 2e-3, "batch_size": 8, "max_length": 256, "max_steps": 60, "r": 16, "alpha": 32.0,
-                "dropout": 0.05, "eval_examples": 64}
+                "dropout": 0.0, "eval_examples": 64}
 
 
 def _is_causal_lm_folder(model: Path) -> bool:
@@ -80,7 +80,8 @@ def run_sft_command(args: argparse.Namespace) -> int:
                    load_in_4bit=args.load_in_4bit,
                    target_modules="all-linear" if targets in (None, ["all-linear"]) else targets,
                    r=_value(args, "r"), alpha=_value(args, "alpha"), dropout=_value(args, "dropout"),
-                   gradient_checkpointing=args.gradient_checkpointing, chat_template=template)
+                   gradient_checkpointing=args.gradient_checkpointing, chat_template=template,
+                   attention=args.attention)
     max_steps = args.max_steps if args.max_steps is not None or args.epochs is not None else SFT_DEFAULTS["max_steps"]
     settings = SftSettings(max_steps=max_steps, epochs=args.epochs or 1, lr=_value(args, "lr"),
                            batch_size=_value(args, "batch_size"), max_length=_value(args, "max_length"),

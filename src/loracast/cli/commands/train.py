@@ -105,6 +105,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     optim.add_argument("--max-length", type=positive_int,
                        help=f"tokens per example (default {SFT['max_length']} for SFT: longer ones are skipped; "
                             f"{LOOP.max_length} for a classifier: longer texts are truncated)")
+    optim.add_argument("--attention", choices=("auto", "eager", "sdpa"), default="auto",
+                       help="SFT: the model's attention implementation (default auto: eager on a CPU, where it trains "
+                            "short sequences faster than sdpa; transformers' default on a GPU)")
     optim.add_argument("--gradient-checkpointing", action="store_true",
                        help="SFT: recompute activations in the backward pass (less memory, slower steps)")
     optim.add_argument("--max-new-tokens", type=positive_int, default=48,
