@@ -309,3 +309,38 @@ def test_inference_without_autograd_gives_the_training_forward(base_dtype, adapt
     assert torch.equal(with_graph, without)
     if handle is not None:
         handle.remove()
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while `fn` runs."""
+    seen = {}
+
+    def pack(tensor):
+        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(seen.values())
+
+
+def test_exact_mode_saves_the_bf16_input_not_its_fp32_copy_with_the_same_gradients():
+    # a realistic size (the kernels torch picks depend on it): 2 x 64 tokens, SmolLM2's width, r=16
+    torch.manual_seed(0)
+    base = nn.Linear(576, 1536, bias=False).to(torch.bfloat16).requires_grad_(False)
+    layer = Linear(base)
+    layer.update_layer("default", 16, 32, lora_dropout=0.0, init_lora_weights="gaussian", use_rslora=False,
+                       lora_bias=False, dtype=torch.float32, device=torch.device("cpu"))
+    layer.set_adapter("default")
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(2, 64, 576).to(torch.bfloat16)
+    grad_out = torch.randn(2, 64, 1536).to(torch.bfloat16)
+    for want, got in zip(run(layer, x, grad_out, "general"), run(layer, x, grad_out, "exact")):
+        assert torch.equal(want, got)
+    leaf = x.clone().requires_grad_(True)
+    general = _saved_bytes(lambda: LoraLayer.forward(layer, leaf))
+    layer.lora_compute = "exact"
+    exact = _saved_bytes(lambda: layer(leaf))
+    fp32_copy = x.numel() * 4
+    assert general - exact >= fp32_copy - x.numel() * 2  # the fp32 copy (4 B/elt) gave way to the bf16 input

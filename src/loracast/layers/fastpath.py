@@ -11,6 +11,10 @@ once (PEFT's arithmetic). It only removes work whose result is known exactly:
 * with adapters wider than the activations (fp32 adapters on a bf16 base), the sum and the
   cast back are one kernel, and the backward hands the base output its gradient without the
   round trip through fp32 (the widening-then-narrowing copy returns the same bits).
+* with adapters wider than the activations and no dropout, the first LoRA matmul keeps the
+  narrow input for backward and widens it again there (`loracast.layers.widen`): widening is
+  exact, so the gradients are the same bits, and the fp32 copy of every adapted layer's input
+  is no longer held from forward to backward.
 
 ``"fast"`` computes the LoRA branch in the activation dtype: A and B (tiny) are cast to it
 once per forward, and the branch is accumulated into the base output by one matmul-add that
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loracast.layers.routing import routed_adapter_names
+from loracast.layers.widen import WidenedLinear, widens_exactly
 from loracast.precision.rules import autocast_active
 
 LORA_COMPUTE_MODES: tuple[str, ...] = ("exact", "fast")
@@ -239,9 +244,12 @@ def exact_forward(layer: Any, x: torch.Tensor, name: str, result: torch.Tensor |
     scaling = layer.scaling[name]
     if result is None:
         result = layer.base_layer(x)
-    x_a = x if x.dtype == weight_a.dtype else x.to(weight_a.dtype)
     dropout = layer.lora_dropout[name]
-    h = F.linear(x_a if isinstance(dropout, nn.Identity) else dropout(x_a), weight_a)  # (..., r)
+    if isinstance(dropout, nn.Identity) and widens_exactly(x, weight_a) and _needs_graph(x, weight_a):
+        h = WidenedLinear.apply(x, weight_a)  # (..., r); keeps x, not its fp32 copy, for backward
+    else:
+        x_a = x if x.dtype == weight_a.dtype else x.to(weight_a.dtype)
+        h = F.linear(x_a if isinstance(dropout, nn.Identity) else dropout(x_a), weight_a)  # (..., r)
     if scaling == 1.0:
         y = F.linear(h, weight_b)
     elif is_exact_power_of_two(scaling):
