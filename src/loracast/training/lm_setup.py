@@ -122,20 +122,6 @@ def attention_for(device: torch.device, requested: str = "auto") -> str | None:
     return "eager" if device.type == "cpu" else None
 
 
-def _forget_gguf_quantizer(model: torch.nn.Module) -> None:
-    """Mark a model transformers read from a GGUF file as the plain model it is.
-
-    transformers dequantizes GGUF weights into ordinary float layers on load, yet keeps the model
-    marked "quantized with gguf", and ``save_pretrained`` then refuses it (so `loracast merge` could
-    not write the merged model). The quantizer's own ``remove_quantization_config`` drops the mark;
-    a model quantized on load (bitsandbytes) keeps its quantizer.
-    """
-    quantizer = getattr(model, "hf_quantizer", None)
-    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
-    if quantizer is not None and str(getattr(method, "value", method)).lower() == "gguf":
-        quantizer.remove_quantization_config(model)
-
-
 def load_llm(source: Path, dtype: torch.dtype | None, load_in_4bit: bool, device: torch.device,
              attn_implementation: str | None = None) -> torch.nn.Module:
     """The causal LM at `source` in `dtype` (bitsandbytes NF4 when `load_in_4bit`), on `device`,
@@ -150,7 +136,6 @@ def load_llm(source: Path, dtype: torch.dtype | None, load_in_4bit: bool, device
         kwargs["device_map"] = {"": str(device)}
     with quiet_transformers():  # GGUF's "fastest in float32" note concerns llama.cpp, not these dequantized layers
         model = load_model(AutoModelForCausalLM, location, dtype, **kwargs)
-    _forget_gguf_quantizer(model)
     if not load_in_4bit:
         model.to(device)
     return model
