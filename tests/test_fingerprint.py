@@ -207,3 +207,17 @@ def test_dora_magnitude_dtype_is_recorded_and_a_changed_one_reported(make_llama,
     plain = get_peft_model(make_llama(), config())
     plain.save_pretrained(tmp_path / "plain")
     assert read_fingerprint(tmp_path / "plain")["magnitude_dtypes"] is None
+
+
+def test_a_base_dequantized_from_gguf_is_recorded_as_not_quantized(make_llama, tmp_path):
+    # transformers keeps GgufConfig on a model it read from a GGUF file, though every layer is a
+    # plain float layer after loading: an adapter saved on it and loaded on the same weights from a
+    # plain folder must not report a quantization difference
+    from transformers.utils.quantization_config import GgufConfig
+
+    base = make_llama(torch.bfloat16)
+    base.config.quantization_config = GgufConfig(gguf_file="model.gguf")
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionWarning)
+        PeftModel.from_pretrained(make_llama(torch.bfloat16), tmp_path)

@@ -73,6 +73,9 @@ def _quantization(model: nn.Module, layers: list[BaseLayerInfo]) -> dict[str, An
         config = config.to_dict()
     if not layers and not config:
         return None
+    method = (config or {}).get("quant_method")
+    if not layers and str(getattr(method, "value", method)).lower() == "gguf":
+        return None  # transformers dequantizes GGUF weights on load: the base holds plain float layers
     kept = {k: v if isinstance(v, _QUANT_CONFIG_TYPES) else str(v)
             for k, v in (config or {}).items() if isinstance(v, _QUANT_CONFIG_TYPES + (torch.dtype,))}
     return {"backends": sorted({info.backend for info in layers}),
