@@ -1,0 +1,88 @@
+"""The GGUF path of `loracast train`, `merge` and `generate`, end to end on a tiny Llama converted to
+GGUF here as llama.cpp converts one (`gguf_helpers.write_gguf`): transformers dequantizes it into
+the very model it was written from, and the commands work on the file as on the real SmolLM2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loracast.training.chat_data import read_chat_examples
+from loracast.training.lm_setup import load_llm, load_llm_tokenizer
+
+from .gguf_helpers import write_gguf
+
+CPU = torch.device("cpu")
+MESSAGE = "My kettle 123456 broke."
+
+
+def _source_llama(folder, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+
+
+def _q8_0_round_trip(weight: torch.Tensor) -> torch.Tensor:
+    """GGML's Q8_0, written out independently of gguf.quants: blocks of 32 along a row, scale
+    max|x|/127 stored as float16, values rounded half away from zero to int8."""
+    blocks = weight.float().reshape(-1, 32)
+    scale = blocks.abs().amax(dim=1, keepdim=True) / 127
+    inverse = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
+    scaled = blocks * inverse
+    quants = torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)
+    return (quants * scale.half().float()).reshape(weight.shape)
+
+
+@pytest.fixture(scope="module")
+def held_out(chat_data):
+    return [e for e in read_chat_examples(chat_data) if e.split == "test"]
+
+
+def test_f32_gguf_loads_into_the_llama_it_was_written_from(tiny_gguf, tiny_llama):
+    source = _source_llama(tiny_llama)
+    loaded = load_llm(tiny_gguf, torch.float32, False, CPU).eval()
+    assert all(type(m) is torch.nn.Linear for n, m in loaded.named_modules() if n.endswith("_proj"))
+    expected = source.state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    for name, tensor in loaded.state_dict().items():
+        # oracle: the source weights; exact, since F32 is stored as is and the q/k row permutation is undone
+        assert torch.equal(tensor, expected[name]), name
+    ids = torch.randint(0, source.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, source(ids).logits)
+    bf16 = load_llm(tiny_gguf, torch.bfloat16, False, CPU)
+    assert bf16.dtype == torch.bfloat16 and torch.equal(bf16.lm_head.weight, expected["lm_head.weight"].bfloat16())
+
+
+def test_q8_0_gguf_dequantizes_to_the_rounded_weights(tiny_llama, tmp_path):
+    path = write_gguf(tiny_llama, tmp_path / "tiny-q8_0.gguf", quantized=True)
+    source = _source_llama(tiny_llama)
+    loaded = load_llm(path, torch.float32, False, CPU).eval()
+    expected = source.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        want = _q8_0_round_trip(expected[name]) if tensor.dim() == 2 else expected[name]
+        # oracle: Q8_0 written out above; float32 products of the same factors, so equal to the last bit
+        torch.testing.assert_close(tensor, want, rtol=0, atol=0, msg=name)
+    assert not torch.equal(loaded.lm_head.weight, expected["lm_head.weight"])  # it was quantized
+    ids = torch.randint(0, source.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = source(ids).logits
+        # 8-bit weights: the logits move by a small fraction of their range (measured about 1 %)
+        assert (loaded(ids).logits - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_gguf_tokenizer_carries_the_chat_template_and_special_tokens(tiny_gguf, tiny_llama, held_out):
+    from transformers import AutoTokenizer
+
+    source = AutoTokenizer.from_pretrained(str(tiny_llama))
+    tokenizer = load_llm_tokenizer(tiny_gguf)
+    assert tokenizer.chat_template == source.chat_template
+    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token) == ("<|im_end|>", "<pad>", "<s>")
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (source.eos_token_id, source.pad_token_id)
+    for example in held_out:
+        # oracle: the tokenizer the file was written from; <|im_start|> must stay one token, not be cut up
+        ours = tokenizer.apply_chat_template(list(example.messages), tokenize=True, return_dict=False)
+        theirs = source.apply_chat_template(list(example.messages), tokenize=True, return_dict=False)
+        assert ours == theirs
+        assert tokenizer.decode(ours) == source.decode(theirs)
+        assert ours.count(source.convert_tokens_to_ids("<|im_start|>")) == len(example.messages)
