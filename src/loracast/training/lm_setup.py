@@ -165,6 +165,8 @@ def build_sft_model(spec: LlmSpec, policy: str, device: torch.device, tokenizer:
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    # transformers names a model loaded from a GGUF by the file's folder; the adapter records the file itself
+    base_name = str(spec.source) if is_gguf(spec.source) else None
     config = LoraConfig(task_type="CAUSAL_LM", r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                        target_modules=spec.target_modules)
+                        target_modules=spec.target_modules, base_model_name_or_path=base_name)
     return add_lora(model, config, policy)
