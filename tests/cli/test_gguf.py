@@ -12,11 +12,13 @@ import torch
 from loracast import PeftModel
 from loracast.cli import main
 from loracast.training.chat_data import read_chat_examples
+from loracast.training.chat_template import prompt_text
 from loracast.training.lm_eval import answer_examples
 from loracast.training.lm_setup import load_llm, load_llm_tokenizer
 
 from .gguf_helpers import write_gguf
 from .llm_helpers import run_sft
+from .test_errors import assert_one_line_error, run_cli
 
 CPU = torch.device("cpu")
 MESSAGE = "My kettle 123456 broke."
@@ -112,8 +114,8 @@ def test_train_on_a_gguf_writes_a_peft_adapter_naming_the_file(gguf_run, tiny_gg
     assert metrics["eval"]["after"]["loss"] < metrics["eval"]["before"]["loss"]  # it learnt something
 
 
-def test_merge_of_a_gguf_base_writes_a_folder_with_the_same_greedy_answers(gguf_run, tiny_gguf, held_out,
-                                                                           tmp_path, capsys):
+def test_merge_of_a_gguf_base_writes_a_folder_with_the_unmerged_outputs(gguf_run, tiny_gguf, held_out, tmp_path,
+                                                                       capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "merged"
@@ -126,10 +128,19 @@ def test_merge_of_a_gguf_base_writes_a_folder_with_the_same_greedy_answers(gguf_
     merged = AutoModelForCausalLM.from_pretrained(str(out))
     assert merged.dtype == torch.bfloat16 and not any("lora" in name for name, _ in merged.named_parameters())
     unmerged = PeftModel.from_pretrained(load_llm(tiny_gguf, torch.bfloat16, False, CPU), gguf_run / "adapter")
+    prompts = tokenizer([prompt_text(tokenizer, e) for e in held_out], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        want, got = unmerged(**prompts).logits.float(), merged(**prompts).logits.float()
+        with unmerged.disable_adapter():
+            base = unmerged(**prompts).logits.float()
+    # oracle: the unmerged adapter model's logits on the held-out prompts; tolerance 0.02 (about 2 % of
+    # the largest logit: bf16 rounds each merged weight by up to 0.4 %; measured 0.004), while the
+    # adapter itself moves them by more than ten times that (measured 1.08)
+    assert (got - want).abs().max() < 0.02 < 0.2 < (base - want).abs().max()
     ours = answer_examples(merged, tokenizer, held_out, 8, 4, CPU)
     theirs = answer_examples(unmerged, tokenizer, held_out, 8, 4, CPU)
-    # oracle: the unmerged adapter model; the merge rounds W + BA to bfloat16 once, which may flip a
-    # near-tie of the greedy argmax: at most 1 of the 4 answers may differ
+    # the merge rounds W + BA to bfloat16 once, which may flip a near-tie of the greedy argmax: at most
+    # 1 of the 4 answers may differ (0 differ here)
     assert sum(a != b for a, b in zip(ours, theirs)) <= 1, (ours, theirs)
 
 
@@ -144,3 +155,18 @@ def test_generate_with_a_gguf_base(gguf_run, tiny_gguf, capsys):
     # without --model, the base is the GGUF file named in ADAPTER/sft.json
     assert main(["generate", "--adapter", adapter, "--max-new-tokens", "8", "--device", "cpu", MESSAGE]) == 0
     assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("command, cut_at", [("train", 100), ("merge", 0.5), ("generate", 0.5)])
+def test_a_gguf_cut_short_is_one_line_error(command, cut_at, gguf_run, tiny_gguf, chat_data, tmp_path, capsys):
+    data = tiny_gguf.read_bytes()
+    cut = tmp_path / "cut.gguf"  # in the metadata (100 bytes), or in the tensors (half the file)
+    cut.write_bytes(data[: cut_at if isinstance(cut_at, int) else int(len(data) * cut_at)])
+    out = tmp_path / "out"
+    argv = {"train": ["train", "--model", str(cut), "--data", str(chat_data), "--out", str(out)],
+            "merge": ["merge", str(cut), str(gguf_run / "adapter"), str(out)],
+            "generate": ["generate", "--adapter", str(gguf_run / "adapter"), "--model", str(cut), MESSAGE]}[command]
+    status, err = run_cli(argv, capsys)
+    # before this check transformers failed with a numpy reshape error or a struct error, and a traceback
+    assert_one_line_error(status, err, command, repr(str(cut)), "not a complete GGUF file", "fetch it again")
+    assert not out.exists()
