@@ -5,6 +5,7 @@ the very model it was written from, and the commands work on the file as on the 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -13,7 +14,6 @@ from loracast import PeftModel
 from loracast.cli import main
 from loracast.training.chat_data import read_chat_examples
 from loracast.training.chat_template import prompt_text
-from loracast.training.lm_eval import answer_examples
 from loracast.training.lm_setup import load_llm, load_llm_tokenizer
 
 from .gguf_helpers import write_gguf
@@ -48,7 +48,8 @@ def held_out(chat_data):
 
 @pytest.fixture(scope="module")
 def gguf_run(tmp_path_factory, tiny_gguf, chat_data):
-    return run_sft(tiny_gguf, chat_data, tmp_path_factory.mktemp("gguf_sft") / "out")
+    # two held-out conversations are enough to see the loss fall; each evaluation generates answers
+    return run_sft(tiny_gguf, chat_data, tmp_path_factory.mktemp("gguf_sft") / "out", "--eval-examples", "2")
 
 
 def test_f32_gguf_loads_into_the_llama_it_was_written_from(tiny_gguf, tiny_llama):
@@ -120,7 +121,11 @@ def test_merge_of_a_gguf_base_writes_a_folder_with_the_unmerged_outputs(gguf_run
 
     out = tmp_path / "merged"
     assert main(["merge", str(tiny_gguf), str(gguf_run / "adapter"), str(out), "--dtype", "bf16"]) == 0
-    assert "greedy generations (4 prompts):" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    # the merge's own comparison of greedy answers (4 probe messages, 24 new tokens): rounding W + BA to
+    # bfloat16 once may flip a near-tie of the argmax; bound: at most 1 of 4 differs (0 differ here)
+    equal = re.search(r"greedy generations \(4 prompts\): (\d) of 4 equal", printed)
+    assert equal is not None and int(equal.group(1)) >= 3, printed
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config  # a plain model: reloading it must not look for the GGUF
     tokenizer = AutoTokenizer.from_pretrained(str(out))
@@ -137,11 +142,6 @@ def test_merge_of_a_gguf_base_writes_a_folder_with_the_unmerged_outputs(gguf_run
     # the largest logit: bf16 rounds each merged weight by up to 0.4 %; measured 0.004), while the
     # adapter itself moves them by more than ten times that (measured 1.08)
     assert (got - want).abs().max() < 0.02 < 0.2 < (base - want).abs().max()
-    ours = answer_examples(merged, tokenizer, held_out, 8, 4, CPU)
-    theirs = answer_examples(unmerged, tokenizer, held_out, 8, 4, CPU)
-    # the merge rounds W + BA to bfloat16 once, which may flip a near-tie of the greedy argmax: at most
-    # 1 of the 4 answers may differ (0 differ here)
-    assert sum(a != b for a, b in zip(ours, theirs)) <= 1, (ours, theirs)
 
 
 def test_generate_with_a_gguf_base(gguf_run, tiny_gguf, capsys):
