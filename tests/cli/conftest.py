@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from .cli_helpers import TRAIN_FAST, rows_per_label, save_tiny_bert
-from .llm_helpers import save_tiny_llama
+from .gguf_helpers import GGUF_NAME, write_gguf
+from .llm_helpers import save_tiny_llama, triage_rows, write_jsonl
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +47,15 @@ def trained_run(tmp_path_factory, tiny_bert, tiny_data) -> Path:
 def tiny_llama(tmp_path_factory) -> Path:
     """Folder of a tiny random LlamaForCausalLM with a BPE tokenizer and a ChatML chat template."""
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_llama) -> Path:
+    """`tiny_llama` (weights, tokenizer, chat template) converted to one F32 GGUF file, as llama.cpp writes it."""
+    return write_gguf(tiny_llama, tmp_path_factory.mktemp("tiny_gguf") / GGUF_NAME)
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory) -> Path:
+    """16 train and 4 test conversations of the shipped triage data, as JSONL."""
+    return write_jsonl(tmp_path_factory.mktemp("chat") / "chat.jsonl", triage_rows(16, 4))

@@ -67,3 +67,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 # Options for short SFT runs on the tiny model (seconds).
 SFT_FAST = ["--max-steps", "4", "--batch-size", "4", "--lr", "5e-3", "--max-new-tokens", "8", "--device", "cpu"]
+
+
+def run_sft(model: Path, data: Path, out: Path, *options: str) -> Path:
+    """`out` after a short `loracast train` (SFT_FAST, then `options`) of `model` on `data`, which must exit 0."""
+    from loracast.cli import main
+
+    assert main(["train", "--model", str(model), "--data", str(data), "--out", str(out), *SFT_FAST, *options]) == 0
+    return out

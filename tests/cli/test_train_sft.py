@@ -14,19 +14,12 @@ from loracast.cli import main
 from loracast.training.chat_data import read_chat_examples
 from loracast.training.lm_eval import answer_examples
 
-from .llm_helpers import SFT_FAST, triage_rows, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def chat_data(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("chat") / "chat.jsonl", triage_rows(16, 4))
+from .llm_helpers import SFT_FAST, run_sft
 
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, tiny_llama, chat_data):
-    out = tmp_path_factory.mktemp("sft") / "out"
-    assert main(["train", "--model", str(tiny_llama), "--data", str(chat_data), "--out", str(out), *SFT_FAST]) == 0
-    return out
+    return run_sft(tiny_llama, chat_data, tmp_path_factory.mktemp("sft") / "out")
 
 
 def test_sft_run_writes_adapter_metrics_plot_and_samples(sft_run, capsys):

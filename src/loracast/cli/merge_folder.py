@@ -25,6 +25,7 @@ from loracast.files.format import read_adapter_weights
 from loracast.integrations.hf_loading import (
     auto_class,
     check_model_folder,
+    drop_dequantized_gguf_record,
     load_model,
     load_tokenizer,
     quiet_transformers,
@@ -166,6 +167,7 @@ def merge_to_folder(base: str | Path, adapter: str | Path, out: str | Path,
                                   torch.device("cpu"))
     merged = peft_model.merge_and_unload()
     merged_dtype = next(p.dtype for p in merged.parameters() if p.is_floating_point())
+    drop_dequantized_gguf_record(merged)  # the folder written is a plain model: it loads without the GGUF file
     with quiet_transformers():
         merged.save_pretrained(str(out), safe_serialization=True)
         try:

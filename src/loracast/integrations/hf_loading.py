@@ -131,3 +131,25 @@ def load_tokenizer(folder: Path) -> Any:
     if tokenizer.pad_token is None:  # causal-LM tokenizers often lack one; batching needs it
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
+
+
+def drop_dequantized_gguf_record(model: nn.Module) -> None:
+    """Make a model that transformers loaded from a GGUF file and dequantized into plain layers (as
+    it does for Llama) a plain model that ``save_pretrained`` writes and ``from_pretrained`` reads
+    back without the GGUF file, in place: its GGUF quantizer and ``config.quantization_config`` go.
+    A model not loaded from a GGUF is left as it is.
+
+    transformers keeps the GGUF quantizer on such a model although no weight is quantized any more,
+    and that quantizer refuses serialization ("quantized with gguf and is not serializable").
+
+    Raises:
+        ModelFolderError: some weights are still packed GGUF blocks (not floating point).
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or getattr(quantizer.quantization_config, "quant_method", None) != "gguf":
+        return
+    packed = [name for name, tensor in model.state_dict().items() if not tensor.is_floating_point()]
+    if packed:
+        raise ModelFolderError(f"{len(packed)} weights of the model loaded from GGUF stay packed ({packed[0]}, ...); "
+                               "load it dequantized (GgufConfig(dequantize=True)) before writing it as a plain model")
+    quantizer.remove_quantization_config(model)

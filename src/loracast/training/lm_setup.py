@@ -4,7 +4,10 @@ its tokenizer, and a LoRA adapter under a precision policy."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +86,38 @@ def check_llm_source(source: str | Path) -> Path:
     return folder
 
 
+def _check_gguf_complete(source: Path) -> None:
+    """Raises ModelFolderError when the metadata or tensor table of the GGUF file `source` does not
+    fit in the file (a download or copy cut short)."""
+    if importlib.util.find_spec("gguf") is None:
+        return  # loading the file says how to install gguf
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(str(source))  # memory-maps the file: reads the metadata and locates the tensors, copies no weights
+    except (ValueError, IndexError, KeyError, OverflowError) as exc:
+        raise ModelFolderError(f"{str(source)!r} is not a complete GGUF file ({source.stat().st_size:,} bytes: its "
+                               "metadata or tensors run past the end); it may be cut short by an interrupted download "
+                               "or copy: fetch it again") from exc
+
+
+@contextlib.contextmanager
+def _gguf_read_errors(source: Path) -> Iterator[None]:
+    """Turns a failure to load from the GGUF file `source` into a one-line ModelFolderError when the
+    file is cut short (transformers then fails deep in a GGUF reader with a numpy reshape, index or
+    struct error); any other failure, or a source that is not a GGUF file, passes unchanged.
+
+    The check runs only after a failure: gguf's reader parses every metadata array in Python, about
+    3 s on SmolLM2's 49k-token vocabulary, while a good file's load needs no check.
+    """
+    try:
+        yield
+    except (ValueError, IndexError, KeyError, OverflowError, struct.error):  # what the two GGUF readers raise
+        if is_gguf(source):
+            _check_gguf_complete(source)
+        raise
+
+
 def _gguf_kwargs(source: Path) -> tuple[Path, dict[str, Any]]:
     if not is_gguf(source):
         return source, {}
@@ -93,12 +128,16 @@ def _gguf_kwargs(source: Path) -> tuple[Path, dict[str, Any]]:
 
 def load_llm_tokenizer(source: Path, chat_template: str | None = None) -> Any:
     """The tokenizer of a causal LM (from a GGUF file or a folder), with a pad token, and with
-    `chat_template` (Jinja text) when given."""
+    `chat_template` (Jinja text) when given.
+
+    Raises:
+        ModelFolderError: the folder has no usable tokenizer, or the GGUF file is cut short.
+    """
     location, extra = _gguf_kwargs(source)
     if extra:
         from transformers import AutoTokenizer
 
-        with quiet_transformers():
+        with quiet_transformers(), _gguf_read_errors(source):
             tokenizer = AutoTokenizer.from_pretrained(str(location), local_files_only=True, **extra)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -125,7 +164,11 @@ def attention_for(device: torch.device, requested: str = "auto") -> str | None:
 def load_llm(source: Path, dtype: torch.dtype | None, load_in_4bit: bool, device: torch.device,
              attn_implementation: str | None = None) -> torch.nn.Module:
     """The causal LM at `source` in `dtype` (bitsandbytes NF4 when `load_in_4bit`), on `device`,
-    with `attn_implementation` when given (else transformers' default)."""
+    with `attn_implementation` when given (else transformers' default).
+
+    Raises:
+        ModelFolderError: transformers cannot load it, or the GGUF file is cut short.
+    """
     from transformers import AutoModelForCausalLM
 
     location, kwargs = _gguf_kwargs(source)
@@ -134,7 +177,8 @@ def load_llm(source: Path, dtype: torch.dtype | None, load_in_4bit: bool, device
     if load_in_4bit:
         kwargs["quantization_config"] = quantization_config(dtype)
         kwargs["device_map"] = {"": str(device)}
-    with quiet_transformers():  # GGUF's "fastest in float32" note concerns llama.cpp, not these dequantized layers
+    # GGUF's "fastest in float32" note concerns llama.cpp, not these dequantized layers
+    with quiet_transformers(), _gguf_read_errors(source):
         model = load_model(AutoModelForCausalLM, location, dtype, **kwargs)
     if not load_in_4bit:
         model.to(device)
@@ -165,6 +209,8 @@ def build_sft_model(spec: LlmSpec, policy: str, device: torch.device, tokenizer:
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    # transformers names a model loaded from a GGUF by the file's folder; the adapter records the file itself
+    base_name = str(spec.source) if is_gguf(spec.source) else None
     config = LoraConfig(task_type="CAUSAL_LM", r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                        target_modules=spec.target_modules)
+                        target_modules=spec.target_modules, base_model_name_or_path=base_name)
     return add_lora(model, config, policy)
