@@ -30,16 +30,31 @@ AGREEMENT = 1e-3
 MODEL_INPUTS = frozenset({"input_ids", "attention_mask", "labels"})
 
 
-def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    get_decoder, get_head = getattr(base, "get_decoder", None), getattr(base, "get_output_embeddings", None)
-    if get_decoder is None or get_head is None:
-        return None
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The module that projects hidden states onto the vocabulary (LoRA-wrapped or not), if the
+    model (a transformers causal LM, or an adapter model around one) names one."""
+    get_head = getattr(_unwrapped(model), "get_output_embeddings", None)
     try:
-        decoder, head = get_decoder(), get_head()
+        head = get_head() if get_head is not None else None
     except (AttributeError, NotImplementedError):
         return None
-    if not isinstance(decoder, nn.Module) or not isinstance(head, nn.Module) or decoder is base:
+    return head if isinstance(head, nn.Module) else None
+
+
+def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    base = _unwrapped(model)
+    get_decoder, head = getattr(base, "get_decoder", None), output_head(model)
+    if get_decoder is None or head is None:
+        return None
+    try:
+        decoder = get_decoder()
+    except (AttributeError, NotImplementedError):
+        return None
+    if not isinstance(decoder, nn.Module) or decoder is base:
         return None
     return decoder, head
 
