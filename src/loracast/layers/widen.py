@@ -42,6 +42,6 @@ class WidenedLinear(torch.autograd.Function):
 
 def widens_exactly(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True when `x` is a float narrower than `weight`, so ``x.to(weight.dtype)`` loses nothing."""
+    # promotion to the weight's own dtype means the weight's dtype holds every value of x's
     return (x.is_floating_point() and x.dtype != weight.dtype
-            and torch.promote_types(x.dtype, weight.dtype) == weight.dtype
-            and torch.finfo(x.dtype).bits < torch.finfo(weight.dtype).bits)
+            and torch.promote_types(x.dtype, weight.dtype) == weight.dtype)
