@@ -61,8 +61,9 @@ def test_split_path_used_after_first_batch_check():
     assert loss_of.split is True
 
 
-def test_logits_the_decoder_does_not_give_fall_back_to_the_model_loss():
-    # Gemma-2 soft-caps its logits: head(decoder(x)) is not its logits, so the first-batch check fails
+def test_soft_capped_logits_keep_the_split_path_and_equal_the_model_loss():
+    # Gemma-2 soft-caps its logits after the head: an element-wise step, which the head's shorter
+    # output (labelled positions only) goes through unchanged
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
@@ -76,8 +77,30 @@ def test_logits_the_decoder_does_not_give_fall_back_to_the_model_loss():
     batch = _batch()
     loss_of = AssistantLoss(model)
     loss = loss_of(batch)
+    assert loss_of.split is True
+    torch.testing.assert_close(loss, model(**batch).loss, rtol=1e-6, atol=1e-6)
+
+
+def test_a_model_that_needs_every_positions_logits_falls_back_to_selecting_after_the_head():
+    # a model that reshapes its logits to (batch, sequence, vocabulary) after the head cannot take the
+    # labelled positions alone: the first-batch check fails and the logits are selected after the head
+    from transformers import LlamaForCausalLM
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    class Reshaping(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            logits = out.logits.reshape(input_ids.shape[0], input_ids.shape[1], -1)
+            loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size)
+            return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Reshaping(tiny_llama_config()), LoraConfig(r=4, target_modules="all-linear"))
+    batch = _batch()
+    loss_of = AssistantLoss(model)
+    loss = loss_of(batch)
     assert loss_of.split is False
-    torch.testing.assert_close(loss, model(**batch).loss)
+    torch.testing.assert_close(loss, model(**batch).loss, rtol=1e-6, atol=1e-6)
 
 
 def test_dropout_in_training_mode_does_not_fail_the_check():

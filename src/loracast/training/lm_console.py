@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from loracast.training.console import mib, precision_lines
-from loracast.training.lm_run import SftResult
+from loracast.training.sft.run import SftResult
 
 SHOWN = 3  # held-out examples printed with both answers
 
@@ -47,12 +47,22 @@ def format_sft_run(result: SftResult) -> str:
     seconds = s["seconds_per_step"]
     lines.append(f"  time per step {seconds['median']:.2f} s median ({seconds['min']:.2f}-{seconds['max']:.2f}), "
                  f"{m['train']['tokens_per_second']:.0f} tokens/s; {m['train']['steps']} steps of "
-                 f"{m['train']['batch_size']}; load {m['seconds']['load']:.0f} s, train "
-                 f"{m['seconds']['train'] - m['seconds']['eval']:.0f} s, evaluations {m['seconds']['eval']:.0f} s")
+                 f"{m['train']['global_batch']}{_processes(m)}; load {m['seconds']['load']:.0f} s, train "
+                 f"{m['seconds']['train']:.0f} s, evaluations {m['seconds']['eval']:.0f} s")
     lines.append(f"doctor: {m['doctor']}")
     files = m["files"]
     lines.append(f"saved: {files['adapter']} (PEFT format), {files['metrics']}, {files['plot']}, {files['samples']}")
     return "\n".join(lines)
+
+
+def _processes(metrics: dict[str, Any]) -> str:
+    train = metrics["train"]
+    parts = []
+    if train.get("processes", 1) > 1:
+        parts.append(f"{train['processes']} processes x {train['batch_size']}")
+    if train.get("grad_accum", 1) > 1:
+        parts.append(f"{train['grad_accum']} accumulated")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def format_sft_comparison(results: Sequence[SftResult], plot: str) -> str:

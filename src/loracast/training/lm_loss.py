@@ -3,14 +3,17 @@ label is kept.
 
 transformers' causal-LM loss projects every position onto the whole vocabulary (49,152 logits a
 token for SmolLM2), upcasts them to float32, and then ignores the positions whose label is -100:
-in instruction tuning that is every prompt token, most of a conversation. `AssistantLoss` runs the
-model's decoder, keeps the hidden states whose next token is labelled, and projects only those:
-the same mean float32 cross-entropy over the same tokens, with a fraction of the head's compute
-and of the logits' memory.
+in instruction tuning that is every prompt token, most of a conversation. `AssistantLoss` hands
+the model's output head only the hidden states whose next token is labelled (a forward pre-hook
+on the head, active only inside its own calls), so the model returns the logits of those
+positions alone: the same float32 cross-entropy over the same tokens, with a fraction of the
+head's compute and of the logits' memory. The model is called as a whole (through a DDP or FSDP
+wrapper when there is one), so distributed training sees an ordinary forward.
 
-It applies to models whose logits are ``head(decoder(...).last_hidden_state)``, which is checked
-on the first batch against the model's own loss (a model that rescales or soft-caps its logits
-fails the check); every other model, and any batch with extra inputs, gets the model's own loss.
+It applies where the logits are ``head(hidden)`` followed by element-wise steps (a soft cap
+keeps working). That is checked on the first batch against the model's own loss; where it fails,
+or where the head is handed something other than every position, the logits are selected after
+the head instead (the same loss, at the full projection's cost).
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from loracast.training.chat_template import IGNORE_INDEX
 # the first batch's loss both ways must agree this closely (relative) for the split path to be used;
 # the two differ only by matmul blocking over different row counts
 AGREEMENT = 1e-3
-MODEL_INPUTS = frozenset({"input_ids", "attention_mask", "labels"})
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -45,65 +47,75 @@ def output_head(model: nn.Module) -> nn.Module | None:
     return head if isinstance(head, nn.Module) else None
 
 
-def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    base = _unwrapped(model)
-    get_decoder, head = getattr(base, "get_decoder", None), output_head(model)
-    if get_decoder is None or head is None:
-        return None
-    try:
-        decoder = get_decoder()
-    except (AttributeError, NotImplementedError):
-        return None
-    if not isinstance(decoder, nn.Module) or decoder is base:
-        return None
-    return decoder, head
-
-
-def labelled_positions_loss(decoder: nn.Module, head: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean float32 cross-entropy of the next token at every labelled position of `batch`,
-    projecting only those positions' hidden states through `head`."""
-    labels = batch["labels"]
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    logits = head(hidden[:, :-1][keep]).float()  # (kept tokens, vocabulary)
-    return F.cross_entropy(logits, targets[keep], reduction="mean")
-
-
 class AssistantLoss:
     """The training loss of one model on assistant-labelled batches (see the module docstring).
 
-    Call it with a batch of ``input_ids``, ``attention_mask`` and ``labels``; `split` tells,
-    after the first call, whether the labelled-positions path is in use.
+    `summed(batch)` gives (the float32 cross-entropy summed over labelled tokens, their count),
+    for losses normalised over several batches; calling the object gives their mean. `split`
+    tells, after the first call, whether the head sees only the labelled positions.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.parts = _decoder_and_head(model)
-        self.split: bool | None = None if self.parts is not None else False
+        self.head = output_head(model)
+        self.split: bool | None = None if self.head is not None else False
+        self._keep: torch.Tensor | None = None
 
-    def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
-        if set(batch) != MODEL_INPUTS or not bool((batch["labels"][:, 1:] != IGNORE_INDEX).any()):
-            return self.model(**batch).loss
+    def _labelled_hidden(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        keep = self._keep
+        if keep is None or not args or not isinstance(args[0], torch.Tensor):
+            return None
+        hidden = args[0]
+        if hidden.dim() != 3 or hidden.shape[0] != keep.shape[0] or hidden.shape[1] != keep.shape[1] + 1:
+            return None  # not every position: select from the logits instead
+        return (hidden[:, :-1][keep], *args[1:])
+
+    def summed(self, batch: dict[str, torch.Tensor], forward: nn.Module | None = None) -> tuple[torch.Tensor, int]:
+        """(summed float32 cross-entropy of each labelled next token, how many there are) of
+        `batch`, computed by calling `forward` (default: the model; pass a DDP/FSDP wrapper to
+        train through it)."""
         if self.split is None:
             self.split = self._agrees(batch)
-        if not self.split:
-            return self.model(**batch).loss
-        decoder, head = self.parts
-        return labelled_positions_loss(decoder, head, batch)
+        split = bool(self.split)
+        labels = batch["labels"]
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        handle = self.head.register_forward_pre_hook(self._labelled_hidden) if split else None
+        self._keep = keep if split else None
+        try:
+            logits = (forward if forward is not None else self.model)(**inputs, use_cache=False).logits
+        finally:
+            self._keep = None
+            if handle is not None:
+                handle.remove()
+        if logits.dim() == 3:  # the whole projection came back
+            logits = logits[:, :-1][keep]
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return loss, int(keep.sum())
 
-    def _agrees(self, batch: dict[str, torch.Tensor]) -> bool:
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss, count = self.summed(batch)
+        return loss / count  # no labelled token: NaN, as transformers' mean over no tokens
+
+    def _agrees(self, batch: dict[str, torch.Tensor]) -> bool | None:
         first = {k: v[:1] for k, v in batch.items()}
         if not bool((first["labels"][:, 1:] != IGNORE_INDEX).any()):
             first = batch
-        decoder, head = self.parts
+        if not bool((first["labels"][:, 1:] != IGNORE_INDEX).any()):
+            return None  # nothing to compare on: the next batch decides
         was_training = self.model.training
         self.model.eval()  # dropout off: both computations must see the same activations
         try:
             with torch.no_grad():
-                reference = float(self.model(**first).loss)
-                split = float(labelled_positions_loss(decoder, head, first))
+                reference = float(self.model(**first, use_cache=False).loss)
+                self.split = True
+                try:
+                    split = float(self(first))
+                except (RuntimeError, ValueError, IndexError):
+                    return False  # the model cannot take the head's shorter output
+                finally:
+                    self.split = None
         finally:
             self.model.train(was_training)
         return math.isfinite(reference) and abs(split - reference) <= AGREEMENT * max(1.0, abs(reference))

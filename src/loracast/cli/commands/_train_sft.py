@@ -54,13 +54,17 @@ def run_sft_command(args: argparse.Namespace) -> int:
     """Instruction-tune a causal LM as `args` ask; print the summary."""
     from loracast.training.chat_data import default_chat_data_path
     from loracast.training.lm_console import format_sft_comparison, format_sft_run
-    from loracast.training.lm_loop import SftSettings
-    from loracast.training.lm_run import COMPARE_NAME, SftOptions, compare_sft_precision, run_sft
     from loracast.training.lm_setup import LlmSpec, check_llm_source, default_llm_path
     from loracast.training.runtime import pick_device
+    from loracast.training.sft.engine import SftSettings
+    from loracast.training.sft.run import COMPARE_NAME, SftOptions, compare_sft_precision, run_sft
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise CommandError("instruction tuning runs in one process; launch it without torchrun")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1 and args.compare_precision:
+        raise CommandError("--compare-precision trains twice in one process; launch it without torchrun")
+    if args.fsdp and processes < 2:
+        raise CommandError("--fsdp shards the model across processes, and this is one process; launch with "
+                           "torchrun --nproc_per_node N (N >= 2), or drop --fsdp")
     if args.labels is not None:
         raise CommandError("--labels applies to text/label data; instruction data has no label set")
     try:
@@ -83,18 +87,34 @@ def run_sft_command(args: argparse.Namespace) -> int:
                    gradient_checkpointing=args.gradient_checkpointing, chat_template=template,
                    attention=args.attention)
     max_steps = args.max_steps if args.max_steps is not None or args.epochs is not None else SFT_DEFAULTS["max_steps"]
+    if args.load_best and args.eval_steps is None:
+        raise CommandError("--load-best picks among the evaluations during training: give --eval-steps N too")
+    save_steps = args.save_steps
+    if args.load_best and save_steps is None:
+        save_steps = args.eval_steps  # the best adapter must have been saved to be restored
+    if args.load_best and save_steps % args.eval_steps:
+        raise CommandError(f"--load-best needs --save-steps ({save_steps}) to be a multiple of --eval-steps "
+                           f"({args.eval_steps}), so that every evaluated adapter is saved")
     settings = SftSettings(max_steps=max_steps, epochs=args.epochs or 1, lr=_value(args, "lr"),
                            batch_size=_value(args, "batch_size"), max_length=_value(args, "max_length"),
-                           seed=args.seed, max_new_tokens=args.max_new_tokens)
+                           seed=args.seed, max_new_tokens=args.max_new_tokens, grad_accum=args.grad_accum,
+                           warmup_ratio=args.warmup_ratio, lr_scheduler=args.lr_scheduler,
+                           weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                           eval_steps=args.eval_steps, save_steps=save_steps,
+                           save_total_limit=args.save_total_limit, load_best=args.load_best,
+                           report_to=args.report_to)
     options = SftOptions(model=spec, data=data, out=args.out, precision=args.precision,
                          eval_fraction=args.eval_fraction, eval_examples=_value(args, "eval_examples"),
-                         settings=settings)
-    device = pick_device(args.device)
+                         settings=settings, resume=args.resume, fsdp=args.fsdp)
+    pick_device(args.device)  # a device that cannot be used fails here, in one line
+    device = args.device
     if args.compare_precision:
         results = compare_sft_precision(options, device)
         for result in results:
             print(f"\n== {result.policy} ==\n{format_sft_run(result)}")
         print("\n" + format_sft_comparison(results, str(args.out / COMPARE_NAME)))
     else:
-        print(format_sft_run(run_sft(options, device)))
+        result = run_sft(options, device)
+        if result is not None:  # the main process reports
+            print(format_sft_run(result))
     return 0

@@ -43,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _training_record(adapter: Path) -> dict:
-    from loracast.training.lm_run import SFT_NAME
+    from loracast.training.sft.run import SFT_NAME
 
     path = adapter / SFT_NAME
     if not path.is_file():

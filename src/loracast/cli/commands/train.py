@@ -13,7 +13,15 @@ import os
 from pathlib import Path
 
 from loracast.cli import CommandError
-from loracast.cli.commands._common import add_command, command_errors, dtype_arg, positive_float, positive_int
+from loracast.cli.commands._common import (
+    add_command,
+    command_errors,
+    dtype_arg,
+    fraction,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 from loracast.cli.commands._train_sft import SFT_DEFAULTS
 from loracast.training.loop import LoopSettings
 from loracast.training.policy import TRAIN_POLICIES
@@ -22,6 +30,9 @@ from loracast.training.setup import ModelSpec
 LOOP = LoopSettings()
 SPEC = ModelSpec(folder=Path("."))
 SFT = SFT_DEFAULTS
+# transformers' schedule names that need no extra arguments
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
 CLASSIFIER = {"lr": LOOP.lr, "batch_size": LOOP.batch_size, "max_length": LOOP.max_length, "r": SPEC.r,
               "alpha": SPEC.alpha, "dropout": SPEC.dropout}
 
@@ -115,6 +126,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     optim.add_argument("--seed", type=int, default=LOOP.seed,
                        help=f"seed for the adapters, the head, the split and the order (default {LOOP.seed})")
     optim.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda (default auto)")
+    optim.add_argument("--grad-accum", type=positive_int, default=1, metavar="N",
+                       help="SFT: batches accumulated per optimizer step (default 1); the global batch is "
+                            "--batch-size x N x processes, and the loss is the mean over its assistant tokens")
+    optim.add_argument("--warmup-ratio", type=fraction, default=0.1, metavar="F",
+                       help="SFT: share of the steps with a rising learning rate (default 0.1)")
+    optim.add_argument("--lr-scheduler", default="linear", choices=LR_SCHEDULERS,
+                       help="SFT: learning-rate schedule after warm-up, transformers' (default linear)")
+    optim.add_argument("--weight-decay", type=non_negative_float, default=0.0, metavar="W",
+                       help="SFT: AdamW weight decay (default 0)")
+    optim.add_argument("--max-grad-norm", type=non_negative_float, default=0.0, metavar="N",
+                       help="SFT: clip the adapters' gradient norm to N (default 0: no clipping)")
+    runs = parser.add_argument_group("checkpoints, evaluation and tracking (SFT)")
+    runs.add_argument("--save-steps", type=positive_int, metavar="N",
+                      help="write an adapter-only checkpoint (adapter, optimizer, scheduler, RNG, data position) every "
+                           "N steps into OUT/checkpoints/checkpoint-N; a checkpoint counts once complete")
+    runs.add_argument("--save-total-limit", type=positive_int, metavar="K",
+                      help="keep the newest K complete checkpoints (and the best one); default: all")
+    runs.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
+                      help="continue from the latest complete checkpoint in OUT/checkpoints, or from PATH; the "
+                           "result equals the uninterrupted run's, bit for bit")
+    runs.add_argument("--eval-steps", type=positive_int, metavar="N",
+                      help="also evaluate every N steps (held-out loss and exact match), besides before and after")
+    runs.add_argument("--load-best", action="store_true",
+                      help="end with the adapter of the best held-out exact match (needs --eval-steps)")
+    runs.add_argument("--report-to", default="none", metavar="none|tensorboard|trackio|wandb",
+                      help="experiment tracking through transformers' integrations (default none)")
+    runs.add_argument("--fsdp", action="store_true",
+                      help="under torchrun: shard the model with FSDP2 instead of replicating it (DDP)")
     parser.set_defaults(func=run)
     return parser
 

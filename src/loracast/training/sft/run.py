@@ -5,8 +5,10 @@ policies side by side.
 Files of a run in OUT: ``adapter/`` (PEFT's files, the fingerprint inside, plus ``sft.json``:
 how prompts were built, read by ``loracast generate``), ``metrics.json``, ``training_curve.png``,
 ``samples.md`` (a few held-out examples, base and adapter answers side by side) and
-``samples.jsonl`` (every held-out answer). The output folder is only written once training has
-finished, so a run that fails early leaves nothing half-written.
+``samples.jsonl`` (every held-out answer); with ``--save-steps``, ``checkpoints/checkpoint-N``
+(adapter-only, complete or ignored: see `checkpoints`). These files are written once training has
+finished, each atomically; a run that fails early leaves at most its complete checkpoints.
+Under several processes every process trains, and the main one alone writes and prints.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from loracast._version import __version__
 from loracast.training.chat_data import ChatExample, read_chat_examples, split_chat_examples
 from loracast.training.chat_template import check_template, encode_all
 from loracast.training.data import DataError
-from loracast.training.lm_loop import SftHistory, SftSettings, train_sft
 from loracast.training.lm_setup import LlmSpec, build_sft_model, llm_display_name, load_llm_tokenizer
+from loracast.training.loop import EvalRecord
 from loracast.training.plot import plot_runs
 from loracast.training.report import precision_summary, reset_peak_memory
 from loracast.training.run import ADAPTER_DIR, COMPARE_NAME, CURVE_NAME, METRICS_NAME, prepare_out, write_json
 from loracast.training.setup import SetupError, base_dtype_name
+from loracast.training.sft import checkpoints
+from loracast.training.sft.engine import Evaluation, SftHistory, SftSettings, SftTrainer
 
 SFT_NAME = "sft.json"  # beside the adapter: the system prompt and format generation should reuse
 SAMPLES_MD = "samples.md"
@@ -51,6 +55,9 @@ class SftOptions:
     eval_fraction: float = 0.2
     eval_examples: int | None = None  # cap on held-out examples evaluated (the first N); None: all
     settings: SftSettings = field(default_factory=SftSettings)
+    resume: str | None = None  # "latest", or a checkpoint folder; None: start afresh
+    fsdp: bool = False  # FSDP2 across the processes instead of DDP
+    doctor_at_start: bool = True  # print the precision doctor's verdict on the model before step 1
 
 
 @dataclass
@@ -78,10 +85,53 @@ def _common_system_prompt(examples: Sequence[ChatExample]) -> str | None:
     return prompts.most_common(1)[0][0] if prompts else None
 
 
+def training_arguments(options: SftOptions, out: Path, device: str = "auto") -> Any:
+    """transformers' `TrainingArguments` for the run: the loop's settings, checkpoints in
+    ``OUT/checkpoints``, the device (under torchrun or accelerate, this process's)."""
+    from transformers import TrainingArguments
+
+    settings = options.settings
+    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    evaluate = settings.eval_steps is not None
+    save = settings.save_steps is not None
+    extra: dict[str, Any] = {}
+    if options.fsdp:
+        extra["fsdp"] = "full_shard auto_wrap"
+        extra["fsdp_config"] = {"version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}
+    return TrainingArguments(
+        output_dir=str(out / checkpoints.CHECKPOINTS_DIR),
+        per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.lr,
+        weight_decay=settings.weight_decay, lr_scheduler_type=settings.lr_scheduler, warmup_steps=settings.warmup_ratio,
+        max_steps=settings.max_steps if settings.max_steps is not None else -1,
+        num_train_epochs=settings.epochs, max_grad_norm=settings.max_grad_norm, seed=settings.seed,
+        logging_strategy="steps", logging_steps=1, disable_tqdm=True, report_to=settings.report_to,
+        save_strategy="steps" if save else "no", save_steps=settings.save_steps or 500, save_total_limit=None,
+        eval_strategy="steps" if evaluate else "no", eval_steps=settings.eval_steps,
+        load_best_model_at_end=settings.load_best, metric_for_best_model="eval_exact_match",
+        greater_is_better=True, use_cpu=use_cpu, remove_unused_columns=False, ddp_find_unused_parameters=False,
+        dataloader_num_workers=0, bf16=False, fp16=False, **extra)
+
+
+def run_identity(options: SftOptions, policy: str, base_dtype: str) -> checkpoints.RunIdentity:
+    """What a checkpoint of this run records, and a resumed run must repeat (keyed by the flag that sets it)."""
+    spec = options.model
+    targets = spec.target_modules if isinstance(spec.target_modules, str) else sorted(spec.target_modules or [])
+    return checkpoints.RunIdentity({
+        "--model": str(spec.source), "--data": str(options.data), "--precision": policy, "--dtype": base_dtype,
+        "--load-in-4bit": spec.load_in_4bit, "--r": spec.r, "--alpha": float(spec.alpha),
+        "--dropout": float(spec.dropout), "--target-modules": targets, "--max-length": options.settings.max_length,
+        "--seed": options.settings.seed})
+
+
 def train_sft_once(options: SftOptions, policy: str, train: list[ChatExample], held: list[ChatExample],
-                   device: torch.device, out: Path) -> SftResult:
-    """Train one adapter under `policy` and write its files into `out`."""
-    reset_peak_memory(device)
+                   device: str, out: Path) -> SftResult | None:
+    """Train one adapter under `policy` on transformers' trainer and write its files into `out`
+    (the main process; the others return None)."""
+    args = training_arguments(options, out, device)  # joins the process group under torchrun
+    main = args.process_index == 0
+    run_device = args.device
+    reset_peak_memory(run_device)
     began = time.perf_counter()
     # the data is checked against the tokenizer before the model is loaded: bad input fails fast
     tokenizer = load_llm_tokenizer(options.model.source, options.model.chat_template)
@@ -96,21 +146,42 @@ def train_sft_once(options: SftOptions, policy: str, train: list[ChatExample], h
     if not held_kept:
         raise DataError(f"{source}: all {len(held)} held-out examples are longer than --max-length "
                         f"{settings.max_length} tokens; raise --max-length")
+    root = out / checkpoints.CHECKPOINTS_DIR
+    base_dtype = str(options.model.dtype).removeprefix("torch.") if options.model.dtype is not None else "auto"
+    identity = run_identity(options, policy, base_dtype)
+    resume_from = checkpoints.resume_point(root, options.resume, identity) if options.resume else None
+    if main:
+        prepare_out(out)
     torch.manual_seed(settings.seed)  # the adapters' initial values: the same for every policy
-    model = build_sft_model(options.model, policy, device, tokenizer)
+    model = build_sft_model(options.model, policy, run_device, tokenizer)
     loaded = time.perf_counter()
     name = llm_display_name(options.model.source)
-    print(f"{policy}: {name} (base {base_dtype_name(model)}) on {options.data.name}: {len(train_encoded)} train / "
-          f"{len(held_kept)} held-out conversations, device {device}", file=sys.stderr)
-    if skipped_train or skipped_held:
-        print(f"{policy}: skipped {skipped_train} train and {skipped_held} held-out examples longer than "
-              f"--max-length {settings.max_length} tokens", file=sys.stderr)
-    history, optimizer = train_sft(model, tokenizer, train_encoded, held_kept, held_encoded, settings, device,
-                                   label=policy)
+    trainer = SftTrainer(model, args, tokenizer=tokenizer, train=train_encoded, held_out=held_kept,
+                         held_out_encoded=held_encoded, settings=settings, identity=identity, label=policy)
+    processes = f", {args.world_size} processes" if args.world_size > 1 else ""
+    if main:
+        print(f"{policy}: {name} (base {base_dtype_name(model)}) on {options.data.name}: {len(train_encoded)} train / "
+              f"{len(held_kept)} held-out conversations, device {run_device.type}{processes}", file=sys.stderr)
+        if skipped_train or skipped_held:
+            print(f"{policy}: skipped {skipped_train} train and {skipped_held} held-out examples longer than "
+                  f"--max-length {settings.max_length} tokens", file=sys.stderr)
+        if options.doctor_at_start:
+            print(f"{policy}: doctor before step 1: {model_verdict(model)}", file=sys.stderr)
+    before = _before_evaluation(trainer, root, resume_from is not None, main)
+    trainer.evaluations.clear()
+    train_began = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     trained = time.perf_counter()
-    summary = precision_summary(model, optimizer, history, policy, device)
+    after = trainer.evaluate_held_out(trainer.state.global_step)
+    history = trainer.history()
+    history.evaluations = [before, *trainer.evaluations]  # the last one is `after`
+    history.evals = [EvalRecord(0, before.score.exact, before.loss), *history.evals,
+                     EvalRecord(after.step, after.score.exact, after.loss)]
+    if not main:
+        return None
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    summary = precision_summary(model, optimizer, history, policy, run_device)
     config = model.peft_config["default"]
-    before, after = history.evaluations[0], history.evaluations[-1]
     metrics = {
         "loracast_version": __version__,
         "task": "sft",
@@ -124,19 +195,24 @@ def train_sft_once(options: SftOptions, policy: str, train: list[ChatExample], h
                  "target_modules": sorted(config.target_modules) if isinstance(config.target_modules, (set, list))
                  else config.target_modules},
         "train": {**asdict(settings), "examples": len(train_encoded), "skipped_too_long": skipped_train,
-                  "steps": len(history.steps), "gradient_checkpointing": options.model.gradient_checkpointing,
+                  "steps": len(history.steps), "processes": args.world_size,
+                  "global_batch": settings.batch_size * settings.grad_accum * args.world_size,
+                  "resumed_from": str(resume_from) if resume_from is not None else None,
+                  "gradient_checkpointing": options.model.gradient_checkpointing,
                   "attention": getattr(model.config, "_attn_implementation", None),
                   "head_on_labelled_positions_only": history.head_on_labelled_only,
                   "tokens_per_second": history.tokens_per_second()},
         "eval": {"examples": len(held_kept), "skipped_too_long": skipped_held, "before": before.to_dict(),
-                 "after": after.to_dict(), "evaluations": [e.to_dict() for e in history.evaluations]},
+                 "after": after.to_dict(), "best_checkpoint": trainer.state.best_model_checkpoint,
+                 "evaluations": [e.to_dict() for e in history.evaluations]},
         "diverged_at_step": history.diverged_at_step,
         "precision_summary": summary,
-        "seconds": {"load": loaded - began, "train": trained - loaded,
+        # training time leaves out the evaluations during training; "eval" counts every evaluation
+        "seconds": {"load": loaded - began,
+                    "train": trained - train_began - sum(e.seconds for e in history.evaluations[1:-1]),
                     "eval": sum(e.seconds for e in history.evaluations)},
         "history": history.to_dict(),
     }
-    prepare_out(out)
     adapter = out / ADAPTER_DIR
     model.save_pretrained(adapter)
     write_json(adapter / SFT_NAME, {"system": _common_system_prompt(train), "plain": all(e.plain for e in train),
@@ -147,9 +223,24 @@ def train_sft_once(options: SftOptions, policy: str, train: list[ChatExample], h
     _write_samples(out, held_kept, before.answers, after.answers)
     metrics["doctor"] = doctor_verdict(adapter)
     metrics["files"] = {"adapter": str(adapter), "metrics": str(out / METRICS_NAME), "plot": str(out / CURVE_NAME),
-                        "samples": str(out / SAMPLES_MD)}
+                        "samples": str(out / SAMPLES_MD), "checkpoints": str(root) if root.is_dir() else None}
     write_json(out / METRICS_NAME, metrics)
     return SftResult(policy, out, history, metrics, held_kept)
+
+
+BEFORE_NAME = "before.json"  # in OUT/checkpoints: the evaluation before step 1, for a resumed run's report
+
+
+def _before_evaluation(trainer: SftTrainer, root: Path, resumed: bool, main: bool) -> Evaluation:
+    saved = root / BEFORE_NAME
+    if resumed and saved.is_file():
+        payload = json.loads(saved.read_text(encoding="utf-8"))
+        return Evaluation.from_dict(payload["evaluation"], payload["answers"])
+    before = trainer.evaluate_held_out(0)
+    if main and trainer.settings.save_steps is not None:
+        root.mkdir(parents=True, exist_ok=True)
+        write_json(saved, {"evaluation": before.to_dict(), "answers": before.answers})
+    return before
 
 
 def _write_samples(out: Path, held: Sequence[ChatExample], before: Sequence[str], after: Sequence[str]) -> None:
@@ -172,23 +263,33 @@ def doctor_verdict(adapter: Path) -> str:
     """The precision doctor's one-line verdict on a saved adapter."""
     from loracast.diagnostics import doctor
 
-    report = doctor(adapter)
+    return _verdict(doctor(adapter), f"loracast doctor {adapter}")
+
+
+def model_verdict(model: Any) -> str:
+    """The precision doctor's one-line verdict on a model about to train."""
+    from loracast.diagnostics import doctor
+
+    return _verdict(doctor(model), "loracast.doctor(model) for the whole report")
+
+
+def _verdict(report: Any, more: str) -> str:
     adapters = ", ".join(f"{e['adapter_tensors']} {e['dtype']}" for e in report.summary if e.get("adapter_tensors"))
     bases = ", ".join(f"{e['base_layers_stored']} {e['dtype']}" for e in report.summary if e.get("base_layers_stored"))
     problems = [f for f in report.findings if f.severity in ("error", "warning")]
     if not problems:
         return f"no problems found: adapter tensors {adapters or 'none'} on base layers {bases or 'unknown'}"
     worst = problems[0]
-    return f"{len(problems)} problem(s); first: [{worst.severity}] {worst.title} (run loracast doctor {adapter})"
+    return f"{len(problems)} problem(s); first: [{worst.severity}] {worst.title} ({more})"
 
 
-def run_sft(options: SftOptions, device: torch.device) -> SftResult:
-    """One SFT run with the options' policy, files in `options.out`."""
+def run_sft(options: SftOptions, device: str = "auto") -> SftResult | None:
+    """One SFT run with the options' policy, files in `options.out` (None on processes other than the main one)."""
     train, held = load_sft_data(options)
     return train_sft_once(options, options.precision, train, held, device, options.out)
 
 
-def compare_sft_precision(options: SftOptions, device: torch.device, policies: Sequence[str] = ("stable", "fast")
+def compare_sft_precision(options: SftOptions, device: str = "auto", policies: Sequence[str] = ("stable", "fast")
                           ) -> list[SftResult]:
     """The same SFT run (same data, order and adapter initialisation) under each policy on a
     half-precision base; files per policy in ``OUT/<policy>/``, a shared plot and metrics in OUT.

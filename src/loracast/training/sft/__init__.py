@@ -1,0 +1,4 @@
+"""The SFT job of `loracast train` on transformers' `Trainer`: `batches` (the length-grouped batch
+sampler and the padding collator), `engine` (the trainer subclass: the assistant-token loss, the
+held-out evaluation, the per-step record and the progress bar), `checkpoints` (complete
+checkpoints, their identity and resuming)."""

@@ -1,0 +1,311 @@
+"""The SFT engine: transformers' `Trainer` (loracast's subclass for adapter models) with what
+instruction tuning needs and the trainer lacks.
+
+The trainer runs the loop, gradient accumulation, the learning-rate schedule, checkpoints,
+resuming, distributed launch (torchrun, accelerate) and the experiment trackers. This module
+adds:
+- the loss on the assistant's tokens, projecting only the labelled positions onto the
+  vocabulary (`lm_loss.AssistantLoss`), normalised over the tokens of the whole global batch (all
+  accumulated batches of all processes), as transformers normalises its own causal-LM loss;
+- length-grouped batches (`batches.LengthGroupedBatches`) and the padding collator;
+- a held-out evaluation that generates the answers greedily and scores them exactly, with the
+  held-out loss, split across processes (``eval_exact_match`` can select the best adapter);
+- a per-step record (loss, trained tokens, seconds) in the trainer's log history, so that a
+  resumed run's metrics hold its whole history;
+- complete-only checkpoints (`checkpoints`) and a tqdm progress bar with loss and tokens/s.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+from loracast.distributed.runtime import rank_share
+from loracast.training.chat_data import ChatExample
+from loracast.training.chat_template import EncodedExample
+from loracast.training.lm_batching import collate
+from loracast.training.lm_eval import Score, answer_examples, score_answers
+from loracast.training.lm_loss import AssistantLoss
+from loracast.training.loop import EvalRecord, History, StepRecord
+from loracast.training.sft import checkpoints
+from loracast.training.sft.batches import LengthGroupedBatches, PadToLongest
+from loracast.training.trainers import Trainer
+
+
+@dataclass
+class SftSettings:
+    """Optimisation, evaluation and checkpoint settings of one SFT run (TRL's names where it has them)."""
+
+    max_steps: int | None = 60  # None: whole epochs
+    epochs: float = 1  # used when max_steps is None
+    lr: float = 2e-3
+    batch_size: int = 8  # per process and per accumulated batch
+    grad_accum: int = 1
+    max_length: int = 256  # longer examples are skipped (counted), never truncated
+    seed: int = 0
+    warmup_ratio: float = 0.1
+    lr_scheduler: str = "linear"  # any of transformers' scheduler names
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.0  # 0: no clipping
+    max_new_tokens: int = 48  # per generated evaluation answer
+    eval_batch_size: int = 32
+    eval_steps: int | None = None  # evaluate every N steps besides before and after
+    save_steps: int | None = None  # checkpoint every N steps
+    save_total_limit: int | None = None  # complete checkpoints kept (the best one always)
+    load_best: bool = False  # end with the adapter of the best held-out exact match
+    report_to: str = "none"  # transformers' trackers: tensorboard, trackio, wandb, ...
+
+
+@dataclass
+class Evaluation:
+    """One evaluation: the exact score of the greedy answers and the held-out loss."""
+
+    step: int
+    score: Score
+    loss: float
+    answers: list[str]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (answers left out: samples.jsonl holds them)."""
+        return {"step": self.step, **self.score.to_dict(), "loss": self.loss, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any], answers: list[str]) -> Evaluation:
+        """The evaluation `to_dict` wrote, with its answers."""
+        score = Score(payload["exact"], payload.get("valid_json"), dict(payload.get("fields") or {}))
+        return cls(int(payload["step"]), score, float(payload["loss"]), answers, float(payload["seconds"]))
+
+
+@dataclass
+class SftHistory(History):
+    """What an SFT run recorded: steps, and evaluations whose accuracy is the exact-match score."""
+
+    evaluations: list[Evaluation] = field(default_factory=list)
+    head_on_labelled_only: bool | None = None  # whether the loss projected only labelled positions (lm_loss)
+
+    def tokens_per_second(self) -> float:
+        """Trained-on tokens (padding excluded) per second of training steps."""
+        seconds = sum(s.seconds for s in self.steps)
+        return sum(s.tokens for s in self.steps) / seconds if seconds else math.nan
+
+
+class _StepClock(TrainerCallback):
+    """Seconds of the optimizer step in progress (evaluations and saving excluded)."""
+
+    def __init__(self) -> None:
+        self.began = time.perf_counter()
+        self.seconds = 0.0
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.began = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.seconds = time.perf_counter() - self.began
+
+
+class ProgressBar(TrainerCallback):
+    """tqdm's bar on the main process: steps, time left, the last loss and tokens/s; evaluation lines above it."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            interactive = sys.stderr.isatty()
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.label, unit="step",
+                            file=sys.stderr, dynamic_ncols=True, mininterval=0.5 if interactive else 30.0)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if self.bar is not None and logs and "loss" in logs:
+            seconds = logs.get("step_seconds") or math.nan
+            self.bar.set_postfix_str(f"loss {logs['loss']:.4f}, {logs.get('tokens', 0) / seconds:.0f} tok/s",
+                                     refresh=False)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def message(self, text: str) -> None:
+        """Print `text` on its own line (above the bar while it runs)."""
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
+
+
+class SftTrainer(Trainer):
+    """transformers' `Trainer` for LoRA instruction tuning (see the module docstring).
+
+    ``model`` is a loracast `PeftModel`; ``train`` the encoded training examples; ``held_out``
+    and ``held_out_encoded`` the held-out conversations (for the greedy answers) and their
+    encodings (for the loss). Checkpoints go to ``args.output_dir`` and are marked with
+    ``identity``.
+    """
+
+    # compute_loss divides by the global batch's labelled-token count (num_items_in_batch)
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model: Any, args: Any, *, tokenizer: Any, train: Sequence[EncodedExample],
+                 held_out: Sequence[ChatExample], held_out_encoded: Sequence[EncodedExample], settings: SftSettings,
+                 identity: checkpoints.RunIdentity, label: str = "train", **kwargs: Any) -> None:
+        self.clock = _StepClock()
+        self.progress = ProgressBar(label)
+        super().__init__(model, args, train_dataset=list(train), eval_dataset=list(held_out_encoded),
+                         data_collator=PadToLongest(tokenizer.pad_token_id),
+                         callbacks=[self.clock, self.progress, *kwargs.pop("callbacks", [])], **kwargs)
+        self.remove_callback(PrinterCallback)  # the progress bar and the summary report; no raw log dicts on stdout
+        # the labelled-token count of each global batch is what the loss is normalised by
+        self.model_accepts_loss_kwargs = True
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.identity = identity
+        self.label = label
+        self.held_out = list(held_out)
+        self.held_out_encoded = list(held_out_encoded)
+        self.loss_of = AssistantLoss(self.model)
+        self.evaluations: list[Evaluation] = []
+        self.diverged_at_step: int | None = None
+        self._tokens = 0
+        self._examples = 0
+
+    def get_train_dataloader(self) -> DataLoader:
+        """Length-grouped batches, sharded by accelerate across processes (see `batches`)."""
+        lengths = [len(e.input_ids) for e in self.train_dataset]
+        sampler = LengthGroupedBatches(lengths, self.settings.batch_size, self.settings.seed)
+        return self.accelerator.prepare(DataLoader(self.train_dataset, batch_sampler=sampler,
+                                                   collate_fn=self.data_collator, num_workers=0))
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        """Cross-entropy of the assistant tokens, summed and divided by the global batch's labelled-token count."""
+        total, count = self.loss_of.summed(inputs, forward=model)
+        if num_items_in_batch is None:
+            loss = total / max(count, 1)
+        else:
+            loss = total / torch.clamp(torch.as_tensor(num_items_in_batch, device=total.device), min=1)
+            if self.args.average_tokens_across_devices:
+                # DDP averages the gradients of the processes; each one's share of the global sum is scaled back up
+                loss = loss * self.accelerator.num_processes
+        if model.training:
+            self._tokens += int(inputs["attention_mask"].sum())
+            self._examples += int(inputs["input_ids"].shape[0])
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The trainer's log, with each training step's trained tokens, examples and seconds."""
+        if "loss" in logs:
+            counts = torch.tensor([self._tokens, self._examples], dtype=torch.float64, device=self.args.device)
+            if self.args.world_size > 1:
+                torch.distributed.all_reduce(counts)
+            logs["tokens"], logs["examples"] = int(counts[0]), int(counts[1])
+            logs["step_seconds"] = self.clock.seconds
+            self._tokens = self._examples = 0
+            if not math.isfinite(logs["loss"]) and self.diverged_at_step is None:
+                self.diverged_at_step = self.state.global_step
+                self.control.should_training_stop = True
+                self.progress.message(f"{self.label}: loss is {logs['loss']} at step {self.state.global_step}; "
+                                      "stopping (the adapters overflowed or the learning rate is too high)")
+        super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Greedy answers to the held-out conversations scored exactly, and the held-out loss."""
+        evaluation = self.evaluate_held_out(self.state.global_step)
+        metrics = {f"{metric_key_prefix}_loss": evaluation.loss,
+                   f"{metric_key_prefix}_exact_match": evaluation.score.exact}
+        if evaluation.score.valid_json is not None:
+            metrics[f"{metric_key_prefix}_valid_json"] = evaluation.score.valid_json
+        self.log(dict(metrics))
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def evaluate_held_out(self, step: int) -> Evaluation:
+        """The evaluation at `step`, each process answering its share of the held-out conversations."""
+        began = time.perf_counter()
+        rank, world = self.args.process_index, self.args.world_size
+        mine = list(rank_share(range(len(self.held_out)), rank, world))
+        answers = answer_examples(self.model, self.tokenizer, [self.held_out[i] for i in mine],
+                                  self.settings.max_new_tokens, self.settings.eval_batch_size, self.args.device)
+        total, count = self._held_out_loss(list(rank_share(self.held_out_encoded, rank, world)))
+        if world > 1:
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, list(zip(mine, answers)))
+            by_index = dict(pair for part in gathered for pair in part)
+            answers = [by_index[i] for i in range(len(self.held_out))]
+            sums = torch.tensor([total, count], dtype=torch.float64, device=self.args.device)
+            torch.distributed.all_reduce(sums)
+            total, count = float(sums[0]), int(sums[1])
+        score = score_answers(answers, [e.reference for e in self.held_out])
+        evaluation = Evaluation(step, score, total / count if count else math.nan, answers,
+                                time.perf_counter() - began)
+        self.evaluations.append(evaluation)
+        valid = "" if score.valid_json is None else f", valid JSON {score.valid_json:.1%}"
+        total_steps = self.state.max_steps or step
+        if self.args.process_index == 0:
+            self.progress.message(f"{self.label}: step {step}/{total_steps} held-out exact match {score.exact:.1%}"
+                                  f"{valid} (assistant-token loss {evaluation.loss:.4f}; {evaluation.seconds:.0f} s)")
+        return evaluation
+
+    @torch.no_grad()
+    def _held_out_loss(self, encoded: Sequence[EncodedExample]) -> tuple[float, int]:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        try:
+            # batches of the training size: a loss needs every labelled position's float32 logits
+            for start in range(0, len(encoded), self.settings.batch_size):
+                batch = collate(encoded[start:start + self.settings.batch_size], self.tokenizer.pad_token_id,
+                                self.args.device)
+                loss, n = self.loss_of.summed(batch)
+                total += float(loss)
+                count += n
+        finally:
+            model.train(was_training)
+        return total, count
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        # a folder being (re)written must not look complete until the marker is written again
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            (folder / checkpoints.MARKER).unlink(missing_ok=True)
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            checkpoints.mark_complete(folder, self.identity, {"step": self.state.global_step})
+            best = self.state.best_model_checkpoint
+            checkpoints.rotate(folder.parent, self.settings.save_total_limit, Path(best) if best else None)
+        if self.args.world_size > 1:
+            torch.distributed.barrier()  # every process sees the checkpoint complete before going on
+
+    def history(self) -> SftHistory:
+        """Every training step and evaluation of the run, resumed parts included (from the log history)."""
+        history = SftHistory(diverged_at_step=self.diverged_at_step, head_on_labelled_only=self.loss_of.split)
+        for entry in self.state.log_history:
+            if "loss" in entry and "tokens" in entry:
+                history.steps.append(StepRecord(int(entry["step"]), float(entry.get("epoch") or 0.0),
+                                                float(entry["loss"]), float(entry.get("step_seconds") or 0.0),
+                                                int(entry.get("examples") or 0), int(entry["tokens"])))
+            elif "eval_exact_match" in entry:
+                history.evals.append(EvalRecord(int(entry["step"]), float(entry["eval_exact_match"]),
+                                                float(entry["eval_loss"])))
+        return history
