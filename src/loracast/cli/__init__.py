@@ -41,6 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise KeyError(name)
+
+
+def _with_config_file(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                      args: argparse.Namespace) -> argparse.Namespace:
+    """`args` parsed again with the --config file's values as defaults (the command line wins)."""
+    from loracast.cli.config_file import config_defaults
+
+    command = _command_parser(parser, args.command)
+    command.set_defaults(**config_defaults(command, args.config))
+    return parser.parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
@@ -49,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if getattr(args, "config", None) is not None:
+            args = _with_config_file(parser, argv, args)
         return int(args.func(args) or 0)
     except LoracastError as exc:  # CommandError and every other error loracast raises on purpose
         text = str(exc).strip()

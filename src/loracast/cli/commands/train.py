@@ -66,6 +66,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "Fine-tune a causal LM on instruction data (or a text classifier on labelled texts) with LoRA under a "
         "precision policy; report the held-out score before and after, the dtypes used and what they cost; save the "
         "adapter, metrics.json, a plot and before/after samples.", EXAMPLES)
+    parser.add_argument("job", nargs="?", choices=("sft", "classify"),
+                        help="sft: instruction-tune a causal LM; classify: train a text classifier (default: the "
+                             "data's format decides)")
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="a YAML file of flags (key: value, keys as the flags without dashes); flags given on "
+                             "the command line override it")
     where = parser.add_argument_group("model and data")
     where.add_argument("--model", type=Path, metavar="DIR|FILE.gguf",
                        help="local transformers model folder, or a GGUF file (default: SmolLM2-135M-Instruct from "
@@ -177,14 +183,20 @@ def run(args: argparse.Namespace) -> int:
     with command_errors():
         from loracast.cli.commands._train_sft import is_sft_job, run_sft_command
 
-        if is_sft_job(args.data, args.model):
+        job = args.job or ("sft" if is_sft_job(args.data, args.model) else "classify")
+        if job == "sft":
             return run_sft_command(args)
         return _run_classifier(args)
 
 
 def _run_classifier(args: argparse.Namespace) -> int:
-    for option, value in (("--max-steps", args.max_steps), ("--chat-template", args.chat_template),
-                          ("--eval-examples", args.eval_examples)):
+    sft_only = (("--max-steps", args.max_steps), ("--chat-template", args.chat_template),
+                ("--eval-examples", args.eval_examples), ("--save-steps", args.save_steps),
+                ("--save-total-limit", args.save_total_limit), ("--resume", args.resume),
+                ("--eval-steps", args.eval_steps), ("--load-best", args.load_best or None),
+                ("--fsdp", args.fsdp or None), ("--grad-accum", None if args.grad_accum == 1 else args.grad_accum),
+                ("--report-to", None if args.report_to == "none" else args.report_to))
+    for option, value in sft_only:
         if value is not None:
             raise CommandError(f"{option} applies to instruction data (messages or prompt/completion rows); "
                                f"{args.data} holds text/label rows for a classifier")

@@ -1,0 +1,235 @@
+"""`loracast train` for real runs, on a tiny float32 Llama: several processes, checkpoints and exact
+resume (after a SIGKILL too), evaluation during training with the best adapter kept, config files,
+and the one-line refusals.
+
+Oracles: one process with ``--grad-accum 2`` for two processes (the same examples in every global
+batch, the loss normalised over the global batch's assistant tokens, as transformers does); the
+uninterrupted run for a resumed one (bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tests.launch import REPO, torchrun
+
+from loracast.cli import main
+
+# 48 train conversations in batches of 4: 12 batches an epoch; fp32 so that runs compare tightly
+RUN = ["--dtype", "fp32", "--batch-size", "4", "--lr", "5e-3", "--max-new-tokens", "4", "--eval-examples", "4",
+       "--device", "cpu"]
+STEPS = ["--max-steps", "6"]
+# fp32 adapters after 6 AdamW steps, two processes against accumulation (relative to the largest value)
+DDP_RTOL = 1e-4
+
+
+def _command(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", str(model), "--data", str(data), "--out", str(out), *RUN, *extra]
+
+
+def _one_thread(args: list[str]) -> int:
+    """`loracast ARGS` in this process on one thread, as each launched process runs (OMP_NUM_THREADS=1),
+    so that sums are taken in the same order and runs compare bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def _assert_bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from .llm_helpers import triage_rows, write_jsonl
+
+    return write_jsonl(tmp_path_factory.mktemp("sft_runs") / "chat.jsonl", triage_rows(48, 4))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_llama, data) -> Path:
+    """One process, checkpoints every step, no interruption: the oracle of the resume tests."""
+    out = tmp_path_factory.mktemp("whole") / "out"
+    assert _one_thread(_command(tiny_llama, data, out, *STEPS, "--save-steps", "1", "--save-total-limit", "2")) == 0
+    return out
+
+
+def test_checkpoints_are_complete_adapter_only_and_rotated(uninterrupted):
+    root = uninterrupted / "checkpoints"
+    kept = sorted(p.name for p in root.iterdir() if p.is_dir())
+    assert kept == ["checkpoint-5", "checkpoint-6"]  # --save-total-limit 2
+    for folder in root.iterdir():
+        if folder.is_dir():
+            files = {p.name for p in folder.iterdir()}
+            assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
+                    "rng_state.pth", "trainer_state.json", "loracast_checkpoint.json"} <= files
+            assert not files & {"model.safetensors", "pytorch_model.bin"}  # the adapter only
+    marker = json.loads((root / "checkpoint-6" / "loracast_checkpoint.json").read_text())
+    assert marker["identity"]["--precision"] == "stable" and marker["step"] == 6
+
+
+def _launch(command: list[str], env: dict[str, str], nproc: int) -> subprocess.Popen:
+    full_env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+                "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "LORACAST_DIST_TIMEOUT": "60"}
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    return subprocess.Popen([*launcher, "-m", "loracast", *command], cwd=REPO, env=full_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _kill_after_checkpoint(process: subprocess.Popen, marker: Path, timeout: float = 180.0) -> None:
+    """SIGKILL the whole launch (every process) as soon as `marker` exists."""
+    deadline = time.monotonic() + timeout
+    try:
+        while not marker.exists():
+            if process.poll() is not None:
+                raise AssertionError(f"the run ended (status {process.returncode}) before {marker} was written")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {marker} after {timeout} s")
+            time.sleep(0.005)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_after_sigkill_at_a_random_step_is_bit_equal(nproc, tmp_path, tiny_llama, data, uninterrupted):
+    whole = uninterrupted
+    if nproc == 2:  # the oracle is the uninterrupted two-process run
+        whole = tmp_path / "whole2"
+        launched = torchrun(["-m", "loracast", *_command(tiny_llama, data, whole, *STEPS, "--save-steps", "1")])
+        assert launched.returncode == 0, launched.stdout[-4000:]
+    out = tmp_path / "killed"
+    step = random.Random().randint(1, 5)
+    command = _command(tiny_llama, data, out, *STEPS, "--save-steps", "1")
+    _kill_after_checkpoint(_launch(command, {}, nproc),
+                           out / "checkpoints" / f"checkpoint-{step}" / "loracast_checkpoint.json")
+    assert not (out / "adapter").exists()  # nothing final was written by the killed run
+    if nproc == 1:
+        assert _one_thread([*command, "--resume"]) == 0
+    else:
+        launched = torchrun(["-m", "loracast", *command, "--resume"])
+        assert launched.returncode == 0, launched.stdout[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["resumed_from"] is not None and len(metrics["history"]["steps"]) == 6
+    _assert_bit_equal(_adapter(out), _adapter(whole))
+
+
+def test_an_incomplete_checkpoint_is_ignored_and_the_previous_one_resumed(tmp_path, tiny_llama, data, uninterrupted):
+    out = tmp_path / "out"
+    root = out / "checkpoints"
+    root.mkdir(parents=True)
+    shutil.copy(uninterrupted / "checkpoints" / "before.json", root / "before.json")
+    shutil.copytree(uninterrupted / "checkpoints" / "checkpoint-5", root / "checkpoint-5")
+    shutil.copytree(uninterrupted / "checkpoints" / "checkpoint-6", root / "checkpoint-6")
+    (root / "checkpoint-6" / "loracast_checkpoint.json").unlink()  # a save killed before its end
+    (root / "checkpoint-6" / "optimizer.pt").write_bytes(b"cut short")
+    assert _one_thread([*_command(tiny_llama, data, out, *STEPS, "--save-steps", "1"), "--resume"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["train"]["resumed_from"].endswith("checkpoint-5")
+    _assert_bit_equal(_adapter(out), _adapter(uninterrupted))
+
+
+def test_two_processes_equal_one_process_accumulating_two_batches(tmp_path, tiny_llama, data):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _one_thread(_command(tiny_llama, data, one, *STEPS, "--grad-accum", "2")) == 0
+    launched = torchrun(["-m", "loracast", *_command(tiny_llama, data, two, *STEPS)])
+    assert launched.returncode == 0, launched.stdout[-4000:]
+    a, b = _adapter(one), _adapter(two)
+    assert a.keys() == b.keys()
+    for name in a:
+        scale = float(a[name].abs().max())
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=DDP_RTOL * max(scale, 1e-12), msg=name)
+    m1, m2 = (json.loads((o / "metrics.json").read_text()) for o in (one, two))
+    assert m2["train"]["processes"] == 2 and m2["train"]["global_batch"] == m1["train"]["global_batch"] == 8
+    assert [s["tokens"] for s in m2["history"]["steps"]] == [s["tokens"] for s in m1["history"]["steps"]]
+    # only the main process prints the report and writes files
+    assert launched.stdout.count("held-out score") == 1
+
+
+def test_evaluation_during_training_and_the_best_adapter(tmp_path, tiny_llama, data, capsys):
+    out = tmp_path / "out"
+    assert main(_command(tiny_llama, data, out, "--max-steps", "4", "--eval-steps", "2", "--load-best")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    steps = [e["step"] for e in metrics["eval"]["evaluations"]]
+    assert steps == [0, 2, 4, 4]  # before, every 2 steps, after (the best adapter, restored)
+    best = metrics["eval"]["best_checkpoint"]
+    assert best is not None and Path(best).name in {"checkpoint-2", "checkpoint-4"}
+    _assert_bit_equal(_adapter(out), load_file(str(Path(best) / "adapter_model.safetensors")))
+
+
+def test_config_file_sets_flags_and_the_command_line_overrides(tmp_path, tiny_llama, data):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_llama}\ndata: {data}\ndtype: fp32\nbatch-size: 4\nmax_steps: 3\n"
+                      "max_new_tokens: 4\neval_examples: 4\ndevice: cpu\ntarget_modules: [q_proj, v_proj]\n"
+                      "r: 4\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(config), "--max-steps", "2", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["max_steps"] == 2 and metrics["train"]["batch_size"] == 4  # flag over file; file
+    assert metrics["lora"]["r"] == 4 and metrics["lora"]["target_modules"] == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("lrr: 0.1\n", "unknown key 'lrr'"),
+    ("max_steps: many\n", "key 'max_steps'"),
+    ("load_best: 3\n", "key 'load_best' is a switch"),
+    ("precision: sloppy\n", "key 'precision' is 'sloppy'"),
+    ("- just\n- a list\n", "must hold a mapping"),
+    ("a: [1,\n", "not valid YAML"),
+])
+def test_bad_config_file_is_one_line_exit_2(text, expected, tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text, encoding="utf-8")
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err and str(config) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_without_a_checkpoint(tmp_path, tiny_llama, data, capsys):
+    out = tmp_path / "out"
+    assert main([*_command(tiny_llama, data, out, *STEPS), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no complete checkpoint" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("flags", "named"), [(["--dtype", "bf16"], "--dtype"),
+                                               (["--r", "8"], "--r"), (["--precision", "mixed"], "--precision")])
+def test_resume_from_another_run_names_the_difference(flags, named, tmp_path, tiny_llama, data, uninterrupted,
+                                                      capsys):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
+    assert main([*_command(tiny_llama, data, out, *STEPS, "--save-steps", "1"), *flags, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another run" in err and named in err
+    assert not (out / "adapter").exists()
+
+
+def test_fsdp_on_one_process_and_compare_precision_under_torchrun(tmp_path, tiny_llama, data, capsys, monkeypatch):
+    assert main([*_command(tiny_llama, data, tmp_path / "a", *STEPS), "--fsdp"]) == 2
+    assert "--fsdp" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([*_command(tiny_llama, data, tmp_path / "b", *STEPS), "--compare-precision"]) == 2
+    assert "--compare-precision" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
