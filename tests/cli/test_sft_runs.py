@@ -232,4 +232,8 @@ def test_fsdp_on_one_process_and_compare_precision_under_torchrun(tmp_path, tiny
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main([*_command(tiny_llama, data, tmp_path / "b", *STEPS), "--compare-precision"]) == 2
     assert "--compare-precision" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # accelerate shards with FSDP on GPUs only: on the CPU the processes replicate the model (DDP)
+    assert main([*_command(tiny_llama, data, tmp_path / "c", *STEPS), "--fsdp"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "GPUs only" in err
+    assert not any((tmp_path / name).exists() for name in "abc")

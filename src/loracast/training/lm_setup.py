@@ -162,9 +162,10 @@ def attention_for(device: torch.device, requested: str = "auto") -> str | None:
 
 
 def load_llm(source: Path, dtype: torch.dtype | None, load_in_4bit: bool, device: torch.device,
-             attn_implementation: str | None = None) -> torch.nn.Module:
+             attn_implementation: str | None = None, for_fsdp: bool = False) -> torch.nn.Module:
     """The causal LM at `source` in `dtype` (bitsandbytes NF4 when `load_in_4bit`), on `device`,
-    with `attn_implementation` when given (else transformers' default).
+    with `attn_implementation` when given (else transformers' default); `for_fsdp` stores 4-bit
+    weights in the compute dtype, so that FSDP can shard them.
 
     Raises:
         ModelFolderError: transformers cannot load it, or the GGUF file is cut short.
@@ -175,7 +176,7 @@ def load_llm(source: Path, dtype: torch.dtype | None, load_in_4bit: bool, device
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if load_in_4bit:
-        kwargs["quantization_config"] = quantization_config(dtype)
+        kwargs["quantization_config"] = quantization_config(dtype, storage_as_compute=for_fsdp)
         kwargs["device_map"] = {"": str(device)}
     # GGUF's "fastest in float32" note concerns llama.cpp, not these dequantized layers
     with quiet_transformers(), _gguf_read_errors(source):
@@ -199,11 +200,13 @@ class LlmSpec:
     gradient_checkpointing: bool = False
     chat_template: str | None = None  # Jinja text replacing the tokenizer's
     attention: str = "auto"  # "auto" (see `attention_for`), "eager" or "sdpa"
+    fsdp: bool = False  # sharded by FSDP: 4-bit weights stored in the compute dtype
 
 
 def build_sft_model(spec: LlmSpec, policy: str, device: torch.device, tokenizer: Any) -> PeftModel:
     """The LoRA model for supervised fine-tuning of the causal LM in `spec` (`tokenizer`: its tokenizer)."""
-    model = load_llm(spec.source, spec.dtype, spec.load_in_4bit, device, attention_for(device, spec.attention))
+    model = load_llm(spec.source, spec.dtype, spec.load_in_4bit, device, attention_for(device, spec.attention),
+                     for_fsdp=spec.fsdp)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if spec.gradient_checkpointing:

@@ -77,16 +77,20 @@ def load_data(path: Path | None, labels: list[str] | None, eval_fraction: float,
     return train, held_out, source
 
 
-def quantization_config(dtype: torch.dtype | None) -> Any:
-    """transformers' BitsAndBytesConfig for NF4 with compute `dtype` (bf16 by default), heads unquantized."""
+def quantization_config(dtype: torch.dtype | None, storage_as_compute: bool = False) -> Any:
+    """transformers' BitsAndBytesConfig for NF4 with compute `dtype` (bf16 by default), heads unquantized;
+    with `storage_as_compute`, the packed weights are stored in that dtype too (``bnb_4bit_quant_storage``),
+    which FSDP needs to shard them beside the other parameters."""
     try:
         with quiet_transformers():  # bitsandbytes' note about its optional 'kernels' package is not needed
             import bitsandbytes  # noqa: F401  (transformers needs it for 4-bit loading)
         from transformers import BitsAndBytesConfig
     except ImportError as exc:
         raise SetupError("--load-in-4bit needs bitsandbytes: pip install 'loracast[bnb]'") from exc
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_compute_dtype=dtype or torch.bfloat16, llm_int8_skip_modules=HEAD_NAMES)
+    compute = dtype or torch.bfloat16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+                              bnb_4bit_quant_storage=compute if storage_as_compute else torch.uint8,
+                              llm_int8_skip_modules=HEAD_NAMES)
 
 
 def build_classifier(spec: ModelSpec, label_names: list[str], policy: str, device: torch.device

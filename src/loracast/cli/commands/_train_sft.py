@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -65,6 +66,15 @@ def run_sft_command(args: argparse.Namespace) -> int:
     if args.fsdp and processes < 2:
         raise CommandError("--fsdp shards the model across processes, and this is one process; launch with "
                            "torchrun --nproc_per_node N (N >= 2), or drop --fsdp")
+    if args.fsdp and pick_device(args.device).type != "cuda":
+        raise CommandError("--fsdp: transformers' Trainer shards through accelerate, which runs FSDP on GPUs only; "
+                           "on the CPU leave out --fsdp (the processes then replicate the model with DDP)")
+    policy = args.precision
+    if args.fsdp and args.load_in_4bit and policy != "fsdp":
+        # QLoRA under FSDP: storage, compute and adapter dtypes must be one dtype for FSDP to shard them together
+        print(f"loracast train: --fsdp with --load-in-4bit uses the fsdp precision policy (not {policy}): 4-bit "
+              "storage, compute and adapters in one dtype", file=sys.stderr)
+        policy = "fsdp"
     if args.labels is not None:
         raise CommandError("--labels applies to text/label data; instruction data has no label set")
     try:
@@ -85,7 +95,7 @@ def run_sft_command(args: argparse.Namespace) -> int:
                    target_modules="all-linear" if targets in (None, ["all-linear"]) else targets,
                    r=_value(args, "r"), alpha=_value(args, "alpha"), dropout=_value(args, "dropout"),
                    gradient_checkpointing=args.gradient_checkpointing, chat_template=template,
-                   attention=args.attention)
+                   attention=args.attention, fsdp=args.fsdp)
     max_steps = args.max_steps if args.max_steps is not None or args.epochs is not None else SFT_DEFAULTS["max_steps"]
     if args.load_best and args.eval_steps is None:
         raise CommandError("--load-best picks among the evaluations during training: give --eval-steps N too")
@@ -103,7 +113,7 @@ def run_sft_command(args: argparse.Namespace) -> int:
                            eval_steps=args.eval_steps, save_steps=save_steps,
                            save_total_limit=args.save_total_limit, load_best=args.load_best,
                            report_to=args.report_to)
-    options = SftOptions(model=spec, data=data, out=args.out, precision=args.precision,
+    options = SftOptions(model=spec, data=data, out=args.out, precision=policy,
                          eval_fraction=args.eval_fraction, eval_examples=_value(args, "eval_examples"),
                          settings=settings, resume=args.resume, fsdp=args.fsdp)
     pick_device(args.device)  # a device that cannot be used fails here, in one line

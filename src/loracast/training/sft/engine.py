@@ -260,7 +260,7 @@ class SftTrainer(Trainer):
                                 time.perf_counter() - began)
         self.evaluations.append(evaluation)
         valid = "" if score.valid_json is None else f", valid JSON {score.valid_json:.1%}"
-        total_steps = self.state.max_steps or step
+        total_steps = self.state.max_steps or self.settings.max_steps or step
         if self.args.process_index == 0:
             self.progress.message(f"{self.label}: step {step}/{total_steps} held-out exact match {score.exact:.1%}"
                                   f"{valid} (assistant-token loss {evaluation.loss:.4f}; {evaluation.seconds:.0f} s)")
