@@ -1,13 +1,16 @@
-"""Instruction data for supervised fine-tuning: JSONL in the formats TRL's SFT trainer reads.
+"""Instruction data for supervised fine-tuning, in the formats TRL's SFT trainer reads.
 
-One example per line, in either format (a file may mix them, a row may not):
+Files: JSON lines (``.jsonl``), a JSON array of rows (``.json``), Parquet (``.parquet``), or a
+folder that Hugging Face ``datasets`` reads (``train.jsonl``/``test.parquet``, ...: each file's
+name is its split). Each row in one of these formats (a file may mix them, a row may not):
 
 - conversational: ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``,
   an optional system turn first, then user and assistant turns alternating, ending with an
   assistant turn. Every assistant turn is trained on;
 - prompt/completion: ``{"prompt": "...", "completion": "..."}`` (plain text: the model sees the
   prompt and learns the completion, no chat template), or both as message lists (conversational:
-  the chat template applies).
+  the chat template applies);
+- language modelling: ``{"text": "..."}``, trained on every token, no chat template.
 
 An optional ``split`` field ("train" / "test") fixes the held-out set; without it a seeded
 fraction is held out. Other fields are ignored.
@@ -29,6 +32,7 @@ DEFAULT_CHAT_DATA = "support_triage.jsonl"
 ROLES = ("system", "user", "assistant")
 CLASSIFIER_KEYS = frozenset({"text", "label"})
 CHAT_KEYS = frozenset({"messages", "prompt", "completion"})
+DATASETS_SUFFIXES = (".parquet",)  # read through Hugging Face datasets, as folders are
 
 
 @dataclass(frozen=True)
@@ -68,9 +72,12 @@ def data_kind(path: str | Path) -> str:
         DataError: the file is missing or its first row is neither kind.
     """
     path = Path(path)
+    if path.is_dir() or path.suffix.lower() in DATASETS_SUFFIXES:
+        return "chat" if path.exists() else _missing(path)
     if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist (or is not a file); pass a JSONL file of "
-                        "messages or prompt/completion rows, or a CSV/JSONL file with 'text' and 'label'")
+        _missing(path)
+    if _is_json_array(path):
+        return "chat"
     if path.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
         return "classification"  # CSV, or an extension the classification reader explains
     try:
@@ -84,12 +91,26 @@ def data_kind(path: str | Path) -> str:
     number, raw = first
     record = _parse_line(raw, path, number)
     keys = set(record)
-    if keys & CHAT_KEYS:
+    if keys & CHAT_KEYS or keys == {"text"} or keys == {"text", "split"}:
         return "chat"
     if keys & CLASSIFIER_KEYS:
         return "classification"  # its reader names a missing 'text' or 'label'
     raise DataError(f"{path}: line {number} has fields {sorted(keys)}; expected 'messages', 'prompt' and "
                     "'completion' (instruction data) or 'text' and 'label' (classification data)")
+
+
+def _missing(path: Path) -> str:
+    raise DataError(f"data {str(path)!r} does not exist; pass a JSONL, JSON or Parquet file (or a datasets folder) "
+                    "of messages, prompt/completion or text rows, or a CSV/JSONL file with 'text' and 'label'")
+
+
+def _is_json_array(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            head = handle.read(4096).lstrip()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return head.startswith("[")
 
 
 def _parse_line(raw: str, path: Path, number: int) -> dict[str, Any]:
@@ -105,6 +126,10 @@ def read_chat_examples(path: str | Path) -> list[ChatExample]:
     """
     path = Path(path)
     data_kind(path)  # existence, encoding and the first row's kind
+    if path.is_dir() or path.suffix.lower() in DATASETS_SUFFIXES:
+        return [_example(record, path, number) for number, record in _dataset_records(path)]
+    if _is_json_array(path):
+        return [_example(record, path, number) for number, record in _json_array_records(path)]
     rows = []
     try:
         with open(path, encoding="utf-8") as handle:
@@ -119,6 +144,54 @@ def read_chat_examples(path: str | Path) -> list[ChatExample]:
     return rows
 
 
+def _json_array_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not a valid JSON array of rows ({exc}); write one object per row") from exc
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"{path} must hold a JSON array of objects (rows), or one JSON object per line")
+    return list(enumerate(rows, start=1))
+
+
+def _dataset_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """The rows of a Parquet file or a datasets folder, each split's rows marked with its split
+    (a file named train.* or test.* in a folder), numbered from 1 across splits."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError(f"{path}: reading Parquet files and dataset folders needs the datasets package: "
+                        "pip install datasets") from exc
+    import os
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a local folder never needs the Hub
+    bars_were_off = datasets.is_progress_bar_enabled() is False
+    datasets.disable_progress_bars()  # the run's own output stays readable; restored below
+    try:
+        if path.is_dir():
+            loaded = datasets.load_dataset(str(path))
+        else:
+            loaded = datasets.load_dataset("parquet", data_files={"train": str(path)})
+    except Exception as exc:  # datasets raises many types for unreadable data; each becomes one line here
+        raise DataError(f"{path}: datasets cannot read it ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                        "pass a folder of train/test JSONL, JSON, CSV or Parquet files, or one file") from exc
+    finally:
+        if not bars_were_off:
+            datasets.enable_progress_bars()
+    splits = list(loaded)
+    if path.is_dir() and "train" not in splits:
+        raise DataError(f"{path}: the dataset has splits {splits} and no 'train' split; name the training file "
+                        "train.jsonl (or train.parquet, ...) and the held-out one test.*")
+    records = []
+    for split in splits:
+        for row in loaded[split]:
+            record = dict(row)
+            if path.is_dir():
+                record["split"] = split
+            records.append((len(records) + 1, record))
+    return records
+
+
 def _example(record: dict[str, Any], path: Path, line: int) -> ChatExample:
     where = f"{path}: line {line}"
     keys = set(record)
@@ -129,6 +202,12 @@ def _example(record: dict[str, Any], path: Path, line: int) -> ChatExample:
         raise DataError(f"{where} mixes classification fields ('text'/'label') with instruction fields "
                         f"({sorted(keys & CHAT_KEYS)}); keep one format per file")
     split = _split(record.get("split"), where)
+    if keys - {"split"} == {"text"}:  # language modelling: every token is learnt
+        text = record["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where} has an empty or non-text 'text'; every row needs text to learn")
+        return ChatExample(({"role": "user", "content": ""}, {"role": "assistant", "content": text}), True, split,
+                           line)
     if "messages" in keys:
         messages = _messages(record["messages"], where, "messages")
         _check_order(messages, where)
