@@ -112,7 +112,7 @@ def run_sft_command(args: argparse.Namespace) -> int:
                            weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
                            eval_steps=args.eval_steps, save_steps=save_steps,
                            save_total_limit=args.save_total_limit, load_best=args.load_best,
-                           report_to=args.report_to)
+                           report_to=args.report_to, packing=args.packing)
     options = SftOptions(model=spec, data=data, out=args.out, precision=policy,
                          eval_fraction=args.eval_fraction, eval_examples=_value(args, "eval_examples"),
                          settings=settings, resume=args.resume, fsdp=args.fsdp)

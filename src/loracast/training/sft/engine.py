@@ -40,6 +40,7 @@ from loracast.training.lm_loss import AssistantLoss
 from loracast.training.loop import EvalRecord, History, StepRecord
 from loracast.training.sft import checkpoints
 from loracast.training.sft.batches import LengthGroupedBatches, PadToLongest
+from loracast.training.sft.packing import PackedCollator, PackedRow
 from loracast.training.trainers import Trainer
 
 
@@ -65,6 +66,7 @@ class SftSettings:
     save_total_limit: int | None = None  # complete checkpoints kept (the best one always)
     load_best: bool = False  # end with the adapter of the best held-out exact match
     report_to: str = "none"  # transformers' trackers: tensorboard, trackio, wandb, ...
+    packing: bool = False  # several examples per row of max_length tokens (packing.py)
 
 
 @dataclass
@@ -165,13 +167,13 @@ class SftTrainer(Trainer):
     # compute_loss divides by the global batch's labelled-token count (num_items_in_batch)
     loss_is_scaled_for_ga = True
 
-    def __init__(self, model: Any, args: Any, *, tokenizer: Any, train: Sequence[EncodedExample],
+    def __init__(self, model: Any, args: Any, *, tokenizer: Any, train: Sequence[EncodedExample | PackedRow],
                  held_out: Sequence[ChatExample], held_out_encoded: Sequence[EncodedExample], settings: SftSettings,
                  identity: checkpoints.RunIdentity, label: str = "train", **kwargs: Any) -> None:
         self.clock = _StepClock()
         self.progress = ProgressBar(label)
         super().__init__(model, args, train_dataset=list(train), eval_dataset=list(held_out_encoded),
-                         data_collator=PadToLongest(tokenizer.pad_token_id),
+                         data_collator=(PackedCollator if settings.packing else PadToLongest)(tokenizer.pad_token_id),
                          callbacks=[self.clock, self.progress, *kwargs.pop("callbacks", [])], **kwargs)
         self.remove_callback(PrinterCallback)  # the progress bar and the summary report; no raw log dicts on stdout
         # the labelled-token count of each global batch is what the loss is normalised by
@@ -198,6 +200,7 @@ class SftTrainer(Trainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
         """Cross-entropy of the assistant tokens, summed and divided by the global batch's labelled-token count."""
+        tokens, examples = inputs.pop("num_tokens", None), inputs.pop("num_examples", None)  # packed rows' counts
         total, count = self.loss_of.summed(inputs, forward=model)
         if num_items_in_batch is None:
             loss = total / max(count, 1)
@@ -207,8 +210,8 @@ class SftTrainer(Trainer):
                 # DDP averages the gradients of the processes; each one's share of the global sum is scaled back up
                 loss = loss * self.accelerator.num_processes
         if model.training:
-            self._tokens += int(inputs["attention_mask"].sum())
-            self._examples += int(inputs["input_ids"].shape[0])
+            self._tokens += int(tokens if tokens is not None else inputs["attention_mask"].sum())
+            self._examples += int(examples if examples is not None else inputs["input_ids"].shape[0])
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

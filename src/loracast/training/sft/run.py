@@ -37,6 +37,7 @@ from loracast.training.run import ADAPTER_DIR, COMPARE_NAME, CURVE_NAME, METRICS
 from loracast.training.setup import SetupError, base_dtype_name
 from loracast.training.sft import checkpoints
 from loracast.training.sft.engine import Evaluation, SftHistory, SftSettings, SftTrainer
+from loracast.training.sft.packing import isolates_packed_examples, pack
 
 SFT_NAME = "sft.json"  # beside the adapter: the system prompt and format generation should reuse
 SAMPLES_MD = "samples.md"
@@ -155,13 +156,23 @@ def train_sft_once(options: SftOptions, policy: str, train: list[ChatExample], h
     torch.manual_seed(settings.seed)  # the adapters' initial values: the same for every policy
     model = build_sft_model(options.model, policy, run_device, tokenizer)
     loaded = time.perf_counter()
+    train_rows: list[Any] = list(train_encoded)
+    if settings.packing:
+        if not isolates_packed_examples(model, train_encoded, run_device):
+            raise SetupError(f"--packing: {llm_display_name(options.model.source)} lets packed examples attend to "
+                             "each other (its attention does not restart at each example's positions); leave out "
+                             "--packing")
+        train_rows = pack(train_encoded, settings.max_length)
     name = llm_display_name(options.model.source)
-    trainer = SftTrainer(model, args, tokenizer=tokenizer, train=train_encoded, held_out=held_kept,
+    trainer = SftTrainer(model, args, tokenizer=tokenizer, train=train_rows, held_out=held_kept,
                          held_out_encoded=held_encoded, settings=settings, identity=identity, label=policy)
     processes = f", {args.world_size} processes" if args.world_size > 1 else ""
     if main:
         print(f"{policy}: {name} (base {base_dtype_name(model)}) on {options.data.name}: {len(train_encoded)} train / "
               f"{len(held_kept)} held-out conversations, device {run_device.type}{processes}", file=sys.stderr)
+        if settings.packing:
+            print(f"{policy}: packed {len(train_encoded)} examples into {len(train_rows)} rows of at most "
+                  f"{settings.max_length} tokens", file=sys.stderr)
         if skipped_train or skipped_held:
             print(f"{policy}: skipped {skipped_train} train and {skipped_held} held-out examples longer than "
                   f"--max-length {settings.max_length} tokens", file=sys.stderr)
@@ -195,7 +206,7 @@ def train_sft_once(options: SftOptions, policy: str, train: list[ChatExample], h
                  "target_modules": sorted(config.target_modules) if isinstance(config.target_modules, (set, list))
                  else config.target_modules},
         "train": {**asdict(settings), "examples": len(train_encoded), "skipped_too_long": skipped_train,
-                  "steps": len(history.steps), "processes": args.world_size,
+                  "steps": len(history.steps), "processes": args.world_size, "rows": len(train_rows),
                   "global_batch": settings.batch_size * settings.grad_accum * args.world_size,
                   "resumed_from": str(resume_from) if resume_from is not None else None,
                   "gradient_checkpointing": options.model.gradient_checkpointing,
