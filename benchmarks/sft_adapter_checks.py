@@ -7,7 +7,7 @@ held-out conversations (greedy answers, token for token, and their exact score).
 Reads the run's ``metrics.json`` (model file, data, attention implementation) and
 ``samples.jsonl`` (which held-out conversations it evaluated, and the answers it recorded).
 Every model is loaded the same way (bf16 base, the run's attention implementation) and answers
-with loracast's batched greedy generation (`loracast.training.lm_eval.answer_examples`).
+with loracast's batched greedy generation (`loracast.training.sft.evaluate.answer_examples`).
 Not a test: it needs the real model and a trained run; the tests do the same on a tiny Llama.
 """
 
@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     from loracast import PeftModel
     from loracast.cli.merge_folder import merge_to_folder
     from loracast.integrations.hf_loading import load_model, quiet_transformers
-    from loracast.training.chat_data import read_chat_examples
-    from loracast.training.lm_eval import answer_examples, score_answers
-    from loracast.training.lm_setup import load_llm, load_llm_tokenizer
+    from loracast.training.sft.data import read_chat_examples
+    from loracast.training.sft.evaluate import answer_examples, score_answers
+    from loracast.training.sft.model import load_llm, load_llm_tokenizer
 
     metrics = json.loads((args.run / "metrics.json").read_text(encoding="utf-8"))
     samples = [json.loads(line) for line in (args.run / "samples.jsonl").read_text(encoding="utf-8").splitlines()]

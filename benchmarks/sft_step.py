@@ -8,7 +8,7 @@ AdamW, and the same batches of the shipped support-triage conversations (assista
 padded to the batch's longest, 8 conversations a batch), as `loracast train` builds them. The
 library cases compute transformers' loss (``model(**batch).loss``), the step a Trainer or TRL
 user runs; `loracast-train` is the step `loracast train` itself runs: `stable`, with the loss
-projecting only the assistant positions (`loracast.training.lm_loss`). Each case runs in its
+projecting only the assistant positions (`loracast.training.sft.loss`). Each case runs in its
 own fresh Python process, and the order of cases alternates round by round, because the cores are
 shared and load drifts.
 
@@ -56,9 +56,9 @@ def _batches(tokenizer, count: int, size: int):
     """`count` batches of `size` training conversations, as `loracast train` builds them."""
     import torch
 
-    from loracast.training.chat_data import default_chat_data_path, read_chat_examples
-    from loracast.training.chat_template import encode_all
-    from loracast.training.lm_batching import collate, length_grouped_batches
+    from loracast.training.sft.batches import collate, length_grouped_batches
+    from loracast.training.sft.data import default_chat_data_path, read_chat_examples
+    from loracast.training.sft.template import encode_all
 
     examples = [e for e in read_chat_examples(default_chat_data_path()) if e.split == "train"]
     encoded, _, _ = encode_all(tokenizer, examples, 256)
@@ -72,8 +72,8 @@ def _child(case: str, args: argparse.Namespace) -> dict:
 
     import torch
 
-    from loracast.training.lm_loss import AssistantLoss
-    from loracast.training.lm_setup import attention_for, default_llm_path, load_llm, load_llm_tokenizer
+    from loracast.training.sft.loss import AssistantLoss
+    from loracast.training.sft.model import attention_for, default_llm_path, load_llm, load_llm_tokenizer
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")

@@ -57,8 +57,8 @@ def prepare(work: Path) -> tuple[Path, Path, Path]:
     import torch
 
     from loracast.integrations.hf_loading import quiet_transformers
-    from loracast.training.chat_data import default_chat_data_path
-    from loracast.training.lm_setup import default_llm_path, load_llm, load_llm_tokenizer
+    from loracast.training.sft.data import default_chat_data_path
+    from loracast.training.sft.model import default_llm_path, load_llm, load_llm_tokenizer
 
     model_dir = work / "smollm2-bf16"
     if not (model_dir / "config.json").is_file():
@@ -135,9 +135,9 @@ def judge_with_peft(model_dir: Path, adapters: dict[str, str]) -> dict[str, floa
     from peft import PeftModel
 
     from loracast.integrations.hf_loading import quiet_transformers
-    from loracast.training.chat_data import default_chat_data_path, read_chat_examples, split_chat_examples
-    from loracast.training.lm_eval import answer_examples, score_answers
-    from loracast.training.lm_setup import load_llm, load_llm_tokenizer
+    from loracast.training.sft.data import default_chat_data_path, read_chat_examples, split_chat_examples
+    from loracast.training.sft.evaluate import answer_examples, score_answers
+    from loracast.training.sft.model import load_llm, load_llm_tokenizer
 
     examples = read_chat_examples(default_chat_data_path())
     held = split_chat_examples(examples, "triage")[1][:EVAL_ROWS]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from loracast.training.chat_data import default_chat_data_path
+from loracast.training.sft.data import default_chat_data_path
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -12,9 +12,9 @@ import torch
 
 from loracast import PeftModel
 from loracast.cli import main
-from loracast.training.chat_data import read_chat_examples
-from loracast.training.chat_template import prompt_text
-from loracast.training.lm_setup import load_llm, load_llm_tokenizer
+from loracast.training.sft.data import read_chat_examples
+from loracast.training.sft.model import load_llm, load_llm_tokenizer
+from loracast.training.sft.template import prompt_text
 
 from .gguf_helpers import write_gguf
 from .llm_helpers import run_sft

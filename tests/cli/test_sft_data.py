@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loracast.training.chat_data import ChatExample, read_chat_examples, split_chat_examples
-from loracast.training.chat_template import IGNORE_INDEX, TemplateError, encode_all, encode_example
-from loracast.training.lm_batching import collate, left_padded, length_grouped_batches
-from loracast.training.lm_eval import score_answers
+from loracast.training.sft.batches import collate, left_padded, length_grouped_batches
+from loracast.training.sft.data import ChatExample, read_chat_examples, split_chat_examples
+from loracast.training.sft.evaluate import score_answers
+from loracast.training.sft.template import IGNORE_INDEX, TemplateError, encode_all, encode_example
 
 from .llm_helpers import build_tokenizer, triage_rows, write_jsonl
 
@@ -93,7 +93,7 @@ def test_length_grouped_batches_cover_every_example_once_with_little_padding():
 
 
 def test_collate_and_left_padding():
-    from loracast.training.chat_template import EncodedExample
+    from loracast.training.sft.template import EncodedExample
 
     batch = collate([EncodedExample([5, 6, 7], [IGNORE_INDEX, 6, 7]), EncodedExample([8], [8])], 0, torch.device("cpu"))
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]

@@ -10,17 +10,17 @@ import pytest
 import torch
 
 from loracast import LoraConfig, get_peft_model
-from loracast.training.chat_template import IGNORE_INDEX, encode_all
-from loracast.training.lm_batching import collate
-from loracast.training.lm_loss import AssistantLoss
+from loracast.training.sft.batches import collate
+from loracast.training.sft.loss import AssistantLoss
 from loracast.training.sft.packing import PackedCollator, isolates_packed_examples, pack
+from loracast.training.sft.template import IGNORE_INDEX, encode_all
 
 from .llm_helpers import build_tokenizer, triage_rows
 
 
 @pytest.fixture(scope="module")
 def encoded():
-    from loracast.training.chat_data import ChatExample
+    from loracast.training.sft.data import ChatExample
 
     tokenizer = build_tokenizer()
     examples = [ChatExample(tuple(r["messages"]), False, None, i) for i, r in enumerate(triage_rows(12, 0))]

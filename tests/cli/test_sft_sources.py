@@ -1,4 +1,4 @@
-"""Instruction data beyond JSON lines (training/chat_data.py): a JSON array, Parquet, a datasets
+"""Instruction data beyond JSON lines (training/sft/data.py): a JSON array, Parquet, a datasets
 folder whose file names are its splits, and TRL's language-modelling ``text`` rows; and the
 refusal of a folder without a train split."""
 
@@ -9,7 +9,7 @@ import json
 import pytest
 
 from loracast.cli import main
-from loracast.training.chat_data import data_kind, read_chat_examples
+from loracast.training.sft.data import data_kind, read_chat_examples
 
 from .llm_helpers import triage_rows, write_jsonl
 
@@ -49,7 +49,7 @@ def test_a_datasets_folder_takes_its_splits_from_the_file_names(tmp_path, rows):
 
 
 def test_text_rows_learn_every_token(tmp_path):
-    from loracast.training.chat_template import encode_example
+    from loracast.training.sft.template import encode_example
 
     from .llm_helpers import build_tokenizer
 

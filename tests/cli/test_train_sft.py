@@ -11,8 +11,8 @@ import torch
 
 from loracast import PeftModel
 from loracast.cli import main
-from loracast.training.chat_data import read_chat_examples
-from loracast.training.lm_eval import answer_examples
+from loracast.training.sft.data import read_chat_examples
+from loracast.training.sft.evaluate import answer_examples
 
 from .llm_helpers import SFT_FAST, run_sft
 

@@ -30,8 +30,8 @@ from loracast.integrations.hf_loading import (
     load_tokenizer,
     quiet_transformers,
 )
-from loracast.training.lm_eval import generate_answers
-from loracast.training.lm_setup import check_llm_source, is_gguf, load_llm, load_llm_tokenizer
+from loracast.training.sft.evaluate import generate_answers
+from loracast.training.sft.model import check_llm_source, is_gguf, load_llm, load_llm_tokenizer
 from loracast.tuner.peft_model import PeftModel
 
 PROBE_TEXTS = [

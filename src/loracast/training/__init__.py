@@ -1,15 +1,15 @@
-"""LoRA fine-tuning runs as `loracast train` performs them: a text classifier on labelled texts,
-or supervised fine-tuning (SFT) of a causal LM on chat data.
+"""The `loracast train` application: supervised fine-tuning (SFT) of a causal LM on chat data, and
+a text classifier on labelled texts.
 
-Modules, one job each. Shared: `runtime` (device and process placement), `policy` (precision
-policy names), `progress` (the progress bar), `report` (dtypes, memory, time), `plot` (PNG curves).
-Classifier: `data` (files, labels, splits), `setup` (model, tokenizer, adapter), `loop`
-(optimisation and evaluation), `run` (a whole run and the policy comparison), `console` (text
-summaries). SFT: `chat_data` (messages and prompt/completion files), `chat_template` (rendering
-and assistant-only labels), `lm_batching` (length-grouped batches, padding), `lm_setup` (causal
-LM from a folder or GGUF, adapter), `lm_loss` (the loss on assistant tokens, projecting only
-the labelled positions), `lm_eval` (greedy answers, exact score, held-out loss), `lm_loop`
-(optimisation), `lm_run` (a whole run, its files, the policy comparison), `lm_console` (text
-summaries).
+`sft/` is the SFT job on transformers' `Trainer`: `data` (instruction files and folders in TRL's
+formats), `template` (chat-template rendering and assistant-only labels), `model` (the causal LM
+from a folder or GGUF, with its adapter), `batches` (length-grouped batches, padding), `packing`,
+`loss` (the loss on assistant tokens, projecting only the labelled positions), `evaluate` (greedy
+answers, exact score), `engine` (the trainer subclass), `checkpoints`, `run` (a whole run and its
+files), `console` (text summaries).
+The classifier, flat here: `data` (files, labels, splits), `setup` (model, tokenizer, adapter),
+`loop` (optimisation and evaluation, DDP through `runtime`/`ddp_runtime`), `run`, `console`.
+Shared: `policy` (precision policy names), `progress` (the classifier's progress bar), `report`
+(dtypes, memory, time), `plot` (PNG curves).
 And `trainers`: transformers' `Trainer` and TRL's `SFTTrainer` for loracast models.
 """

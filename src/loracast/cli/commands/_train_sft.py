@@ -32,8 +32,8 @@ def is_sft_job(data: Path | None, model: Path | None) -> bool:
     Raises:
         CommandError: text/label data with a GGUF model (a causal LM that cannot hold a classifier head).
     """
-    from loracast.training.chat_data import data_kind
-    from loracast.training.lm_setup import is_gguf
+    from loracast.training.sft.data import data_kind
+    from loracast.training.sft.model import is_gguf
 
     if data is not None:
         if data_kind(data) == "chat":
@@ -53,11 +53,11 @@ def _value(args: argparse.Namespace, name: str):
 
 def run_sft_command(args: argparse.Namespace) -> int:
     """Instruction-tune a causal LM as `args` ask; print the summary."""
-    from loracast.training.chat_data import default_chat_data_path
-    from loracast.training.lm_console import format_sft_comparison, format_sft_run
-    from loracast.training.lm_setup import LlmSpec, check_llm_source, default_llm_path
     from loracast.training.runtime import pick_device
+    from loracast.training.sft.console import format_sft_comparison, format_sft_run
+    from loracast.training.sft.data import default_chat_data_path
     from loracast.training.sft.engine import SftSettings
+    from loracast.training.sft.model import LlmSpec, check_llm_source, default_llm_path
     from loracast.training.sft.run import COMPARE_NAME, SftOptions, compare_sft_precision, run_sft
 
     processes = int(os.environ.get("WORLD_SIZE", "1"))

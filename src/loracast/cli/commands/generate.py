@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
     with command_errors():
         import torch
 
-        from loracast.training.lm_eval import generate_answers
-        from loracast.training.lm_setup import check_llm_source, default_llm_path, load_llm, load_llm_tokenizer
         from loracast.training.runtime import pick_device
+        from loracast.training.sft.evaluate import generate_answers
+        from loracast.training.sft.model import check_llm_source, default_llm_path, load_llm, load_llm_tokenizer
         from loracast.tuner.peft_model import PeftModel
 
         if not (args.adapter / "adapter_config.json").is_file():

@@ -1,8 +1,12 @@
 """What the trainer's data loader is built from for SFT: batches of similar lengths, and the
-padding collator.
+padding collators (right padding for training, left padding for batched generation).
+
+Examples are shuffled, cut into pools of many batches, each pool sorted by length and cut into
+batches, and the batches shuffled again: every batch holds sequences of similar length (little
+padding to compute on), while the order of batches stays random from epoch to epoch.
 
 The sampler yields whole batches (lists of example indices) in the order
-`lm_batching.length_grouped_batches` draws them, one seeded draw per epoch, so that epoch `e` of
+`length_grouped_batches` draws them, one seeded draw per epoch, so that epoch `e` of
 a resumed run is the epoch `e` of an uninterrupted one. Under several processes accelerate
 hands each process every N-th batch, so one global step of N processes trains the same
 examples as N accumulated steps of one process.
@@ -15,8 +19,47 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from loracast.training.chat_template import EncodedExample
-from loracast.training.lm_batching import POOL_BATCHES, collate, length_grouped_batches
+from loracast.training.sft.template import IGNORE_INDEX, EncodedExample
+
+POOL_BATCHES = 16  # batches sorted together: larger pools pad less but mix lengths less randomly
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """One epoch of batches (lists of indices into `lengths`), each of similar lengths, in random order."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    pool = batch_size * POOL_BATCHES
+    batches = []
+    for start in range(0, len(order), pool):
+        chunk = sorted(order[start:start + pool], key=lambda i: lengths[i])
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffled]
+
+
+def collate(examples: Sequence[EncodedExample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask and labels, right-padded to the longest example, on `device`."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask of prompts padded on the left, as batched generation needs."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            ids[row, width - len(prompt):] = torch.tensor(list(prompt))
+            mask[row, width - len(prompt):] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
 class LengthGroupedBatches(Sampler[list[int]]):

@@ -5,7 +5,7 @@ The trainer runs the loop, gradient accumulation, the learning-rate schedule, ch
 resuming, distributed launch (torchrun, accelerate) and the experiment trackers. This module
 adds:
 - the loss on the assistant's tokens, projecting only the labelled positions onto the
-  vocabulary (`lm_loss.AssistantLoss`), normalised over the tokens of the whole global batch (all
+  vocabulary (`loss.AssistantLoss`), normalised over the tokens of the whole global batch (all
   accumulated batches of all processes), as transformers normalises its own causal-LM loss;
 - length-grouped batches (`batches.LengthGroupedBatches`) and the padding collator;
 - a held-out evaluation that generates the answers greedily and scores them exactly, with the
@@ -32,15 +32,14 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from loracast.distributed.runtime import rank_share
-from loracast.training.chat_data import ChatExample
-from loracast.training.chat_template import EncodedExample
-from loracast.training.lm_batching import collate
-from loracast.training.lm_eval import Score, answer_examples, score_answers
-from loracast.training.lm_loss import AssistantLoss
 from loracast.training.loop import EvalRecord, History, StepRecord
 from loracast.training.sft import checkpoints
-from loracast.training.sft.batches import LengthGroupedBatches, PadToLongest
+from loracast.training.sft.batches import LengthGroupedBatches, PadToLongest, collate
+from loracast.training.sft.data import ChatExample
+from loracast.training.sft.evaluate import Score, answer_examples, score_answers
+from loracast.training.sft.loss import AssistantLoss
 from loracast.training.sft.packing import PackedCollator, PackedRow
+from loracast.training.sft.template import EncodedExample
 from loracast.training.trainers import Trainer
 
 
@@ -95,7 +94,7 @@ class SftHistory(History):
     """What an SFT run recorded: steps, and evaluations whose accuracy is the exact-match score."""
 
     evaluations: list[Evaluation] = field(default_factory=list)
-    head_on_labelled_only: bool | None = None  # whether the loss projected only labelled positions (lm_loss)
+    head_on_labelled_only: bool | None = None  # whether the loss projected only labelled positions (loss.py)
 
     def tokens_per_second(self) -> float:
         """Trained-on tokens (padding excluded) per second of training steps."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loracast.training.chat_template import IGNORE_INDEX, EncodedExample
+from loracast.training.sft.template import IGNORE_INDEX, EncodedExample
 
 # logits of an example packed beside another and alone must agree this closely (float32 model)
 ISOLATION_ATOL = 1e-4

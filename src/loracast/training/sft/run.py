@@ -26,18 +26,18 @@ import torch
 
 from loracast._atomic import atomic_write_text
 from loracast._version import __version__
-from loracast.training.chat_data import ChatExample, read_chat_examples, split_chat_examples
-from loracast.training.chat_template import check_template, encode_all
 from loracast.training.data import DataError
-from loracast.training.lm_setup import LlmSpec, build_sft_model, llm_display_name, load_llm_tokenizer
 from loracast.training.loop import EvalRecord
 from loracast.training.plot import plot_runs
 from loracast.training.report import precision_summary, reset_peak_memory
 from loracast.training.run import ADAPTER_DIR, COMPARE_NAME, CURVE_NAME, METRICS_NAME, prepare_out, write_json
 from loracast.training.setup import SetupError, base_dtype_name
 from loracast.training.sft import checkpoints
+from loracast.training.sft.data import ChatExample, read_chat_examples, split_chat_examples
 from loracast.training.sft.engine import Evaluation, SftHistory, SftSettings, SftTrainer
+from loracast.training.sft.model import LlmSpec, build_sft_model, llm_display_name, load_llm_tokenizer
 from loracast.training.sft.packing import isolates_packed_examples, pack
+from loracast.training.sft.template import check_template, encode_all
 
 SFT_NAME = "sft.json"  # beside the adapter: the system prompt and format generation should reuse
 SAMPLES_MD = "samples.md"

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from loracast.training.chat_data import ChatExample
 from loracast.training.data import DataError
+from loracast.training.sft.data import ChatExample
 
 IGNORE_INDEX = -100  # label of tokens the loss skips (PyTorch's and transformers' convention)
 

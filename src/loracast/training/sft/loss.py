@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loracast.training.chat_template import IGNORE_INDEX
+from loracast.training.sft.template import IGNORE_INDEX
 
 # the first batch's loss both ways must agree this closely (relative) for the split path to be used;
 # the two differ only by matmul blocking over different row counts

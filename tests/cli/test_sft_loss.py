@@ -1,4 +1,4 @@
-"""The SFT loss that projects only labelled positions (training/lm_loss.py) against transformers'
+"""The SFT loss that projects only labelled positions (training/sft/loss.py) against transformers'
 causal-LM loss: same value, same adapter gradients, on plain and LoRA models; and the fallback to
 the model's own loss where logits are not head(decoder(x))."""
 
@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_llama_config
 from loracast import LoraConfig, get_peft_model
-from loracast.training.lm_loss import AssistantLoss
+from loracast.training.sft.loss import AssistantLoss
 
 
 def _batch(vocab: int = 128) -> dict[str, torch.Tensor]:
@@ -123,8 +123,8 @@ def test_batch_without_labels_uses_the_model_loss():
 
 def test_generation_feeds_the_head_contiguous_hidden_states_and_removes_its_hook():
     # torch's CPU linear with a frozen bf16 weight is pathologically slow on the strided last-position
-    # view that generation passes the head (lm_eval.contiguous_head_input); the hook hands it a copy
-    from loracast.training.lm_eval import contiguous_head_input
+    # view that generation passes the head (sft.evaluate.contiguous_head_input); the hook hands it a copy
+    from loracast.training.sft.evaluate import contiguous_head_input
 
     model = get_peft_model(_llama(torch.bfloat16), LoraConfig(r=4, target_modules="all-linear"))
     head = model.get_base_model().lm_head
@@ -149,7 +149,7 @@ def test_generation_feeds_the_head_contiguous_hidden_states_and_removes_its_hook
 
 
 def test_attention_choice_eager_on_cpu_transformers_default_elsewhere():
-    from loracast.training.lm_setup import attention_for
+    from loracast.training.sft.model import attention_for
 
     assert attention_for(torch.device("cpu")) == "eager"
     assert attention_for(torch.device("cuda")) is None

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from loracast.training.chat_data import ChatExample
-from loracast.training.chat_template import EncodedExample, prompt_text
-from loracast.training.lm_batching import collate, left_padded
-from loracast.training.lm_loss import AssistantLoss, output_head
+from loracast.training.sft.batches import collate, left_padded
+from loracast.training.sft.data import ChatExample
+from loracast.training.sft.loss import AssistantLoss, output_head
+from loracast.training.sft.template import EncodedExample, prompt_text
 
 
 @dataclass
