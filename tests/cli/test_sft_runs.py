@@ -166,6 +166,68 @@ def test_two_processes_equal_one_process_accumulating_two_batches(tmp_path, tiny
     assert launched.stdout.count("held-out score") == 1
 
 
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, tiny_llama, data) -> Path:
+    """Two processes sharding the model with FSDP2, checkpoints every 2 steps."""
+    out = tmp_path_factory.mktemp("fsdp") / "out"
+    launched = torchrun(["-m", "loracast", *_command(tiny_llama, data, out, *STEPS, "--fsdp", "--save-steps", "2")])
+    assert launched.returncode == 0, launched.stdout[-4000:]
+    return out
+
+
+def test_fsdp2_equals_one_process_accumulating_two_batches(tmp_path, tiny_llama, data, fsdp_run):
+    one = tmp_path / "one"
+    assert _one_thread(_command(tiny_llama, data, one, *STEPS, "--grad-accum", "2")) == 0
+    a, b = _adapter(one), _adapter(fsdp_run)
+    assert a.keys() == b.keys()
+    for name in a:
+        scale = float(a[name].abs().max())
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=DDP_RTOL * max(scale, 1e-12), msg=name)
+    checkpoint = fsdp_run / "checkpoints" / "checkpoint-4"
+    assert (checkpoint / "optimizer_shards").is_dir()  # each process's optimizer shards
+    assert json.loads((checkpoint / "loracast_checkpoint.json").read_text())["identity"]["--fsdp"] is True
+
+
+def test_fsdp2_resume_is_bit_equal(tmp_path, tiny_llama, data, fsdp_run):
+    out = tmp_path / "out"
+    shutil.copytree(fsdp_run / "checkpoints" / "checkpoint-2", out / "checkpoints" / "checkpoint-2")
+    shutil.copy(fsdp_run / "checkpoints" / "before.json", out / "checkpoints" / "before.json")
+    launched = torchrun(["-m", "loracast", *_command(tiny_llama, data, out, *STEPS, "--fsdp", "--save-steps", "2"),
+                         "--resume"])
+    assert launched.returncode == 0, launched.stdout[-4000:]
+    _assert_bit_equal(_adapter(out), _adapter(fsdp_run))
+
+
+def test_qlora_under_fsdp2_trains_and_peft_loads_the_adapter(tmp_path, tiny_llama, data):
+    from peft import PeftModel as PeftPeftModel
+
+    from loracast import PeftModel
+    from loracast.errors import PrecisionWarning
+    from loracast.training.sft.model import load_llm
+
+    out = tmp_path / "out"
+    command = ["train", "--model", str(tiny_llama), "--data", str(data), "--out", str(out), "--batch-size", "4",
+               "--lr", "5e-3", "--max-new-tokens", "4", "--eval-examples", "4", "--device", "cpu", *STEPS,
+               "--fsdp", "--load-in-4bit"]
+    launched = torchrun(["-m", "loracast", *command])
+    assert launched.returncode == 0, launched.stdout[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["policy"] == "fsdp" and list(metrics["adapter_dtypes"]) == ["bfloat16"]
+    assert metrics["eval"]["after"]["loss"] < metrics["eval"]["before"]["loss"]
+    cpu = torch.device("cpu")
+    ids = torch.tensor([[5, 9, 31, 77, 120, 8]])
+    # both load the bf16 adapter as float32 (their default); train mode, as in training: bitsandbytes'
+    # CPU kernels repack 4-bit weights in eval mode only for dimensions this tiny model does not have
+    with pytest.warns(PrecisionWarning, match="bfloat16 at save, float32 now"):
+        ours = PeftModel.from_pretrained(load_llm(tiny_llama, torch.bfloat16, True, cpu, "eager", for_fsdp=True),
+                                         out / "adapter")
+    theirs = PeftPeftModel.from_pretrained(load_llm(tiny_llama, torch.bfloat16, True, cpu, "eager", for_fsdp=True),
+                                           str(out / "adapter"))
+    ours.train(), theirs.train()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-2, atol=1e-2)
+
+
 def test_evaluation_during_training_and_the_best_adapter(tmp_path, tiny_llama, data, capsys):
     out = tmp_path / "out"
     assert main(_command(tiny_llama, data, out, "--max-steps", "4", "--eval-steps", "2", "--load-best")) == 0
@@ -227,13 +289,10 @@ def test_resume_from_another_run_names_the_difference(flags, named, tmp_path, ti
 
 
 def test_fsdp_on_one_process_and_compare_precision_under_torchrun(tmp_path, tiny_llama, data, capsys, monkeypatch):
+    # FSDP shards across processes: one process has nothing to shard with
     assert main([*_command(tiny_llama, data, tmp_path / "a", *STEPS), "--fsdp"]) == 2
     assert "--fsdp" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main([*_command(tiny_llama, data, tmp_path / "b", *STEPS), "--compare-precision"]) == 2
     assert "--compare-precision" in capsys.readouterr().err
-    # accelerate shards with FSDP on GPUs only: on the CPU the processes replicate the model (DDP)
-    assert main([*_command(tiny_llama, data, tmp_path / "c", *STEPS), "--fsdp"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "GPUs only" in err
-    assert not any((tmp_path / name).exists() for name in "abc")
+    assert not any((tmp_path / name).exists() for name in "ab")

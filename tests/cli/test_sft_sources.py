@@ -54,12 +54,22 @@ def test_text_rows_learn_every_token(tmp_path):
     from .llm_helpers import build_tokenizer
 
     path = write_jsonl(tmp_path / "text.jsonl", [{"text": "order 123456 arrived broken"}, {"text": "ship it"}])
-    assert data_kind(path) == "chat"
+    assert data_kind(path) == "text"  # language modelling for a causal LM (`train sft`, or an LLM as --model)
     examples = read_chat_examples(path)
     assert all(e.plain for e in examples)
     encoded = encode_example(build_tokenizer(), examples[0])
     learnt = [t for t, label in zip(encoded.input_ids, encoded.labels) if label != -100]
     assert learnt and learnt == [t for t in encoded.input_ids if t != build_tokenizer().bos_token_id]
+
+
+def test_text_rows_train_a_causal_lm(tmp_path, tiny_llama):
+    rows = [{"text": r["messages"][-1]["content"], "split": r["split"]} for r in triage_rows(8, 2)]
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(tiny_llama), "--data", str(write_jsonl(tmp_path / "t.jsonl", rows)),
+                 "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--max-new-tokens", "4",
+                 "--device", "cpu"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "sft" and metrics["train"]["examples"] == 8
 
 
 def test_a_folder_without_a_train_split_is_one_line_exit_2(tmp_path, rows, tiny_llama, capsys):

@@ -36,8 +36,11 @@ def is_sft_job(data: Path | None, model: Path | None) -> bool:
     from loracast.training.sft.model import is_gguf
 
     if data is not None:
-        if data_kind(data) == "chat":
+        kind = data_kind(data)
+        if kind == "chat":
             return True
+        if kind == "text":  # language modelling for a causal LM; a classifier's rows missing their labels otherwise
+            return model is not None and (is_gguf(model) or _is_causal_lm_folder(model))
         if model is not None and is_gguf(model):
             raise CommandError(f"{data} holds text/label rows for a classifier, but {model.name} is a GGUF causal LM; "
                                "give it instruction data (messages or prompt/completion rows), or pass a classifier "
@@ -66,14 +69,12 @@ def run_sft_command(args: argparse.Namespace) -> int:
     if args.fsdp and processes < 2:
         raise CommandError("--fsdp shards the model across processes, and this is one process; launch with "
                            "torchrun --nproc_per_node N (N >= 2), or drop --fsdp")
-    if args.fsdp and pick_device(args.device).type != "cuda":
-        raise CommandError("--fsdp: transformers' Trainer shards through accelerate, which runs FSDP on GPUs only; "
-                           "on the CPU leave out --fsdp (the processes then replicate the model with DDP)")
     policy = args.precision
     if args.fsdp and args.load_in_4bit and policy != "fsdp":
         # QLoRA under FSDP: storage, compute and adapter dtypes must be one dtype for FSDP to shard them together
-        print(f"loracast train: --fsdp with --load-in-4bit uses the fsdp precision policy (not {policy}): 4-bit "
-              "storage, compute and adapters in one dtype", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"loracast train: --fsdp with --load-in-4bit uses the fsdp precision policy (not {policy}): 4-bit "
+                  "storage, compute and adapters in one dtype", file=sys.stderr)
         policy = "fsdp"
     if args.labels is not None:
         raise CommandError("--labels applies to text/label data; instruction data has no label set")

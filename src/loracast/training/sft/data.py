@@ -65,8 +65,9 @@ def default_chat_data_path() -> Path:
 
 
 def data_kind(path: str | Path) -> str:
-    """'chat' (messages or prompt/completion rows) or 'classification' (text/label rows) from the
-    first row of a file; CSV files are classification data.
+    """'chat' (messages or prompt/completion rows), 'text' (text rows alone: language modelling, or
+    classification data without its labels; the model decides) or 'classification' (text/label
+    rows) from the first row of a file; CSV files are classification data.
 
     Raises:
         DataError: the file is missing or its first row is neither kind.
@@ -76,7 +77,7 @@ def data_kind(path: str | Path) -> str:
         return "chat" if path.exists() else _missing(path)
     if not path.is_file():
         _missing(path)
-    if _is_json_array(path):
+    if path.suffix.lower() == ".json" and _is_json_array(path):
         return "chat"
     if path.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
         return "classification"  # CSV, or an extension the classification reader explains
@@ -91,8 +92,10 @@ def data_kind(path: str | Path) -> str:
     number, raw = first
     record = _parse_line(raw, path, number)
     keys = set(record)
-    if keys & CHAT_KEYS or keys == {"text"} or keys == {"text", "split"}:
+    if keys & CHAT_KEYS:
         return "chat"
+    if keys - {"split"} == {"text"}:
+        return "text"
     if keys & CLASSIFIER_KEYS:
         return "classification"  # its reader names a missing 'text' or 'label'
     raise DataError(f"{path}: line {number} has fields {sorted(keys)}; expected 'messages', 'prompt' and "
@@ -128,7 +131,7 @@ def read_chat_examples(path: str | Path) -> list[ChatExample]:
     data_kind(path)  # existence, encoding and the first row's kind
     if path.is_dir() or path.suffix.lower() in DATASETS_SUFFIXES:
         return [_example(record, path, number) for number, record in _dataset_records(path)]
-    if _is_json_array(path):
+    if path.suffix.lower() == ".json" and _is_json_array(path):
         return [_example(record, path, number) for number, record in _json_array_records(path)]
     rows = []
     try:

@@ -154,6 +154,21 @@ class ProgressBar(TrainerCallback):
             print(text, file=sys.stderr)
 
 
+class _Forward(nn.Module):
+    """Calls the sharded model: handed to the trainer as the wrapped model, so that accelerate
+    does not wrap an FSDP2 model in DDP (its gradients are already reduced by FSDP)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+
+DCP_OPTIMIZER = "optimizer_shards"  # a sharded run's optimizer state: torch.distributed.checkpoint, every process
+
+
 class SftTrainer(Trainer):
     """transformers' `Trainer` for LoRA instruction tuning (see the module docstring).
 
@@ -168,7 +183,8 @@ class SftTrainer(Trainer):
 
     def __init__(self, model: Any, args: Any, *, tokenizer: Any, train: Sequence[EncodedExample | PackedRow],
                  held_out: Sequence[ChatExample], held_out_encoded: Sequence[EncodedExample], settings: SftSettings,
-                 identity: checkpoints.RunIdentity, label: str = "train", **kwargs: Any) -> None:
+                 identity: checkpoints.RunIdentity, label: str = "train", sharded: Any = None,
+                 **kwargs: Any) -> None:
         self.clock = _StepClock()
         self.progress = ProgressBar(label)
         super().__init__(model, args, train_dataset=list(train), eval_dataset=list(held_out_encoded),
@@ -184,6 +200,8 @@ class SftTrainer(Trainer):
         self.held_out = list(held_out)
         self.held_out_encoded = list(held_out_encoded)
         self.loss_of = AssistantLoss(self.model)
+        self.sharded = sharded
+        self._forward = _Forward(self.model) if sharded is not None else None
         self.evaluations: list[Evaluation] = []
         self.diverged_at_step: int | None = None
         self._tokens = 0
@@ -245,9 +263,12 @@ class SftTrainer(Trainer):
         """The evaluation at `step`, each process answering its share of the held-out conversations."""
         began = time.perf_counter()
         rank, world = self.args.process_index, self.args.world_size
+        if self.sharded is not None:  # every forward is a collective: every process runs every input
+            rank, world = 0, 1
         mine = list(rank_share(range(len(self.held_out)), rank, world))
         answers = answer_examples(self.model, self.tokenizer, [self.held_out[i] for i in mine],
-                                  self.settings.max_new_tokens, self.settings.eval_batch_size, self.args.device)
+                                  self.settings.max_new_tokens, self.settings.eval_batch_size, self.args.device,
+                                  synced=self.sharded is not None)
         total, count = self._held_out_loss(list(rank_share(self.held_out_encoded, rank, world)))
         if world > 1:
             gathered: list[Any] = [None] * world
@@ -298,6 +319,48 @@ class SftTrainer(Trainer):
             checkpoints.rotate(folder.parent, self.settings.save_total_limit, Path(best) if best else None)
         if self.args.world_size > 1:
             torch.distributed.barrier()  # every process sees the checkpoint complete before going on
+
+    def _wrap_model(self, model: nn.Module, training: bool = True, dataloader: DataLoader | None = None) -> nn.Module:
+        if self._forward is not None:
+            return self._forward
+        return super()._wrap_model(model, training, dataloader)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the adapter; a sharded model's on every process (its shards are gathered), written by the main one."""
+        if self.sharded is None:
+            super().save_model(output_dir, _internal_call)
+            return
+        self.sharded.save_pretrained(output_dir or self.args.output_dir, is_main_process=self.args.should_save)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self.sharded is None:
+            super()._save_optimizer_and_scheduler(output_dir)
+            return
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        state = get_optimizer_state_dict(self.model, optimizer)  # this process's shards
+        dcp.save({"optimizer": state}, checkpoint_id=str(Path(output_dir) / DCP_OPTIMIZER))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), str(Path(output_dir) / "scheduler.pt"))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if self.sharded is None or checkpoint is None:
+            super()._load_optimizer_and_scheduler(checkpoint)
+            return
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        state = {"optimizer": get_optimizer_state_dict(self.model, optimizer)}
+        dcp.load(state, checkpoint_id=str(Path(checkpoint) / DCP_OPTIMIZER))
+        set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state["optimizer"])
+        self.lr_scheduler.load_state_dict(torch.load(str(Path(checkpoint) / "scheduler.pt"), weights_only=True))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if self.sharded is None:  # a sharded run loaded the checkpoint's adapter before sharding
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def history(self) -> SftHistory:
         """Every training step and evaluation of the run, resumed parts included (from the log history)."""

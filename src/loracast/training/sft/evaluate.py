@@ -100,9 +100,11 @@ def contiguous_head_input(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], plain: Sequence[bool],
-                     max_new_tokens: int, batch_size: int, device: torch.device) -> list[str]:
+                     max_new_tokens: int, batch_size: int, device: torch.device, synced: bool = False) -> list[str]:
     """Greedy answers to `prompts` (rendered prompt texts; `plain` marks those without a chat
-    template, which get the tokenizer's own special tokens), batched with left padding and the KV cache."""
+    template, which get the tokenizer's own special tokens), batched with left padding and the KV cache.
+    `synced`: every process of a sharded (FSDP) model calls this together, and each forward is a
+    collective, so all keep stepping until the last one is done."""
     encoded = [tokenizer(p, add_special_tokens=is_plain)["input_ids"] for p, is_plain in zip(prompts, plain)]
     # longest first: one padded width per batch, and an out-of-memory error shows up at once
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
@@ -117,7 +119,7 @@ def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], p
                 inputs = left_padded([encoded[i] for i in rows], tokenizer.pad_token_id, device)
                 output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, use_cache=True,
-                                        temperature=None, top_p=None, top_k=None)
+                                        temperature=None, top_p=None, top_k=None, synced_gpus=synced)
                 new_tokens = output[:, inputs["input_ids"].shape[1]:]
                 for row, tokens in zip(rows, new_tokens):
                     answers[row] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -127,11 +129,11 @@ def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], p
 
 
 def answer_examples(model: nn.Module, tokenizer: Any, examples: Sequence[ChatExample], max_new_tokens: int,
-                    batch_size: int, device: torch.device) -> list[str]:
-    """Greedy answers of `model` to the last turn of each example."""
+                    batch_size: int, device: torch.device, synced: bool = False) -> list[str]:
+    """Greedy answers of `model` to the last turn of each example (`synced`: see `generate_answers`)."""
     prompts = [prompt_text(tokenizer, e) for e in examples]
     return generate_answers(model, tokenizer, prompts, [e.plain for e in examples], max_new_tokens, batch_size,
-                            device)
+                            device, synced)
 
 
 @torch.no_grad()

@@ -95,10 +95,6 @@ def training_arguments(options: SftOptions, out: Path, device: str = "auto") -> 
     use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     evaluate = settings.eval_steps is not None
     save = settings.save_steps is not None
-    extra: dict[str, Any] = {}
-    if options.fsdp:
-        extra["fsdp"] = "full_shard auto_wrap"
-        extra["fsdp_config"] = {"version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}
     return TrainingArguments(
         output_dir=str(out / checkpoints.CHECKPOINTS_DIR),
         per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=settings.batch_size,
@@ -111,7 +107,7 @@ def training_arguments(options: SftOptions, out: Path, device: str = "auto") -> 
         eval_strategy="steps" if evaluate else "no", eval_steps=settings.eval_steps,
         load_best_model_at_end=settings.load_best, metric_for_best_model="eval_exact_match",
         greater_is_better=True, use_cpu=use_cpu, remove_unused_columns=False, ddp_find_unused_parameters=False,
-        dataloader_num_workers=0, bf16=False, fp16=False, **extra)
+        dataloader_num_workers=0, bf16=False, fp16=False)
 
 
 def run_identity(options: SftOptions, policy: str, base_dtype: str) -> checkpoints.RunIdentity:
@@ -122,7 +118,7 @@ def run_identity(options: SftOptions, policy: str, base_dtype: str) -> checkpoin
         "--model": str(spec.source), "--data": str(options.data), "--precision": policy, "--dtype": base_dtype,
         "--load-in-4bit": spec.load_in_4bit, "--r": spec.r, "--alpha": float(spec.alpha),
         "--dropout": float(spec.dropout), "--target-modules": targets, "--max-length": options.settings.max_length,
-        "--seed": options.settings.seed})
+        "--seed": options.settings.seed, "--fsdp": options.fsdp})
 
 
 def train_sft_once(options: SftOptions, policy: str, train: list[ChatExample], held: list[ChatExample],
@@ -164,8 +160,12 @@ def train_sft_once(options: SftOptions, policy: str, train: list[ChatExample], h
                              "--packing")
         train_rows = pack(train_encoded, settings.max_length)
     name = llm_display_name(options.model.source)
+    verdict = model_verdict(model) if main and options.doctor_at_start else None
+    if options.fsdp:
+        _shard(model, resume_from)
     trainer = SftTrainer(model, args, tokenizer=tokenizer, train=train_rows, held_out=held_kept,
-                         held_out_encoded=held_encoded, settings=settings, identity=identity, label=policy)
+                         held_out_encoded=held_encoded, settings=settings, identity=identity, label=policy,
+                         sharded=model if options.fsdp else None)
     processes = f", {args.world_size} processes" if args.world_size > 1 else ""
     if main:
         print(f"{policy}: {name} (base {base_dtype_name(model)}) on {options.data.name}: {len(train_encoded)} train / "
@@ -176,8 +176,8 @@ def train_sft_once(options: SftOptions, policy: str, train: list[ChatExample], h
         if skipped_train or skipped_held:
             print(f"{policy}: skipped {skipped_train} train and {skipped_held} held-out examples longer than "
                   f"--max-length {settings.max_length} tokens", file=sys.stderr)
-        if options.doctor_at_start:
-            print(f"{policy}: doctor before step 1: {model_verdict(model)}", file=sys.stderr)
+        if verdict is not None:
+            print(f"{policy}: doctor before step 1: {verdict}", file=sys.stderr)
     before = _before_evaluation(trainer, root, resume_from is not None, main)
     trainer.evaluations.clear()
     train_began = time.perf_counter()
@@ -188,6 +188,9 @@ def train_sft_once(options: SftOptions, policy: str, train: list[ChatExample], h
     history.evaluations = [before, *trainer.evaluations]  # the last one is `after`
     history.evals = [EvalRecord(0, before.score.exact, before.loss), *history.evals,
                      EvalRecord(after.step, after.score.exact, after.loss)]
+    adapter = out / ADAPTER_DIR
+    if options.fsdp:  # every process takes part in gathering the shards; the main one writes
+        model.save_pretrained(adapter, is_main_process=main)
     if not main:
         return None
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
@@ -224,8 +227,8 @@ def train_sft_once(options: SftOptions, policy: str, train: list[ChatExample], h
                     "eval": sum(e.seconds for e in history.evaluations)},
         "history": history.to_dict(),
     }
-    adapter = out / ADAPTER_DIR
-    model.save_pretrained(adapter)
+    if not options.fsdp:
+        model.save_pretrained(adapter)
     write_json(adapter / SFT_NAME, {"system": _common_system_prompt(train), "plain": all(e.plain for e in train),
                                     "max_new_tokens": settings.max_new_tokens, "model": str(options.model.source)})
     plot_runs([(policy, history)], out / CURVE_NAME,
@@ -237,6 +240,17 @@ def train_sft_once(options: SftOptions, policy: str, train: list[ChatExample], h
                         "samples": str(out / SAMPLES_MD), "checkpoints": str(root) if root.is_dir() else None}
     write_json(out / METRICS_NAME, metrics)
     return SftResult(policy, out, history, metrics, held_kept)
+
+
+def _shard(model: Any, resume_from: Path | None) -> None:
+    """Shard the transformers model inside `model` with FSDP2 (one unit per decoder block), on
+    every process; a resumed checkpoint's adapter is loaded first (loading needs whole tensors)."""
+    from loracast.distributed.fsdp import shard_model
+    from loracast.training.adapter_trainer import load_adapter_checkpoint
+
+    if resume_from is not None:
+        load_adapter_checkpoint(model.get_base_model(), str(resume_from))
+    shard_model(model.get_base_model())
 
 
 BEFORE_NAME = "before.json"  # in OUT/checkpoints: the evaluation before step 1, for a resumed run's report
