@@ -75,10 +75,14 @@ def test_unknown_label_names_line_and_expected_labels(tmp_path, capsys):
     assert_one_line_error(status, err, "train", "unknown label 'c'", "line 7", "a, b")
 
 
-def test_data_folder_instead_of_file(tmp_path, capsys):
-    status, err = run_cli(["train", "--model", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o")],
+def test_data_folder_without_data_files(tmp_path, tiny_llama, capsys):
+    # a folder is a datasets folder (train.jsonl, test.jsonl, ...); an empty one says what it needs
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    status, err = run_cli(["train", "--model", str(tiny_llama), "--data", str(empty), "--out", str(tmp_path / "o")],
                           capsys)
-    assert_one_line_error(status, err, "train", "not a file")
+    assert_one_line_error(status, err, "train", str(empty), "datasets cannot read it")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("kind", ["missing", "file", "no config"])
@@ -151,6 +155,7 @@ def test_bad_input_exits_2_without_traceback_in_a_real_process(tmp_path):
                             env={"PYTHONPATH": str(ROOT / "src"), "PATH": "", "HOME": str(tmp_path)})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"loracast train: error: data file {str(tmp_path / 'none.csv')!r} does not exist (or is not a file); "
-        "pass a JSONL file of messages or prompt/completion rows, or a CSV/JSONL file with 'text' and 'label'"]
+        f"loracast train: error: data {str(tmp_path / 'none.csv')!r} does not exist; pass a JSONL, JSON or Parquet "
+        "file (or a datasets folder) of messages, prompt/completion or text rows, or a CSV/JSONL file with 'text' "
+        "and 'label'"]
     assert result.stdout == ""
