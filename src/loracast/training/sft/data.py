@@ -54,6 +54,11 @@ class ChatExample:
         return list(self.messages[:-1])
 
     @property
+    def has_prompt(self) -> bool:
+        """False for a language-modelling ``text`` row: there is nothing to ask, only text to learn."""
+        return not (self.plain and not self.messages[0]["content"])
+
+    @property
     def reference(self) -> str:
         """The last assistant turn: the answer evaluation expects."""
         return self.messages[-1]["content"]

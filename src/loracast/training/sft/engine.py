@@ -265,7 +265,8 @@ class SftTrainer(Trainer):
         rank, world = self.args.process_index, self.args.world_size
         if self.sharded is not None:  # every forward is a collective: every process runs every input
             rank, world = 0, 1
-        mine = list(rank_share(range(len(self.held_out)), rank, world))
+        # text rows (language modelling) have no prompt to answer: only their loss is evaluated
+        mine = [i for i in rank_share(range(len(self.held_out)), rank, world) if self.held_out[i].has_prompt]
         answers = answer_examples(self.model, self.tokenizer, [self.held_out[i] for i in mine],
                                   self.settings.max_new_tokens, self.settings.eval_batch_size, self.args.device,
                                   synced=self.sharded is not None)
@@ -274,11 +275,15 @@ class SftTrainer(Trainer):
             gathered: list[Any] = [None] * world
             torch.distributed.all_gather_object(gathered, list(zip(mine, answers)))
             by_index = dict(pair for part in gathered for pair in part)
-            answers = [by_index[i] for i in range(len(self.held_out))]
+        else:
+            by_index = dict(zip(mine, answers))
+        answers = [by_index.get(i, "") for i in range(len(self.held_out))]
+        if world > 1:
             sums = torch.tensor([total, count], dtype=torch.float64, device=self.args.device)
             torch.distributed.all_reduce(sums)
             total, count = float(sums[0]), int(sums[1])
-        score = score_answers(answers, [e.reference for e in self.held_out])
+        asked = [i for i, e in enumerate(self.held_out) if e.has_prompt]
+        score = score_answers([answers[i] for i in asked], [self.held_out[i].reference for i in asked])
         evaluation = Evaluation(step, score, total / count if count else math.nan, answers,
                                 time.perf_counter() - began)
         self.evaluations.append(evaluation)
