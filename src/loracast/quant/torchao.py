@@ -61,12 +61,11 @@ class RecordedConfig:
     source: Literal["supplied", "inferred"]  # given by quantize_base / the user, or read back from the weight
 
     def describe(self) -> str:
-        """E.g. 'Int8WeightOnlyConfig(granularity=PerRow(dim=-1)) (inferred from the weight)'."""
+        """E.g. 'Int8WeightOnlyConfig(granularity=PerRow(dim=-1))': the fields that decide the grid."""
         fields = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)
                   if f.name in ("weight_dtype", "granularity", "mapping_type")}
         shown = ", ".join(f"{k}={_short(v)}" for k, v in fields.items())
-        where = "recorded by quantize_base" if self.source == "supplied" else "inferred from the weight"
-        return f"{type(self.config).__name__}({shown}) ({where})"
+        return f"{type(self.config).__name__}({shown})"
 
 
 def _short(value: Any) -> str:
@@ -173,9 +172,13 @@ class _TorchaoBackend:
         rows, cols = module.weight.shape
         return f"torchao {type(module.weight).__name__} {self.bits(module)} ({rows}x{cols})"
 
-    def config_record(self, module: nn.Module) -> str:
-        """The config merges requantize with, for the doctor and the fingerprint."""
-        return layer_config(module).describe()
+    def config_record(self, module: nn.Module) -> tuple[str, str]:
+        """(the config merges requantize with, "supplied" or "inferred"), for the doctor and the
+        fingerprint; read without recording anything on the layer."""
+        recorded = getattr(module, CONFIG_ATTR, None)
+        if not isinstance(recorded, RecordedConfig):
+            recorded = RecordedConfig(_infer_config(module.weight), "inferred")
+        return recorded.describe(), recorded.source
 
     def dequantize(self, module: nn.Module) -> torch.Tensor:
         return module.weight.dequantize()
@@ -278,7 +281,7 @@ register_backend(TorchaoInt8Backend())
 register_backend(TorchaoIntxBackend())
 register_refusal(
     TorchAOBaseTensor,
-    "loracast adapts torchao Int8Tensor (Int8WeightOnlyConfig) and IntxUnpackedToInt8Tensor (IntxWeightOnlyConfig) "
-    "weights; Int4WeightOnlyConfig and float8 weights need a GPU kernel library and are not adapted, and "
-    "activation-quantized ones are not either: quantize with loracast.quant.torchao.quantize_base(model, 'int8' or "
-    "'int4') or leave this module out with exclude_modules")
+    "loracast adapts torchao's Int8Tensor (Int8WeightOnlyConfig) and IntxUnpackedToInt8Tensor (IntxWeightOnlyConfig) "
+    "weights; Int4WeightOnlyConfig weights need a GPU kernel library, and neither they nor float8 or "
+    "activation-quantized weights are adapted: quantize with loracast.quant.torchao.quantize_base(model, 'int8' or "
+    "'int4'), or leave this module out with exclude_modules")
