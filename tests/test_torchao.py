@@ -282,3 +282,36 @@ def test_unknown_quantized_weight_types_are_refused_before_anything_changes():
         quantize_(layer, config)
         with pytest.raises(ConfigError, match=f"torchao.*{name}.*Int4WeightOnlyConfig weights need a GPU kernel"):
             get_peft_model(nn.Sequential(layer), _config())
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("how", ["quantize_base", "transformers"])
+def test_kbit_preparation_and_a_checkpointed_step_equal_peft(how):
+    """Oracle: PEFT's prepare_model_for_kbit_training and get_peft_model on the same torchao Llama,
+    with the same LoRA values: the same parameter dtypes, loss and adapter gradients (bf16 model,
+    float32 adapters; tolerance 1e-5 relative)."""
+    ours = loracast.prepare_model_for_kbit_training(load_llama("int8", "bf16", how))
+    theirs = peft.prepare_model_for_kbit_training(load_llama("int8", "bf16", how))
+    assert {n: p.dtype for n, p in ours.named_parameters()} == {n: p.dtype for n, p in theirs.named_parameters()}
+    assert ours.is_activation_checkpointing
+    if how == "quantize_base":  # no transformers quantization config: PEFT does not see a quantized model here
+        assert not theirs.is_activation_checkpointing
+        theirs.enable_input_require_grads()  # what PEFT does for the models it sees as quantized
+        theirs.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    ours = get_peft_model(ours, LoraConfig(target_modules="all-linear", init_lora_weights="gaussian")).train()
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(target_modules="all-linear", init_lora_weights="gaussian"))
+    theirs.train()
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02, generator=torch.Generator().manual_seed(len(name)))
+    copy_lora(ours, theirs)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    loss_ours, loss_theirs = ours(input_ids=ids, labels=ids).loss, theirs(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(loss_ours, loss_theirs, rtol=1e-5, atol=0)
+    loss_ours.backward()
+    loss_theirs.backward()
+    grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    for name, param in ours.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, grads[name], rtol=1e-5, atol=1e-7)
