@@ -315,3 +315,23 @@ def test_kbit_preparation_and_a_checkpointed_step_equal_peft(how):
     for name, param in ours.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(param.grad, grads[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_precision_policy_trains_through_a_torchao_layer(kind):
+    """"mixed" computes the LoRA branch in bf16 (its fused matmul-add must not reach the torchao
+    weight, which has no in-place addmm); oracle: the "stable" output, within one bf16 rounding."""
+    x = torch.randn(3, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(8))
+    outputs = {}
+    for precision in ("stable", "mixed", "fast"):
+        model = get_peft_model(nn.Sequential(quantized_linear(kind, torch.bfloat16)),
+                               _config(init_lora_weights="gaussian"), precision=precision).train()
+        with torch.no_grad():
+            model.base_model.model[0].lora_B["default"].weight.normal_(std=0.05, generator=torch.Generator().manual_seed(9))
+        inputs = x.clone().requires_grad_(True)
+        outputs[precision] = model(inputs)
+        outputs[precision].float().square().sum().backward()
+        assert inputs.grad is not None and torch.isfinite(inputs.grad).all()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    for precision in ("mixed", "fast"):
+        torch.testing.assert_close(outputs[precision], outputs["stable"], rtol=1.6e-2, atol=1e-2)
