@@ -335,3 +335,26 @@ def test_every_precision_policy_trains_through_a_torchao_layer(kind):
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     for precision in ("mixed", "fast"):
         torch.testing.assert_close(outputs[precision], outputs["stable"], rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dora_on_torchao_equals_peft(kind):
+    """Oracle: PEFT's DoRA on the same torchao layer with the same values (float32; 1e-5)."""
+    ours = get_peft_model(nn.Sequential(quantized_linear(kind)), _config(use_dora=True))
+    theirs = peft.get_peft_model(nn.Sequential(quantized_linear(kind)), _peft_config(use_dora=True))
+    with torch.no_grad():
+        ours.base_model.model[0].lora_B["default"].weight.normal_(std=0.05, generator=torch.Generator().manual_seed(10))
+    copy_lora(ours, theirs)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_torchao_lora_layer_compiles_without_graph_breaks_as_peft():
+    """Oracle: PEFT's TorchaoLoraLinear, which torch.compile traces in one graph."""
+    x = torch.randn(4, 64)
+    for model in (get_peft_model(nn.Sequential(quantized_linear("int8")), _config()),
+                  peft.get_peft_model(nn.Sequential(quantized_linear("int8")), _peft_config())):
+        torch._dynamo.reset()
+        assert torch._dynamo.explain(model)(x).graph_break_count == 0
+    torch._dynamo.reset()
