@@ -263,7 +263,7 @@ def inject_adapter(
     candidates: list[str] = []
     matched: list[Node] = []
     for node in _outside_wrappers(model):
-        name = node[0]
+        name = node.name
         if not name:
             continue
         if len(candidates) < 400:
