@@ -17,7 +17,7 @@ from torch import nn
 from loracast.diagnostics.checks import run_checks
 from loracast.diagnostics.inputs import collect
 from loracast.diagnostics.report import SEVERITIES, Finding, Report, UnreadableInput
-from loracast.diagnostics.table import summary_lines, table_rows
+from loracast.diagnostics.table import quantization_lines, summary_lines, table_rows
 
 __all__ = ["Finding", "Report", "UnreadableInput", "doctor"]
 
@@ -42,4 +42,5 @@ def doctor(model_or_path: nn.Module | str | os.PathLike, base: nn.Module | str |
     findings = run_checks(inventory)
     findings.sort(key=lambda f: SEVERITIES.index(f.severity))
     return Report(subject=inventory.subject, kind=inventory.kind, rows=table_rows(inventory),
-                  summary=summary_lines(inventory), findings=findings, notes=inventory.notes)
+                  summary=summary_lines(inventory), findings=findings, notes=inventory.notes,
+                  quantization=quantization_lines(inventory))

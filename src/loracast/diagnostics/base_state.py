@@ -17,6 +17,7 @@ from torch import nn
 from loracast.precision.rules import declared_dtype
 from loracast.precision.view import base_parameters
 from loracast.quant import find_backend
+from loracast.quant.base import foreign_tensor
 from loracast.quant.merge import RequantizationStats, requantization_record
 
 
@@ -65,7 +66,7 @@ def collect_base_state(model: nn.Module) -> BaseState:
         owner_path = name.rpartition(".")[0]
         if not param.is_floating_point() or param.device.type == "meta":
             continue
-        if owner_path not in quantized:
+        if owner_path not in quantized and not foreign_tensor(param):  # packed codes: torch ops cannot read them
             finite = torch.isfinite(param.detach())
             if not bool(finite.all()):
                 state.non_finite.append(f"{name}: {int((~finite).sum())} of {param.numel()} values are inf or nan")

@@ -142,6 +142,7 @@ def _peft_copy_note(inv: Inventory) -> str:
 
 def check_quant_compute(inv: Inventory) -> list[Finding]:
     seen = []
+    backends = set()
     for r in _lora(inv.tensors):
         base = inv.base_layers.get(r.module)
         if base is None or base.backend is None or base.compute is None or r.dtype == base.compute:
@@ -150,6 +151,7 @@ def check_quant_compute(inv: Inventory) -> list[Finding]:
         if r.dtype in _WIDE and autocast is not False:
             continue  # float32 adapters by choice (autocast on): the stable set-up
         seen.append(f"{r.module} [{r.adapter}]: adapter {dtype_name(r.dtype)}, compute {dtype_name(base.compute)}")
+        backends.add(base.backend)
     seen = list(dict.fromkeys(seen))
     if not seen:
         return []
@@ -162,7 +164,16 @@ def check_quant_compute(inv: Inventory) -> list[Finding]:
         "not. PEFT before 0.18 left such adapters in float32 or in the storage dtype (peft#2889).",
         "model = loracast.get_peft_model(base_model, config, precision=\"fast\")  # adapters take the compute dtype\n"
         "# or load the base with the compute dtype the adapter was trained in:\n"
-        "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)")]
+        + "\n".join(_COMPUTE_DTYPE_FIXES[b.split("-")[0]] for b in sorted(backends)
+                    if b.split("-")[0] in _COMPUTE_DTYPE_FIXES))]
+
+
+# How each quantization library sets a layer's compute dtype (for quant-compute-mismatch's fix).
+_COMPUTE_DTYPE_FIXES = {
+    "bitsandbytes": "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)",
+    "torchao": "# torchao computes in the dtype the float weights had when quantized:\n"
+               "quantize_base(base_model.to(torch.bfloat16), \"int8\")  # loracast.quant.torchao",
+}
 
 
 def check_base_grad(inv: Inventory) -> list[Finding]:

@@ -88,6 +88,17 @@ def summary_text(entry: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def quantization_text(entry: dict[str, Any]) -> str:
+    """One kind of quantized layer: backend, how many, storage and compute, what merges requantize with."""
+    text = (f"  {entry['backend']}: {entry['layers']} adapted layer{'s' if entry['layers'] != 1 else ''}, storage "
+            f"{short_dtype_name(entry['storage'])}, compute {short_dtype_name(entry['compute']) or '-'}")
+    if entry.get("requantize_config"):
+        source = {"supplied": "recorded when quantized", "inferred": "inferred from the weight"}.get(
+            entry.get("config_source"), "")
+        text += f"; merges requantize with {entry['requantize_config']}" + (f" ({source})" if source else "")
+    return text
+
+
 def _finding_lines(finding, width: int, full: bool) -> list[str]:
     seen = finding.seen if full else collapse(finding.seen)
     limit = len(seen) if full else _MAX_SEEN
@@ -127,7 +138,8 @@ def render(report, use_rich: bool | None = None, full: bool = False, width: int 
     legend = {"trained": "trained: the dtypes at save time, where they differ (fingerprint)",
               "file": "file: the dtypes in the saved file, where they differ"}
     table_lines += [legend[key] for key in extra_columns(report)]
-    parts = [heading, "", *table_lines, "", "dtypes:", *dtypes, "", f"findings: {tally}", *findings, *notes]
+    quantized = ["", "quantized layers:", *map(quantization_text, report.quantization)] if report.quantization else []
+    parts = [heading, "", *table_lines, "", "dtypes:", *dtypes, *quantized, "", f"findings: {tally}", *findings, *notes]
     return "\n".join(parts).rstrip() + "\n"
 
 

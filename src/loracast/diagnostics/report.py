@@ -56,6 +56,8 @@ class Report:
         summary: one dict per dtype: counts of adapter tensors, their values, and base layers.
         findings: errors first, then warnings, then infos.
         notes: other things worth saying (e.g. which adapters were found).
+        quantization: one dict per kind of quantized adapted base layer: backend, storage and
+            compute dtypes, the config merges requantize with (see `table.quantization_lines`).
     """
 
     subject: str
@@ -64,6 +66,7 @@ class Report:
     summary: list[dict[str, Any]]
     findings: list[Finding]
     notes: list[str] = field(default_factory=list)
+    quantization: list[dict[str, Any]] = field(default_factory=list)
 
     def of_severity(self, severity: str) -> list[Finding]:
         """The findings of one severity."""
@@ -88,7 +91,8 @@ class Report:
         """The whole report as JSON-ready values."""
         return {"subject": self.subject, "kind": self.kind, "exit_status": self.exit_status,
                 "counts": {s: len(self.of_severity(s)) for s in SEVERITIES}, "rows": self.rows,
-                "summary": self.summary, "findings": [f.to_dict() for f in self.findings], "notes": self.notes}
+                "summary": self.summary, "findings": [f.to_dict() for f in self.findings], "notes": self.notes,
+                "quantization": self.quantization}
 
     def to_json(self, indent: int | None = 2) -> str:
         """The report as JSON text."""

@@ -64,3 +64,16 @@ def summary_lines(inventory: Inventory) -> list[dict[str, Any]]:
     return [{"dtype": n, "adapter_tensors": tensors[n], "adapter_values": values[n], "modules_to_save_tensors": copies[n],
              "base_parameters": params[n], "base_layers_stored": stored[n], "base_layers_computing": computing[n]}
             for n in names]
+
+
+def quantization_lines(inventory: Inventory) -> list[dict[str, Any]]:
+    """Per quantization backend, storage and compute dtype and requantization config: how many
+    adapted base layers are of that kind."""
+    groups: Counter = Counter()
+    for info in inventory.base_layers.values():
+        if info.backend:
+            groups[(info.backend, dtype_name(info.storage), dtype_name(info.compute), info.config,
+                    info.config_source)] += 1
+    return [{"backend": backend, "layers": n, "storage": storage, "compute": compute, "requantize_config": config,
+             "config_source": source}
+            for (backend, storage, compute, config, source), n in sorted(groups.items(), key=lambda kv: str(kv[0]))]

@@ -33,6 +33,7 @@ from loracast.layers import LoraLayer
 from loracast.layers.compute import adapter_compute_record
 from loracast.precision.view import BaseLayerInfo, base_layer_info, model_dtype
 from loracast.quant import find_backend
+from loracast.quant.merge import requantization_record
 
 FINGERPRINT_KEY = "loracast.fingerprint"
 FINGERPRINT_VERSION = 1
@@ -57,7 +58,8 @@ def environment(device_type: str | None = None) -> dict[str, str | None]:
     from loracast._version import __version__
 
     return {"torch": torch.__version__.split("+")[0], "transformers": package_version("transformers"),
-            "bitsandbytes": package_version("bitsandbytes"), "loracast": __version__, "device_type": device_type}
+            "bitsandbytes": package_version("bitsandbytes"), "torchao": package_version("torchao"),
+            "loracast": __version__, "device_type": device_type}
 
 
 def _layer_record(info: BaseLayerInfo) -> str:
@@ -67,7 +69,7 @@ def _layer_record(info: BaseLayerInfo) -> str:
     return f"{info.backend}:{storage}/{dtype_name(info.compute) or 'unknown'}"
 
 
-def _quantization(model: nn.Module, layers: list[BaseLayerInfo]) -> dict[str, Any] | None:
+def _quantization(model: nn.Module, layers: list[BaseLayerInfo], requantized: int = 0) -> dict[str, Any] | None:
     config = getattr(getattr(model, "config", None), "quantization_config", None)
     if hasattr(config, "to_dict"):
         config = config.to_dict()
@@ -76,12 +78,17 @@ def _quantization(model: nn.Module, layers: list[BaseLayerInfo]) -> dict[str, An
     method = (config or {}).get("quant_method")
     if not layers and str(getattr(method, "value", method)).lower() == "gguf":
         return None  # transformers dequantizes GGUF weights on load: the base holds plain float layers
+    # what merges requantize with (torchao), as one string per distinct config
+    configs = sorted({f"{info.backend}: {info.config}" for info in layers if info.config})
     kept = {k: v if isinstance(v, _QUANT_CONFIG_TYPES) else str(v)
             for k, v in (config or {}).items() if isinstance(v, _QUANT_CONFIG_TYPES + (torch.dtype,))}
     return {"backends": sorted({info.backend for info in layers}),
             "storage": sorted({dtype_name(info.storage) or "none" for info in layers}),
             "compute": sorted({dtype_name(info.compute) or "unknown" for info in layers}),
-            "config": kept or None}
+            "config": kept or None,
+            # the extra keys only where they say something, so older fingerprints compare equal
+            **({"layer_configs": configs} if configs else {}),
+            **({"requantized_merges": requantized} if requantized else {})}
 
 
 def _precision_record(model: nn.Module, adapter_name: str, plan: Any) -> dict[str, Any] | None:
@@ -105,12 +112,14 @@ def build_fingerprint(model: nn.Module, adapter_name: str, plan: Any = None,
     devices = sorted({t.device.type for t in live.values()})
     layers: dict[str, str] = {}
     quantized: list[BaseLayerInfo] = []
+    requantized = 0  # quantized layers holding a requantized merge (a record of the state at save)
     for path, module in model.named_modules():  # one walk: this runs on every save and load
         if isinstance(module, LoraLayer):
             if adapter_name in module.r:
                 layers[path] = _layer_record(base_layer_info(path, module.get_base_layer()))
         elif find_backend(module) is not None:
             quantized.append(base_layer_info(path, module))
+            requantized += requantization_record(module) is not None
     return {
         "fingerprint_version": FINGERPRINT_VERSION,
         "adapter_name": adapter_name,
@@ -118,7 +127,7 @@ def build_fingerprint(model: nn.Module, adapter_name: str, plan: Any = None,
         "precision": _precision_record(model, adapter_name, plan),
         "model_dtype": dtype_name(model_dtype(model)),
         "base_layers": layers,
-        "quantization": _quantization(model, quantized),
+        "quantization": _quantization(model, quantized, requantized),
         "adapter_dtypes": {key: dtype_name(t.dtype) for key, t in live.items()},
         # DoRA magnitudes, summarised (each one is also under adapter_dtypes); None without DoRA
         "magnitude_dtypes": sorted({dtype_name(t.dtype) for key, t in live.items()
@@ -197,8 +206,8 @@ def compare_fingerprints(saved: dict[str, Any], now: dict[str, Any],
     out: list[Difference] = []
     env_saved, env_now = saved.get("environment") or {}, now.get("environment") or {}
     quantized = bool(saved.get("quantization") or now.get("quantization"))
-    for library in ("torch", "transformers", "bitsandbytes", "loracast"):
-        if library == "bitsandbytes" and not quantized:
+    for library in ("torch", "transformers", "bitsandbytes", "torchao", "loracast"):
+        if library in ("bitsandbytes", "torchao") and not quantized:
             continue
         if library in env_saved and library in env_now and env_saved[library] != env_now[library]:
             out.append(Difference("version", f"{library} version", env_saved[library] or "not installed",
@@ -208,7 +217,8 @@ def compare_fingerprints(saved: dict[str, Any], now: dict[str, Any],
         out.append(Difference("device", "device type", env_saved["device_type"], env_now["device_type"]))
     if saved.get("model_dtype") and now.get("model_dtype") and saved["model_dtype"] != now["model_dtype"]:
         out.append(Difference("model-dtype", "base model dtype", saved["model_dtype"], now["model_dtype"]))
-    if "quantization" in saved and "quantization" in now and saved["quantization"] != now["quantization"]:
+    if "quantization" in saved and "quantization" in now and \
+            _settings(saved["quantization"]) != _settings(now["quantization"]):
         out.append(Difference("quantization", "quantization", *_quant_texts(saved["quantization"],
                                                                           now["quantization"])))
     if "base_layers" in now:
@@ -218,6 +228,14 @@ def compare_fingerprints(saved: dict[str, Any], now: dict[str, Any],
     if adapter_dtypes and "adapter_dtypes" in now:
         out += _grouped("adapter-dtype", "adapter dtype", saved.get("adapter_dtypes") or {}, now["adapter_dtypes"])
     return out
+
+
+def _settings(quantization: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The quantization entry without its record of merges: a merged state at save is no setting
+    the adapter needs again."""
+    if not quantization:
+        return quantization
+    return {k: v for k, v in quantization.items() if k != "requantized_merges"}
 
 
 def _quant_text(quantization: dict[str, Any] | None) -> str:
@@ -236,6 +254,9 @@ def _quant_texts(saved: dict[str, Any] | None, now: dict[str, Any] | None) -> tu
         keys = sorted(k for k in config_saved.keys() | config_now.keys() if config_saved.get(k) != config_now.get(k))
         before += " " + ", ".join(f"{k}={config_saved.get(k)!r}" for k in keys)
         after += " " + ", ".join(f"{k}={config_now.get(k)!r}" for k in keys)
+        if not keys:  # the layers' own configs (torchao) differ
+            before += " " + "; ".join((saved or {}).get("layer_configs") or ["no layer config"])
+            after += " " + "; ".join((now or {}).get("layer_configs") or ["no layer config"])
     return before, after
 
 

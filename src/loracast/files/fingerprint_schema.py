@@ -49,7 +49,9 @@ def _check_quantization(value: Any) -> str | None:
         return None
     if not isinstance(value, dict):
         return "an object or null"
-    for key in ("backends", "storage", "compute"):
+    if not isinstance(value.get("requantized_merges", 0), int):
+        return "'requantized_merges' an integer"
+    for key in ("backends", "storage", "compute", "layer_configs"):
         if key in value and not _is_str_list(value[key]):
             return f"{key!r} a list of strings"
     config = value.get("config")

@@ -43,6 +43,7 @@ from torch import nn
 from loracast.layers.routing import routed_adapter_names
 from loracast.layers.widen import WidenedLinear, widens_exactly
 from loracast.precision.rules import autocast_active
+from loracast.quant.base import foreign_tensor
 
 LORA_COMPUTE_MODES: tuple[str, ...] = ("exact", "fast")
 
@@ -206,6 +207,8 @@ def global_hooks() -> bool:
 def _plain_linear_base(base: nn.Module) -> bool:
     """True when calling ``F.linear`` ourselves gives exactly what calling `base` gives."""
     if type(base) is not nn.Linear or not _no_hooks(base):
+        return False
+    if foreign_tensor(base.weight):  # a quantized weight (torchao): its backward has no in-place matmul-add
         return False
     return not (base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad))
 

@@ -47,6 +47,8 @@ from torch import nn
 from loracast.dtypes import dtype_from_name, dtype_name, parse_dtype
 from loracast.errors import PrecisionError
 from loracast.precision.rules import HALF_DTYPES
+from loracast.quant import find_backend
+from loracast.quant.base import foreign_tensor
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,18 @@ def resolve_precision(model: nn.Module, precision: str | None = None, autocast_a
     return POLICIES[precision](model, autocast_adapter_dtype, dtype, fingerprint, loading)
 
 
+def _stored_dtype(model: nn.Module, name: str, param: torch.Tensor) -> torch.dtype:
+    """The dtype `param` is stored in: a torchao weight reports its float dtype as `.dtype` but holds
+    int8 codes, so a quantized layer's weight is read through its backend."""
+    owner, _, leaf = name.rpartition(".")
+    if leaf == "weight" and foreign_tensor(param):
+        module = model.get_submodule(owner) if owner else model
+        backend = find_backend(module)
+        if backend is not None:
+            return backend.storage_dtype(module)
+    return param.dtype
+
+
 def uniform_flat_dtype(model: nn.Module) -> torch.dtype:
     """The one float dtype all parameters of `model` share, as FSDP's flat parameters need.
 
@@ -196,14 +210,15 @@ def uniform_flat_dtype(model: nn.Module) -> torch.dtype:
     """
     by_dtype: dict[torch.dtype, list[str]] = defaultdict(list)
     for name, param in model.named_parameters():
-        by_dtype[param.dtype].append(name)
+        by_dtype[_stored_dtype(model, name, param)].append(name)
     integer = {d: names for d, names in by_dtype.items() if not d.is_floating_point}
     if integer:
         shown = "; ".join(f"{len(names)} in {dtype_name(d)} (e.g. {names[0]})" for d, names in integer.items())
         raise PrecisionError(
             f"precision='fsdp': FSDP cannot flatten integer tensors, and this model stores {shown}. Load a "
             "4-bit model with BitsAndBytesConfig(..., bnb_4bit_quant_storage=<the model dtype>, e.g. "
-            "torch.bfloat16) and dtype=<the same>; 8-bit (int8) layers cannot be flattened at all")
+            "torch.bfloat16) and dtype=<the same>; 8-bit (int8) layers and torchao's weights (int8 codes) cannot be "
+            "flattened at all")
     if not by_dtype:
         return torch.get_default_dtype()
     if len(by_dtype) > 1:

@@ -49,6 +49,8 @@ class BaseLayerInfo:
     compute: torch.dtype | None
     backend: str | None  # quantization backend name, None for a float layer
     device: str | None
+    config: str | None = None  # the config a merge requantizes with, for backends that say (torchao)
+    config_source: str | None = None  # "supplied" (recorded when quantizing) or "inferred" (read from the weight)
 
 
 def is_lora_layer(module: nn.Module) -> bool:
@@ -129,7 +131,9 @@ def base_layer_info(path: str, layer: nn.Module) -> BaseLayerInfo:
         storage = weight.dtype if weight is not None else None
         compute = base_compute_dtype(layer)
     device = str(weight.device) if weight is not None else None
-    return BaseLayerInfo(path, storage, compute, backend.name if backend is not None else None, device)
+    config_record = getattr(backend, "config_record", None)
+    config, source = config_record(layer) if callable(config_record) else (None, None)
+    return BaseLayerInfo(path, storage, compute, backend.name if backend is not None else None, device, config, source)
 
 
 def quantized_layers(model: nn.Module) -> Iterator[BaseLayerInfo]:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from loracast.errors import ConfigError
 
 
 @runtime_checkable
@@ -52,13 +55,22 @@ class QuantBackend(Protocol):
 
 _BACKENDS: list[QuantBackend] = []
 # (module that must already be imported, module of ours that registers the backend)
-_LAZY: list[tuple[str, str]] = [("bitsandbytes", "loracast.quant.bnb")]
+_LAZY: list[tuple[str, str]] = [("bitsandbytes", "loracast.quant.bnb"), ("torchao", "loracast.quant.torchao")]
+# (tensor type, why it is refused and what to do), from the backends: quantized weights of a known
+# library that no backend claims (torchao's GPU-only formats)
+_REFUSALS: list[tuple[type, str]] = []
 
 
 def register_backend(backend: QuantBackend) -> None:
     """Make `backend` available to injection, precision rules and merge."""
     if not any(existing.name == backend.name for existing in _BACKENDS):
         _BACKENDS.append(backend)
+
+
+def register_refusal(tensor_type: type, reason: str) -> None:
+    """Explain, in `check_adaptable`'s error, why weights of `tensor_type` that no backend claims
+    are refused (a backend's library also has formats the backend does not adapt)."""
+    _REFUSALS.append((tensor_type, reason))
 
 
 def _load_lazy_backends() -> None:
@@ -81,3 +93,39 @@ def repacks_in_eval(module: nn.Module) -> bool:
     """True for a quantized layer whose eval-mode forward rewrites its own weight (bitsandbytes
     4-bit on an AVX512-BF16 CPU repacks it); loops keep such layers in training mode to evaluate."""
     return bool(getattr(find_backend(module), "repacks_in_eval", False))
+
+
+def foreign_tensor(tensor: object) -> bool:
+    """True for a tensor subclass with its own dispatch (a quantized weight such as torchao's, or
+    torchtune's NF4), whose values plain torch operations cannot read; torch's DTensor is not one."""
+    if not isinstance(tensor, torch.Tensor):
+        return False
+    if type(tensor).__torch_dispatch__ is torch.Tensor.__torch_dispatch__:
+        return False
+    try:
+        from torch.distributed.tensor import DTensor  # FSDP2's sharded parameters: plain values, sharded
+    except ImportError:  # a torch built without distributed support
+        return True
+    return not isinstance(tensor, DTensor)
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def check_adaptable(modules: Iterable[tuple[str, nn.Module]]) -> None:
+    """Refuse, before anything is changed, a module whose weight is a quantized tensor type that
+    no backend claims: adapting it as a float layer would make merges and the doctor fail.
+
+    Raises:
+        ConfigError: naming the first such module and its weight's type.
+    """
+    for name, module in modules:
+        weight = getattr(module, "weight", None)
+        if not foreign_tensor(weight) or find_backend(module) is not None:
+            continue
+        reason = next((text for cls, text in _REFUSALS if isinstance(weight, cls)),
+                      "loracast adapts float weights and the quantized layers of bitsandbytes and torchao only; leave "
+                      "this module out with exclude_modules")
+        raise ConfigError("target_modules", name, f"modules whose weight loracast can read: the weight of {name!r} is a "
+                          f"{_qualified(type(weight))}, a quantized tensor type loracast does not adapt. {reason}")

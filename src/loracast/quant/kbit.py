@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from loracast.quant import find_backend
+from loracast.quant.base import foreign_tensor
 
 UPCAST_GROUPS: tuple[str, ...] = ("norms", "embeddings", "lm_head", "other")
 
@@ -84,8 +85,9 @@ def _call_or_none(model: nn.Module, method: str) -> nn.Module | None:
 def upcast_parameters(model: nn.Module, upcast: str | Iterable[str] = "all") -> list[str]:
     """Upcast the fp16/bf16 parameters of the chosen groups to float32, in place; returns their names.
 
-    Packed 4-bit weights (bitsandbytes `Params4bit`, whatever their storage dtype) and integer
-    tensors are never touched. A parameter shared by several modules (tied embedding and output
+    Packed 4-bit weights (bitsandbytes `Params4bit`, whatever their storage dtype), quantized
+    tensor subclasses (torchao's, which report their float dtype) and integer tensors are never
+    touched. A parameter shared by several modules (tied embedding and output
     head) is upcast when any of its modules' groups is chosen, since it can have only one dtype.
 
     Raises:
@@ -100,7 +102,7 @@ def upcast_parameters(model: nn.Module, upcast: str | Iterable[str] = "all") -> 
         quantized = find_backend(module) is not None
         for name, param in module.named_parameters(recurse=False):
             full = f"{module_name}.{name}" if module_name else name
-            if quantized and name == "weight":
+            if (quantized and name == "weight") or foreign_tensor(param):  # packed codes, whatever .dtype says
                 packed.add(id(param))
             if group in groups and id(param) not in chosen:
                 chosen[id(param)] = (full, param)

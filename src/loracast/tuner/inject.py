@@ -24,6 +24,7 @@ from loracast.layers.init_from_base import is_weight_init
 from loracast.layers.modules_to_save import ModulesToSaveWrapper
 from loracast.precision.rules import adapter_device, apply_adapter_rule, declared_dtype, resolve_adapter_dtype
 from loracast.quant import find_backend
+from loracast.quant.base import check_adaptable
 from loracast.tuner.params import inject_parameters
 from loracast.tuner.walk import Node, replace_child, walk
 
@@ -260,13 +261,18 @@ def inject_adapter(
     model_dtype = declared_dtype(model)  # for bases with no float dtype of their own (8-bit)
     targeted: list[str] = []
     candidates: list[str] = []
-    for name, module, parent, attr in _outside_wrappers(model):
+    matched: list[Node] = []
+    for node in _outside_wrappers(model):
+        name = node.name
         if not name:
             continue
         if len(candidates) < 400:
             candidates.append(name)
-        if matcher.inactive or not matcher.matches(name):
-            continue
+        if not matcher.inactive and matcher.matches(name):
+            matched.append(node)
+    # unknown quantized weights are refused before any module is wrapped
+    check_adaptable((name, module) for name, module, _, _ in matched if not isinstance(module, LoraLayer))
+    for name, module, parent, attr in matched:
         if isinstance(module, LoraLayer):
             layer = module
         else:  # frozen before any adapter exists (an MHA wrapper holds adapter parts inside its base)

@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 _ADAPTER_NAMES = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
@@ -51,6 +52,11 @@ class ForwardWithWrappedSignature:
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if instance is None:
             return self.function
+        if torch.compiler.is_compiling():
+            # inspect never runs inside a compiled graph, and the cache must not be traced: dynamo would
+            # guard on the position of this instance among the weak keys, which shifts (IndexError
+            # while building guards) when another instance is collected during compilation
+            return types.MethodType(self.function, instance)
         return types.MethodType(self._function_for(instance), instance)
 
     def _function_for(self, instance: Any) -> types.FunctionType:

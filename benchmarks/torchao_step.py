@@ -1,0 +1,135 @@
+"""An SFT-like training step on a torchao int8 base: loracast against PEFT, in one invocation.
+
+As `qlora_step.py` does for bitsandbytes: each measurement runs in a fresh Python process,
+alternating the library order round by round (the cores are shared). A process loads the same
+saved bf16 Llama, quantizes every linear layer but the output head to int8 weight-only with
+torchao (``Int8WeightOnlyConfig``, the same `quantize_` call for both libraries, so the bases are
+identical), prepares it with the library's own `prepare_model_for_kbit_training` (gradient
+checkpointing enabled explicitly for PEFT, which does not see a model quantized outside
+transformers as quantized), adds LoRA to every linear layer with `get_peft_model`, then runs
+warm-up steps and timed AdamW steps (forward with labels, backward, optimizer step).
+
+Reported per library: median step time with min-max over all timed steps of all rounds (wall and
+CPU time), peak resident memory (ru_maxrss, model included) with min-max over processes, the time
+`get_peft_model` took and the last loss; then the ratios loracast / PEFT (below 1: loracast is
+faster or smaller).
+
+    PYTHONPATH=src python benchmarks/torchao_step.py                # defaults: a few minutes on 2 cores
+    PYTHONPATH=src python benchmarks/torchao_step.py --rounds 1 --steps 2 --layers 1 --hidden 128   # a quick look
+
+Not a test: the numbers depend on the machine and its load. Quote medians with their range.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+from harness import run_child
+from qlora_step import IMPLEMENTATIONS, _parse_args, _rss_mib, _save_model, _summary
+
+
+def load_int8(model_dir: str):
+    """The saved bf16 model at `model_dir` with its linear layers (not the head) int8 weight-only by torchao."""
+    import torch
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    head = model.get_output_embeddings()
+    quantize_(model, Int8WeightOnlyConfig(set_inductor_config=False),
+              filter_fn=lambda module, name: isinstance(module, torch.nn.Linear) and module is not head)
+    return model
+
+
+def _child(impl: str, model_dir: str, args) -> dict:
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lib = __import__(impl)
+    torch.manual_seed(0)
+    model = load_int8(model_dir)
+    checkpointing = not args.no_checkpointing
+    model = lib.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    if checkpointing and not model.is_activation_checkpointing:  # PEFT: no transformers quantization config here
+        model.enable_input_require_grads()
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    config = lib.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear",
+                            lora_dropout=0.05, task_type="CAUSAL_LM")
+    start = time.perf_counter()
+    model = lib.get_peft_model(model, config)
+    inject_s = time.perf_counter() - start
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    data = torch.randint(0, args.vocab, (args.warmup + args.steps, args.batch, args.seq),
+                         generator=torch.Generator().manual_seed(1))
+    rss_before = _rss_mib()
+    times, cpu_times, losses = [], [], []
+    for step, ids in enumerate(data):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        if step >= args.warmup:
+            times.append(elapsed)
+            cpu_times.append(cpu)
+        losses.append(float(loss.detach()))
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"impl": impl, "step_s": times, "step_cpu_s": cpu_times, "peak_rss_mib": peak_mib,
+            "rss_before_training_mib": rss_before, "inject_s": inject_s, "losses": losses,
+            "trainable": sum(p.numel() for p in params), "threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(args.child, args.model_dir, args)))
+        return 0
+    results: dict[str, list[dict]] = {impl: [] for impl in IMPLEMENTATIONS}
+    with tempfile.TemporaryDirectory(prefix="loracast-bench-") as folder:
+        _save_model(args, folder)
+        for round_index in range(args.rounds):
+            order = IMPLEMENTATIONS if round_index % 2 == 0 else IMPLEMENTATIONS[::-1]
+            for impl in order:
+                results[impl].append(run_child(__file__, [*argv, "--model-dir", folder], impl))
+                print(f"round {round_index + 1}/{args.rounds} {impl}: median step "
+                      f"{1e3 * statistics.median(results[impl][-1]['step_s']):.1f} ms", file=sys.stderr)
+    summary = {impl: _summary(runs) for impl, runs in results.items()}
+    ours, theirs = summary["loracast"], summary["peft"]
+    ratios = {"step_time": ours["step_ms_median"] / theirs["step_ms_median"],
+              "step_cpu_time": ours["cpu_ms_median"] / theirs["cpu_ms_median"],
+              "peak_rss": ours["peak_rss_mib_median"] / theirs["peak_rss_mib_median"],
+              "inject_time": ours["inject_ms_median"] / theirs["inject_ms_median"]}
+    shape = (f"Llama {args.layers}x{args.hidden}, vocab {args.vocab}, batch {args.batch}x{args.seq}, torchao int8 "
+             f"weight-only, bf16, LoRA r={args.rank} all-linear, checkpointing {'off' if args.no_checkpointing else 'on'}")
+    print(f"torchao training step ({shape}); {args.rounds} process(es) x {args.steps} timed steps per library")
+    print(f"{'':9} {'step ms, wall: median (min-max)':>32} {'step ms, CPU: median (min-max)':>31} "
+          f"{'peak RSS MiB (min-max)':>23} {'inject ms':>9} {'loss':>7}")
+    for impl in IMPLEMENTATIONS:
+        s = summary[impl]
+        print(f"{impl:9} {s['step_ms_median']:>14.1f} ({s['step_ms_min']:.1f}-{s['step_ms_max']:.1f})"
+              f"{s['cpu_ms_median']:>16.1f} ({s['cpu_ms_min']:.1f}-{s['cpu_ms_max']:.1f})"
+              f"{s['peak_rss_mib_median']:>12.1f} ({s['peak_rss_mib_min']:.0f}-{s['peak_rss_mib_max']:.0f})"
+              f"{s['inject_ms_median']:>9.1f} {s['final_loss']:>7.4f}")
+    print(f"ratio loracast/peft: step time {ratios['step_time']:.3f} (wall), {ratios['step_cpu_time']:.3f} (CPU), "
+          f"peak RSS {ratios['peak_rss']:.3f}, injection {ratios['inject_time']:.3f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"args": vars(args), "summary": summary, "ratios": ratios, "runs": results}, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
