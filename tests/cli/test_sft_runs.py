@@ -228,6 +228,31 @@ def test_qlora_under_fsdp2_trains_and_peft_loads_the_adapter(tmp_path, tiny_llam
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-2, atol=1e-2)
 
 
+def test_torchao_int8_base_trains_and_peft_loads_the_adapter(tmp_path, tiny_llama, data):
+    from peft import PeftModel as PeftPeftModel
+
+    from loracast import PeftModel
+    from loracast.quant.torchao import quantize_base
+    from loracast.training.sft.model import load_llm
+
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(tiny_llama), "--data", str(data), "--out", str(out), "--batch-size", "4",
+                 "--lr", "5e-3", "--max-new-tokens", "4", "--eval-examples", "4", "--device", "cpu", *STEPS,
+                 "--quantize", "int8"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["quantization"] == {"backend": "torchao", "kind": "int8"}
+    assert metrics["eval"]["after"]["loss"] < metrics["eval"]["before"]["loss"]
+    cpu = torch.device("cpu")
+
+    def base():
+        return quantize_base(load_llm(tiny_llama, torch.bfloat16, False, cpu, "eager"), "int8")
+
+    ids = torch.tensor([[5, 9, 31, 77, 120, 8]])
+    ours, theirs = PeftModel.from_pretrained(base(), out / "adapter"), PeftPeftModel.from_pretrained(base(), str(out / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_evaluation_during_training_and_the_best_adapter(tmp_path, tiny_llama, data, capsys):
     out = tmp_path / "out"
     assert main(_command(tiny_llama, data, out, "--max-steps", "4", "--eval-steps", "2", "--load-best")) == 0

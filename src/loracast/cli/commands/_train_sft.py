@@ -69,8 +69,22 @@ def run_sft_command(args: argparse.Namespace) -> int:
     if args.fsdp and processes < 2:
         raise CommandError("--fsdp shards the model across processes, and this is one process; launch with "
                            "torchrun --nproc_per_node N (N >= 2), or drop --fsdp")
+    quantize = args.quantize
+    if args.load_in_4bit:
+        if quantize not in (None, "nf4"):
+            raise CommandError(f"--load-in-4bit is --quantize nf4 (bitsandbytes); it cannot go with --quantize {quantize}")
+        quantize = "nf4"
+    if quantize == "nf4":
+        try:
+            __import__("bitsandbytes")
+        except ImportError as exc:
+            raise CommandError("--quantize nf4 needs bitsandbytes (pip install 'loracast[bnb]'); --quantize int4 "
+                               "quantizes with torchao instead") from exc
+    if args.fsdp and quantize in ("int8", "int4"):
+        raise CommandError(f"--fsdp with --quantize {quantize}: FSDP does not shard torchao's quantized weights here; "
+                           "use --quantize nf4 (bitsandbytes, stored in the compute dtype) or leave out --fsdp")
     policy = args.precision
-    if args.fsdp and args.load_in_4bit and policy != "fsdp":
+    if args.fsdp and quantize == "nf4" and policy != "fsdp":
         # QLoRA under FSDP: storage, compute and adapter dtypes must be one dtype for FSDP to shard them together
         if os.environ.get("RANK", "0") == "0":
             print(f"loracast train: --fsdp with --load-in-4bit uses the fsdp precision policy (not {policy}): 4-bit "
@@ -92,7 +106,7 @@ def run_sft_command(args: argparse.Namespace) -> int:
             raise CommandError(f"--chat-template {args.chat_template}: cannot read it as UTF-8 text ({exc})") from exc
     targets = None if args.target_modules is None else [t.strip() for t in args.target_modules.split(",") if t.strip()]
     spec = LlmSpec(source=source, dtype=args.dtype if args.dtype is not None else torch.bfloat16,
-                   load_in_4bit=args.load_in_4bit,
+                   load_in_4bit=quantize == "nf4", torchao=quantize if quantize in ("int8", "int4") else None,
                    target_modules="all-linear" if targets in (None, ["all-linear"]) else targets,
                    r=_value(args, "r"), alpha=_value(args, "alpha"), dropout=_value(args, "dropout"),
                    gradient_checkpointing=args.gradient_checkpointing, chat_template=template,

@@ -107,6 +107,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                 "with --compare-precision)")
     precision.add_argument("--load-in-4bit", action="store_true",
                            help="quantize the base to 4-bit NF4 with bitsandbytes (compute dtype: --dtype or bf16)")
+    precision.add_argument("--quantize", choices=("nf4", "int8", "int4"),
+                           help="SFT: quantize the frozen base: nf4 with bitsandbytes (as --load-in-4bit), int8 or int4 "
+                                "(per group of 32) weight-only with torchao; adapters per --precision")
     precision.add_argument("--compare-precision", action="store_true",
                            help="train twice, with the stable and the fast policy, and plot both")
     optim = parser.add_argument_group("optimisation")
@@ -197,7 +200,7 @@ def _run_classifier(args: argparse.Namespace) -> int:
                 ("--eval-examples", args.eval_examples), ("--save-steps", args.save_steps),
                 ("--save-total-limit", args.save_total_limit), ("--resume", args.resume),
                 ("--eval-steps", args.eval_steps), ("--load-best", args.load_best or None),
-                ("--fsdp", args.fsdp or None), ("--packing", args.packing or None),
+                ("--fsdp", args.fsdp or None), ("--packing", args.packing or None), ("--quantize", args.quantize),
                 ("--grad-accum", None if args.grad_accum == 1 else args.grad_accum),
                 ("--report-to", None if args.report_to == "none" else args.report_to))
     for option, value in sft_only:

@@ -201,12 +201,28 @@ class LlmSpec:
     chat_template: str | None = None  # Jinja text replacing the tokenizer's
     attention: str = "auto"  # "auto" (see `attention_for`), "eager" or "sdpa"
     fsdp: bool = False  # sharded by FSDP: 4-bit weights stored in the compute dtype
+    torchao: str | None = None  # "int8" or "int4": quantize the linear layers with torchao after loading
+
+    @property
+    def quantization(self) -> dict[str, str] | None:
+        """The backend and kind the base is quantized with, or None for a plain base."""
+        if self.load_in_4bit:
+            return {"backend": "bitsandbytes", "kind": "nf4"}
+        if self.torchao is not None:
+            return {"backend": "torchao", "kind": self.torchao}
+        return None
 
 
 def build_sft_model(spec: LlmSpec, policy: str, device: torch.device, tokenizer: Any) -> PeftModel:
     """The LoRA model for supervised fine-tuning of the causal LM in `spec` (`tokenizer`: its tokenizer)."""
     model = load_llm(spec.source, spec.dtype, spec.load_in_4bit, device, attention_for(device, spec.attention),
                      for_fsdp=spec.fsdp)
+    if spec.torchao is not None:
+        try:
+            from loracast.quant.torchao import quantize_base
+        except ImportError as exc:
+            raise SetupError(f"--quantize {spec.torchao} needs torchao: pip install 'loracast[torchao]'") from exc
+        quantize_base(model, spec.torchao)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if spec.gradient_checkpointing:

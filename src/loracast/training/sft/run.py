@@ -116,7 +116,7 @@ def run_identity(options: SftOptions, policy: str, base_dtype: str) -> checkpoin
     targets = spec.target_modules if isinstance(spec.target_modules, str) else sorted(spec.target_modules or [])
     return checkpoints.RunIdentity({
         "--model": str(spec.source), "--data": str(options.data), "--precision": policy, "--dtype": base_dtype,
-        "--load-in-4bit": spec.load_in_4bit, "--r": spec.r, "--alpha": float(spec.alpha),
+        "--quantize": (spec.quantization or {}).get("kind"), "--r": spec.r, "--alpha": float(spec.alpha),
         "--dropout": float(spec.dropout), "--target-modules": targets, "--max-length": options.settings.max_length,
         "--seed": options.settings.seed, "--fsdp": options.fsdp})
 
@@ -168,7 +168,9 @@ def train_sft_once(options: SftOptions, policy: str, train: list[ChatExample], h
                          sharded=model if options.fsdp else None)
     processes = f", {args.world_size} processes" if args.world_size > 1 else ""
     if main:
-        print(f"{policy}: {name} (base {base_dtype_name(model)}) on {options.data.name}: {len(train_encoded)} train / "
+        quantized = options.model.quantization
+        torchao = f", torchao {quantized['kind']} weights" if quantized and quantized["backend"] == "torchao" else ""
+        print(f"{policy}: {name} (base {base_dtype_name(model)}{torchao}) on {options.data.name}: {len(train_encoded)} train / "
               f"{len(held_kept)} held-out conversations, device {run_device.type}{processes}", file=sys.stderr)
         if settings.packing:
             print(f"{policy}: packed {len(train_encoded)} examples into {len(train_rows)} rows of at most "
@@ -204,6 +206,7 @@ def train_sft_once(options: SftOptions, policy: str, train: list[ChatExample], h
         "data": source,
         "policy": policy,
         "base_dtype": base_dtype_name(model),
+        "quantization": options.model.quantization,
         "adapter_dtypes": summary["parameters"].get("adapters", {}).get("dtypes", {}),
         "lora": {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
                  "target_modules": sorted(config.target_modules) if isinstance(config.target_modules, (set, list))
