@@ -144,11 +144,12 @@ def _summary(runs: list[dict]) -> dict:
             "final_loss": runs[0]["losses"][-1], "trainable": runs[0]["trainable"], "steps": len(steps)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def compare_libraries(argv: list[str], script: str, child, describe) -> int:
+    """Run `script`'s cases (`child(impl, model_dir, args)` in fresh processes, alternating) and
+    print the table and ratios; `describe(args)` gives (the step's name, the setting in words)."""
     args = _parse_args(argv)
     if args.child:
-        print(json.dumps(_child(args.child, args.model_dir, args)))
+        print(json.dumps(child(args.child, args.model_dir, args)))
         return 0
     results: dict[str, list[dict]] = {impl: [] for impl in IMPLEMENTATIONS}
     with tempfile.TemporaryDirectory(prefix="loracast-bench-") as folder:
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         for round_index in range(args.rounds):
             order = IMPLEMENTATIONS if round_index % 2 == 0 else IMPLEMENTATIONS[::-1]
             for impl in order:
-                results[impl].append(run_child(__file__, [*argv, "--model-dir", folder], impl))
+                results[impl].append(run_child(script, [*argv, "--model-dir", folder], impl))
                 print(f"round {round_index + 1}/{args.rounds} {impl}: median step "
                       f"{1e3 * statistics.median(results[impl][-1]['step_s']):.1f} ms", file=sys.stderr)
     summary = {impl: _summary(runs) for impl, runs in results.items()}
@@ -165,9 +166,8 @@ def main(argv: list[str] | None = None) -> int:
               "step_cpu_time": ours["cpu_ms_median"] / theirs["cpu_ms_median"],
               "peak_rss": ours["peak_rss_mib_median"] / theirs["peak_rss_mib_median"],
               "inject_time": ours["inject_ms_median"] / theirs["inject_ms_median"]}
-    shape = (f"Llama {args.layers}x{args.hidden}, vocab {args.vocab}, batch {args.batch}x{args.seq}, nf4+double quant, "
-             f"bf16 compute, LoRA r={args.rank} all-linear, checkpointing {'off' if args.no_checkpointing else 'on'}")
-    print(f"QLoRA training step ({shape}); {args.rounds} process(es) x {args.steps} timed steps per library")
+    name, shape = describe(args)
+    print(f"{name} ({shape}); {args.rounds} process(es) x {args.steps} timed steps per library")
     print(f"{'':9} {'step ms, wall: median (min-max)':>32} {'step ms, CPU: median (min-max)':>31} "
           f"{'peak RSS MiB (min-max)':>23} {'inject ms':>9} {'loss':>7}")
     for impl in IMPLEMENTATIONS:
@@ -182,6 +182,16 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as handle:
             json.dump({"args": vars(args), "summary": summary, "ratios": ratios, "runs": results}, handle, indent=1)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    def describe(args: argparse.Namespace) -> tuple[str, str]:
+        return ("QLoRA training step",
+                f"Llama {args.layers}x{args.hidden}, vocab {args.vocab}, batch {args.batch}x{args.seq}, nf4+double "
+                f"quant, bf16 compute, LoRA r={args.rank} all-linear, checkpointing "
+                f"{'off' if args.no_checkpointing else 'on'}")
+
+    return compare_libraries(sys.argv[1:] if argv is None else argv, __file__, _child, describe)
 
 
 if __name__ == "__main__":

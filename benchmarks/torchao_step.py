@@ -22,15 +22,11 @@ Not a test: the numbers depend on the machine and its load. Quote medians with t
 
 from __future__ import annotations
 
-import json
 import resource
-import statistics
 import sys
-import tempfile
 import time
 
-from harness import run_child
-from qlora_step import IMPLEMENTATIONS, _parse_args, _rss_mib, _save_model, _summary
+from qlora_step import _rss_mib, compare_libraries
 
 
 def load_int8(model_dir: str):
@@ -92,43 +88,13 @@ def _child(impl: str, model_dir: str, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = _parse_args(argv)
-    if args.child:
-        print(json.dumps(_child(args.child, args.model_dir, args)))
-        return 0
-    results: dict[str, list[dict]] = {impl: [] for impl in IMPLEMENTATIONS}
-    with tempfile.TemporaryDirectory(prefix="loracast-bench-") as folder:
-        _save_model(args, folder)
-        for round_index in range(args.rounds):
-            order = IMPLEMENTATIONS if round_index % 2 == 0 else IMPLEMENTATIONS[::-1]
-            for impl in order:
-                results[impl].append(run_child(__file__, [*argv, "--model-dir", folder], impl))
-                print(f"round {round_index + 1}/{args.rounds} {impl}: median step "
-                      f"{1e3 * statistics.median(results[impl][-1]['step_s']):.1f} ms", file=sys.stderr)
-    summary = {impl: _summary(runs) for impl, runs in results.items()}
-    ours, theirs = summary["loracast"], summary["peft"]
-    ratios = {"step_time": ours["step_ms_median"] / theirs["step_ms_median"],
-              "step_cpu_time": ours["cpu_ms_median"] / theirs["cpu_ms_median"],
-              "peak_rss": ours["peak_rss_mib_median"] / theirs["peak_rss_mib_median"],
-              "inject_time": ours["inject_ms_median"] / theirs["inject_ms_median"]}
-    shape = (f"Llama {args.layers}x{args.hidden}, vocab {args.vocab}, batch {args.batch}x{args.seq}, torchao int8 "
-             f"weight-only, bf16, LoRA r={args.rank} all-linear, checkpointing {'off' if args.no_checkpointing else 'on'}")
-    print(f"torchao training step ({shape}); {args.rounds} process(es) x {args.steps} timed steps per library")
-    print(f"{'':9} {'step ms, wall: median (min-max)':>32} {'step ms, CPU: median (min-max)':>31} "
-          f"{'peak RSS MiB (min-max)':>23} {'inject ms':>9} {'loss':>7}")
-    for impl in IMPLEMENTATIONS:
-        s = summary[impl]
-        print(f"{impl:9} {s['step_ms_median']:>14.1f} ({s['step_ms_min']:.1f}-{s['step_ms_max']:.1f})"
-              f"{s['cpu_ms_median']:>16.1f} ({s['cpu_ms_min']:.1f}-{s['cpu_ms_max']:.1f})"
-              f"{s['peak_rss_mib_median']:>12.1f} ({s['peak_rss_mib_min']:.0f}-{s['peak_rss_mib_max']:.0f})"
-              f"{s['inject_ms_median']:>9.1f} {s['final_loss']:>7.4f}")
-    print(f"ratio loracast/peft: step time {ratios['step_time']:.3f} (wall), {ratios['step_cpu_time']:.3f} (CPU), "
-          f"peak RSS {ratios['peak_rss']:.3f}, injection {ratios['inject_time']:.3f}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "summary": summary, "ratios": ratios, "runs": results}, handle, indent=1)
-    return 0
+    def describe(args) -> tuple[str, str]:
+        return ("torchao training step",
+                f"Llama {args.layers}x{args.hidden}, vocab {args.vocab}, batch {args.batch}x{args.seq}, torchao int8 "
+                f"weight-only, bf16, LoRA r={args.rank} all-linear, checkpointing "
+                f"{'off' if args.no_checkpointing else 'on'}")
+
+    return compare_libraries(sys.argv[1:] if argv is None else argv, __file__, _child, describe)
 
 
 if __name__ == "__main__":
