@@ -50,11 +50,6 @@ class ProgressBar:
             self.stream.flush()
         self._last_line = line
 
-    def restart_clock(self) -> None:
-        """Measure throughput and time left from now (e.g. after an evaluation that preceded the steps)."""
-        self._start = time.perf_counter()
-        self._examples = 0
-
     def message(self, text: str) -> None:
         """Print a line of its own (e.g. an eval result) without breaking the bar."""
         if not self.enabled:

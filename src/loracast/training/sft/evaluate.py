@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from loracast.training.sft.batches import collate, left_padded
+from loracast.training.sft.batches import left_padded
 from loracast.training.sft.data import ChatExample
-from loracast.training.sft.loss import AssistantLoss, output_head
-from loracast.training.sft.template import EncodedExample, prompt_text
+from loracast.training.sft.loss import output_head
+from loracast.training.sft.template import prompt_text
 
 
 @dataclass
@@ -134,23 +134,3 @@ def answer_examples(model: nn.Module, tokenizer: Any, examples: Sequence[ChatExa
     prompts = [prompt_text(tokenizer, e) for e in examples]
     return generate_answers(model, tokenizer, prompts, [e.plain for e in examples], max_new_tokens, batch_size,
                             device, synced)
-
-
-@torch.no_grad()
-def assistant_loss(model: nn.Module, encoded: Sequence[EncodedExample], pad_id: int, batch_size: int,
-                   device: torch.device) -> float:
-    """Mean cross-entropy (float32) over every assistant token of `encoded`."""
-    was_training = model.training
-    model.eval()
-    loss_of = AssistantLoss(model)
-    total, count = 0.0, 0
-    try:
-        for start in range(0, len(encoded), batch_size):
-            batch = collate(encoded[start:start + batch_size], pad_id, device)
-            tokens = int((batch["labels"][:, 1:] != -100).sum())
-            loss = loss_of(batch)
-            total += float(loss) * tokens
-            count += tokens
-    finally:
-        model.train(was_training)
-    return total / count if count else math.nan
