@@ -313,6 +313,17 @@ def test_resume_from_another_run_names_the_difference(flags, named, tmp_path, ti
     assert not (out / "adapter").exists()
 
 
+def test_a_tracker_that_is_not_installed_or_unknown(tmp_path, tiny_llama, data, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        assert main([*_command(tiny_llama, data, tmp_path / "a", *STEPS), "--report-to", "wandb"]) == 2
+        assert "pip install wandb" in capsys.readouterr().err
+    assert main([*_command(tiny_llama, data, tmp_path / "b", *STEPS), "--report-to", "nonsense"]) == 2
+    assert "not a tracker" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_fsdp_on_one_process_and_compare_precision_under_torchrun(tmp_path, tiny_llama, data, capsys, monkeypatch):
     # FSDP shards across processes: one process has nothing to shard with
     assert main([*_command(tiny_llama, data, tmp_path / "a", *STEPS), "--fsdp"]) == 2

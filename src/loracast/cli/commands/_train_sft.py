@@ -54,6 +54,25 @@ def _value(args: argparse.Namespace, name: str):
     return SFT_DEFAULTS[name] if value is None else value
 
 
+# the package each tracker of transformers' integrations needs
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "trackio": ("trackio",), "wandb": ("wandb",),
+                    "mlflow": ("mlflow",), "comet_ml": ("comet_ml",)}
+
+
+def _check_tracker(report_to: str) -> None:
+    import importlib.util
+
+    for name in [part.strip() for part in report_to.split(",") if part.strip()]:
+        if name in ("none", "all"):
+            continue
+        packages = TRACKER_PACKAGES.get(name)
+        if packages is None:
+            raise CommandError(f"--report-to {name}: not a tracker loracast train knows; use none, "
+                               f"{', '.join(TRACKER_PACKAGES)}")
+        if not any(importlib.util.find_spec(p) is not None for p in packages):
+            raise CommandError(f"--report-to {name} needs the {packages[0]} package: pip install {packages[0]}")
+
+
 def run_sft_command(args: argparse.Namespace) -> int:
     """Instruction-tune a causal LM as `args` ask; print the summary."""
     from loracast.training.runtime import pick_device
@@ -112,6 +131,10 @@ def run_sft_command(args: argparse.Namespace) -> int:
                    gradient_checkpointing=args.gradient_checkpointing, chat_template=template,
                    attention=args.attention, fsdp=args.fsdp)
     max_steps = args.max_steps if args.max_steps is not None or args.epochs is not None else SFT_DEFAULTS["max_steps"]
+    if args.fsdp and args.load_best:
+        raise CommandError("--load-best with --fsdp: restoring the best adapter into a sharded model is not supported "
+                           "yet; leave out --load-best (the checkpoints and evaluations stay) or --fsdp")
+    _check_tracker(args.report_to)
     if args.load_best and args.eval_steps is None:
         raise CommandError("--load-best picks among the evaluations during training: give --eval-steps N too")
     save_steps = args.save_steps

@@ -115,7 +115,8 @@ def run_identity(options: SftOptions, policy: str, base_dtype: str) -> checkpoin
     spec = options.model
     targets = spec.target_modules if isinstance(spec.target_modules, str) else sorted(spec.target_modules or [])
     return checkpoints.RunIdentity({
-        "--model": str(spec.source), "--data": str(options.data), "--precision": policy, "--dtype": base_dtype,
+        "--model": str(Path(spec.source).resolve()), "--data": str(Path(options.data).resolve()),
+        "--precision": policy, "--dtype": base_dtype,
         "--quantize": (spec.quantization or {}).get("kind"), "--r": spec.r, "--alpha": float(spec.alpha),
         "--dropout": float(spec.dropout), "--target-modules": targets, "--max-length": options.settings.max_length,
         "--seed": options.settings.seed, "--fsdp": options.fsdp})
