@@ -33,10 +33,11 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from harness import run_child
 
-CASES = ("peft", "loracast-stable", "loracast-mixed", "loracast-train")
+CASES = ("peft", "loracast-stable", "loracast-mixed", "loracast-train", "loracast-engine")
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +67,56 @@ def _batches(tokenizer, count: int, size: int):
     return [collate([encoded[i] for i in rows], tokenizer.pad_token_id, torch.device("cpu")) for rows in order[:count]]
 
 
+def _engine_child(args: argparse.Namespace) -> dict:
+    """The `loracast-engine` case: `loracast train`'s own trainer for warmup + steps steps."""
+    import tempfile
+
+    import torch
+    from transformers import TrainerCallback
+
+    from loracast.training.sft.data import default_chat_data_path, read_chat_examples
+    from loracast.training.sft.engine import SftSettings, SftTrainer
+    from loracast.training.sft.model import LlmSpec, build_sft_model, default_llm_path, load_llm_tokenizer
+    from loracast.training.sft.run import SftOptions, run_identity, training_arguments
+    from loracast.training.sft.template import encode_all
+
+    class CpuClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.began, self.seconds = 0.0, []
+
+        def on_step_begin(self, *_, **__) -> None:
+            self.began = time.process_time()
+
+        def on_step_end(self, *_, **__) -> None:
+            self.seconds.append(time.process_time() - self.began)
+
+    source = default_llm_path()
+    tokenizer = load_llm_tokenizer(source)
+    examples = [e for e in read_chat_examples(default_chat_data_path()) if e.split == "train"]
+    encoded, _, _ = encode_all(tokenizer, examples, 256)
+    settings = SftSettings(max_steps=args.warmup + args.steps, lr=1e-4, batch_size=args.batch, warmup_ratio=0.0,
+                           lr_scheduler="constant", seed=0)
+    spec = LlmSpec(source=source, r=args.rank, alpha=2 * args.rank, dropout=args.dropout)
+    options = SftOptions(model=spec, data=default_chat_data_path(), settings=settings)
+    with tempfile.TemporaryDirectory() as out:
+        training_args = training_arguments(options, Path(out), "cpu")
+        torch.manual_seed(0)
+        model = build_sft_model(spec, "stable", torch.device("cpu"), tokenizer)
+        clock = CpuClock()
+        trainer = SftTrainer(model, training_args, tokenizer=tokenizer, train=encoded, held_out=[],
+                             held_out_encoded=[], settings=settings, identity=run_identity(options, "stable", "bf16"),
+                             callbacks=[clock])
+        trainer.remove_callback(trainer.progress)
+        trainer.train()
+    logged = [e for e in trainer.state.log_history if "tokens" in e]
+    timed = logged[args.warmup:]
+    return {"case": "loracast-engine", "step_s": [e["step_seconds"] for e in timed],
+            "step_cpu_s": clock.seconds[args.warmup:], "tokens": [e["tokens"] for e in timed],
+            "losses": [e["loss"] for e in logged],
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "adapter_dtypes": ["float32"],
+            "threads": torch.get_num_threads()}
+
+
 def _child(case: str, args: argparse.Namespace) -> dict:
     import logging
     import warnings
@@ -77,6 +128,8 @@ def _child(case: str, args: argparse.Namespace) -> dict:
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+    if case == "loracast-engine":
+        return _engine_child(args)
     source = default_llm_path()
     tokenizer = load_llm_tokenizer(source)
     batches = _batches(tokenizer, args.warmup + args.steps, args.batch)
