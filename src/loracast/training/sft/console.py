@@ -44,6 +44,9 @@ def format_sft_run(result: SftResult) -> str:
     if m["diverged_at_step"] is not None:
         lines.append(f"warning: the loss stopped being finite at step {m['diverged_at_step']}; training stopped early")
     lines.extend(precision_lines(m))
+    phases = m.get("peak_memory_after")
+    if phases:  # the running peak after each phase: the phase where it grows is where the peak comes from
+        lines.append("  peak so far after " + ", ".join(f"{name} {mib(value)}" for name, value in phases.items()))
     seconds = s["seconds_per_step"]
     lines.append(f"  time per step {seconds['median']:.2f} s median ({seconds['min']:.2f}-{seconds['max']:.2f}), "
                  f"{m['train']['tokens_per_second']:.0f} tokens/s; {m['train']['steps']} steps of "

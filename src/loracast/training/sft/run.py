@@ -29,7 +29,7 @@ from loracast._version import __version__
 from loracast.training.data import DataError
 from loracast.training.loop import EvalRecord
 from loracast.training.plot import plot_runs
-from loracast.training.report import precision_summary, reset_peak_memory
+from loracast.training.report import peak_memory, precision_summary, reset_peak_memory
 from loracast.training.run import ADAPTER_DIR, COMPARE_NAME, CURVE_NAME, METRICS_NAME, prepare_out, write_json
 from loracast.training.setup import SetupError, base_dtype_name
 from loracast.training.sft import checkpoints
@@ -153,6 +153,7 @@ def train_sft_once(options: SftOptions, policy: str, train: list[ChatExample], h
     torch.manual_seed(settings.seed)  # the adapters' initial values: the same for every policy
     model = build_sft_model(options.model, policy, run_device, tokenizer)
     loaded = time.perf_counter()
+    peaks = {"load": peak_memory(run_device)["bytes"]}  # the peak so far, after each phase: where it comes from
     train_rows: list[Any] = list(train_encoded)
     if settings.packing:
         if not isolates_packed_examples(model, train_encoded, run_device):
@@ -182,11 +183,14 @@ def train_sft_once(options: SftOptions, policy: str, train: list[ChatExample], h
         if verdict is not None:
             print(f"{policy}: doctor before step 1: {verdict}", file=sys.stderr)
     before = _before_evaluation(trainer, root, resume_from is not None, main)
+    peaks["evaluation before"] = peak_memory(run_device)["bytes"]
     trainer.evaluations.clear()
     train_began = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     trained = time.perf_counter()
+    peaks["training"] = peak_memory(run_device)["bytes"]
     after = trainer.evaluate_held_out(trainer.state.global_step)
+    peaks["evaluation after"] = peak_memory(run_device)["bytes"]
     history = trainer.history()
     history.evaluations = [before, *trainer.evaluations]  # the last one is `after`
     history.evals = [EvalRecord(0, before.score.exact, before.loss), *history.evals,
@@ -225,6 +229,7 @@ def train_sft_once(options: SftOptions, policy: str, train: list[ChatExample], h
                  "evaluations": [e.to_dict() for e in history.evaluations]},
         "diverged_at_step": history.diverged_at_step,
         "precision_summary": summary,
+        "peak_memory_after": peaks,
         # training time leaves out the evaluations during training; "eval" counts every evaluation
         "seconds": {"load": loaded - began,
                     "train": trained - train_began - sum(e.seconds for e in history.evaluations[1:-1]),
