@@ -74,6 +74,16 @@ def uninterrupted(tmp_path_factory, tiny_llama, data) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, tiny_llama, data) -> Path:
+    """Two processes (DDP), checkpoints every step, no interruption."""
+    out = tmp_path_factory.mktemp("ddp") / "out"
+    launched = torchrun(["-m", "loracast", *_command(tiny_llama, data, out, *STEPS, "--save-steps", "1")])
+    assert launched.returncode == 0, launched.stdout[-4000:]
+    assert launched.stdout.count("held-out score") == 1  # only the main process prints the report
+    return out
+
+
 def test_checkpoints_are_complete_adapter_only_and_rotated(uninterrupted):
     root = uninterrupted / "checkpoints"
     kept = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -113,12 +123,8 @@ def _kill_after_checkpoint(process: subprocess.Popen, marker: Path, timeout: flo
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_resume_after_sigkill_at_a_random_step_is_bit_equal(nproc, tmp_path, tiny_llama, data, uninterrupted):
-    whole = uninterrupted
-    if nproc == 2:  # the oracle is the uninterrupted two-process run
-        whole = tmp_path / "whole2"
-        launched = torchrun(["-m", "loracast", *_command(tiny_llama, data, whole, *STEPS, "--save-steps", "1")])
-        assert launched.returncode == 0, launched.stdout[-4000:]
+def test_resume_after_sigkill_at_a_random_step_is_bit_equal(nproc, tmp_path, tiny_llama, data, request):
+    whole = request.getfixturevalue("uninterrupted" if nproc == 1 else "ddp_run")  # the uninterrupted run
     out = tmp_path / "killed"
     step = random.Random().randint(1, 5)
     command = _command(tiny_llama, data, out, *STEPS, "--save-steps", "1")
@@ -149,11 +155,9 @@ def test_an_incomplete_checkpoint_is_ignored_and_the_previous_one_resumed(tmp_pa
     _assert_bit_equal(_adapter(out), _adapter(uninterrupted))
 
 
-def test_two_processes_equal_one_process_accumulating_two_batches(tmp_path, tiny_llama, data):
-    one, two = tmp_path / "one", tmp_path / "two"
+def test_two_processes_equal_one_process_accumulating_two_batches(tmp_path, tiny_llama, data, ddp_run):
+    one, two = tmp_path / "one", ddp_run
     assert _one_thread(_command(tiny_llama, data, one, *STEPS, "--grad-accum", "2")) == 0
-    launched = torchrun(["-m", "loracast", *_command(tiny_llama, data, two, *STEPS)])
-    assert launched.returncode == 0, launched.stdout[-4000:]
     a, b = _adapter(one), _adapter(two)
     assert a.keys() == b.keys()
     for name in a:
@@ -162,8 +166,6 @@ def test_two_processes_equal_one_process_accumulating_two_batches(tmp_path, tiny
     m1, m2 = (json.loads((o / "metrics.json").read_text()) for o in (one, two))
     assert m2["train"]["processes"] == 2 and m2["train"]["global_batch"] == m1["train"]["global_batch"] == 8
     assert [s["tokens"] for s in m2["history"]["steps"]] == [s["tokens"] for s in m1["history"]["steps"]]
-    # only the main process prints the report and writes files
-    assert launched.stdout.count("held-out score") == 1
 
 
 @pytest.fixture(scope="module")
