@@ -75,9 +75,10 @@ def _engine_child(args: argparse.Namespace) -> dict:
     from transformers import TrainerCallback
 
     from loracast.training.sft.data import default_chat_data_path, read_chat_examples
-    from loracast.training.sft.engine import SftSettings, SftTrainer
+    from loracast.training.sft.engine import SftTrainer
     from loracast.training.sft.model import LlmSpec, build_sft_model, default_llm_path, load_llm_tokenizer
     from loracast.training.sft.run import SftOptions, run_identity, training_arguments
+    from loracast.training.sft.settings import SftSettings
     from loracast.training.sft.template import encode_all
 
     class CpuClock(TrainerCallback):

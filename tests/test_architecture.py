@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).parents[1] / "src" / "loracast"
 # Methods that nothing in the package calls but that are part of the API users call (PEFT's names).
 CALLED_BY_USERS = {"LoraLayer.set_scale", "PeftModel.print_trainable_parameters"}
 # hooks that transformers' Trainer and accelerate's data loaders call on loracast's subclasses and callbacks
-CALLED_BY_LIBRARIES = {"_StepClock.on_step_begin", "ProgressBar.on_train_begin", "ProgressBar.on_log",
+CALLED_BY_LIBRARIES = {"StepClock.on_step_begin", "ProgressBar.on_train_begin", "ProgressBar.on_log",
                        "ProgressBar.on_train_end", "SftTrainer.get_train_dataloader", "LengthGroupedBatches.set_epoch"}
 
 

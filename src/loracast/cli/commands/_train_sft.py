@@ -11,9 +11,13 @@ from pathlib import Path
 import torch
 
 from loracast.cli import CommandError
+from loracast.training.sft.model import LlmSpec
+from loracast.training.sft.settings import EVAL_EXAMPLES, SftSettings
 
-SFT_DEFAULTS = {"lr": 2e-3, "batch_size": 8, "max_length": 256, "max_steps": 60, "r": 16, "alpha": 32.0,
-                "dropout": 0.0, "eval_examples": 64}
+# what the command line fills in where the user gave nothing: read from the job's own settings and model spec
+SFT_DEFAULTS = {"lr": SftSettings.lr, "batch_size": SftSettings.batch_size, "max_length": SftSettings.max_length,
+                "max_steps": SftSettings.max_steps, "r": LlmSpec.r, "alpha": LlmSpec.alpha, "dropout": LlmSpec.dropout,
+                "eval_examples": EVAL_EXAMPLES}
 
 
 def _is_causal_lm_folder(model: Path) -> bool:
@@ -78,7 +82,6 @@ def run_sft_command(args: argparse.Namespace) -> int:
     from loracast.training.runtime import pick_device
     from loracast.training.sft.console import format_sft_comparison, format_sft_run
     from loracast.training.sft.data import default_chat_data_path
-    from loracast.training.sft.engine import SftSettings
     from loracast.training.sft.model import LlmSpec, check_llm_source, default_llm_path
     from loracast.training.sft.run import COMPARE_NAME, SftOptions, compare_sft_precision, run_sft
 

@@ -18,7 +18,6 @@ adds:
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from loracast.distributed.runtime import rank_share
@@ -39,33 +37,10 @@ from loracast.training.sft.data import ChatExample
 from loracast.training.sft.evaluate import Score, answer_examples, score_answers
 from loracast.training.sft.loss import AssistantLoss
 from loracast.training.sft.packing import PackedCollator, PackedRow
+from loracast.training.sft.progress import ProgressBar, StepClock
+from loracast.training.sft.settings import SftSettings
 from loracast.training.sft.template import EncodedExample
 from loracast.training.trainers import Trainer
-
-
-@dataclass
-class SftSettings:
-    """Optimisation, evaluation and checkpoint settings of one SFT run (TRL's names where it has them)."""
-
-    max_steps: int | None = 60  # None: whole epochs
-    epochs: float = 1  # used when max_steps is None
-    lr: float = 2e-3
-    batch_size: int = 8  # per process and per accumulated batch
-    grad_accum: int = 1
-    max_length: int = 256  # longer examples are skipped (counted), never truncated
-    seed: int = 0
-    warmup_ratio: float = 0.1
-    lr_scheduler: str = "linear"  # any of transformers' scheduler names
-    weight_decay: float = 0.0
-    max_grad_norm: float = 0.0  # 0: no clipping
-    max_new_tokens: int = 48  # per generated evaluation answer
-    eval_batch_size: int = 32
-    eval_steps: int | None = None  # evaluate every N steps besides before and after
-    save_steps: int | None = None  # checkpoint every N steps
-    save_total_limit: int | None = None  # complete checkpoints kept (the best one always)
-    load_best: bool = False  # end with the adapter of the best held-out exact match
-    report_to: str = "none"  # transformers' trackers: tensorboard, trackio, wandb, ...
-    packing: bool = False  # several examples per row of max_length tokens (packing.py)
 
 
 @dataclass
@@ -102,58 +77,6 @@ class SftHistory(History):
         return sum(s.tokens for s in self.steps) / seconds if seconds else math.nan
 
 
-class _StepClock(TrainerCallback):
-    """Seconds of the optimizer step in progress (evaluations and saving excluded)."""
-
-    def __init__(self) -> None:
-        self.began = time.perf_counter()
-        self.seconds = 0.0
-
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.began = time.perf_counter()
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.seconds = time.perf_counter() - self.began
-
-
-class ProgressBar(TrainerCallback):
-    """tqdm's bar on the main process: steps, time left, the last loss and tokens/s; evaluation lines above it."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.bar: Any = None
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            from tqdm.auto import tqdm
-
-            interactive = sys.stderr.isatty()
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.label, unit="step",
-                            file=sys.stderr, dynamic_ncols=True, mininterval=0.5 if interactive else 30.0)
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if self.bar is not None and logs and "loss" in logs:
-            seconds = logs.get("step_seconds") or math.nan
-            self.bar.set_postfix_str(f"loss {logs['loss']:.4f}, {logs.get('tokens', 0) / seconds:.0f} tok/s",
-                                     refresh=False)
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.bar is not None:
-            self.bar.update(state.global_step - self.bar.n)
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def message(self, text: str) -> None:
-        """Print `text` on its own line (above the bar while it runs)."""
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr)
-
-
 class _Forward(nn.Module):
     """Calls the sharded model: handed to the trainer as the wrapped model, so that accelerate
     does not wrap an FSDP2 model in DDP (its gradients are already reduced by FSDP)."""
@@ -185,7 +108,7 @@ class SftTrainer(Trainer):
                  held_out: Sequence[ChatExample], held_out_encoded: Sequence[EncodedExample], settings: SftSettings,
                  identity: checkpoints.RunIdentity, label: str = "train", sharded: Any = None,
                  **kwargs: Any) -> None:
-        self.clock = _StepClock()
+        self.clock = StepClock()
         self.progress = ProgressBar(label)
         super().__init__(model, args, train_dataset=list(train), eval_dataset=list(held_out_encoded),
                          data_collator=(PackedCollator if settings.packing else PadToLongest)(tokenizer.pad_token_id),

@@ -34,9 +34,10 @@ from loracast.training.run import ADAPTER_DIR, COMPARE_NAME, CURVE_NAME, METRICS
 from loracast.training.setup import SetupError, base_dtype_name
 from loracast.training.sft import checkpoints
 from loracast.training.sft.data import ChatExample, read_chat_examples, split_chat_examples
-from loracast.training.sft.engine import Evaluation, SftHistory, SftSettings, SftTrainer
+from loracast.training.sft.engine import Evaluation, SftHistory, SftTrainer
 from loracast.training.sft.model import LlmSpec, build_sft_model, llm_display_name, load_llm_tokenizer
 from loracast.training.sft.packing import isolates_packed_examples, pack
+from loracast.training.sft.settings import EVAL_EXAMPLES, SftSettings
 from loracast.training.sft.template import check_template, encode_all
 
 SFT_NAME = "sft.json"  # beside the adapter: the system prompt and format generation should reuse
@@ -54,7 +55,7 @@ class SftOptions:
     out: Path = Path("out/train")
     precision: str = "stable"
     eval_fraction: float = 0.2
-    eval_examples: int | None = None  # cap on held-out examples evaluated (the first N); None: all
+    eval_examples: int | None = EVAL_EXAMPLES  # cap on held-out examples evaluated (the first N); None: all
     settings: SftSettings = field(default_factory=SftSettings)
     resume: str | None = None  # "latest", or a checkpoint folder; None: start afresh
     fsdp: bool = False  # FSDP2 across the processes instead of DDP

@@ -1,0 +1,63 @@
+"""What an SFT run shows while it trains: tqdm's bar with the loss and tokens/s on the main
+process, evaluation lines above it, and the clock that times each optimizer step."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any
+
+from transformers import TrainerCallback
+
+
+class StepClock(TrainerCallback):
+    """Seconds of the optimizer step in progress (evaluations and saving excluded)."""
+
+    def __init__(self) -> None:
+        self.began = time.perf_counter()
+        self.seconds = 0.0
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.began = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.seconds = time.perf_counter() - self.began
+
+
+class ProgressBar(TrainerCallback):
+    """tqdm's bar on the main process: steps, time left, the last loss and tokens/s; evaluation lines above it."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            interactive = sys.stderr.isatty()
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.label, unit="step",
+                            file=sys.stderr, dynamic_ncols=True, mininterval=0.5 if interactive else 30.0)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if self.bar is not None and logs and "loss" in logs:
+            seconds = logs.get("step_seconds") or math.nan
+            self.bar.set_postfix_str(f"loss {logs['loss']:.4f}, {logs.get('tokens', 0) / seconds:.0f} tok/s",
+                                     refresh=False)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def message(self, text: str) -> None:
+        """Print `text` on its own line (above the bar while it runs)."""
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
