@@ -45,17 +45,26 @@ examples:
       the same run with fp32 adapters (stable) and bf16 adapters (fast) on the bf16 base, plotted together
   loracast train --model ./my-llama --data chats.jsonl --max-steps 200 --precision mixed --out out/chat
   loracast train --model model.gguf --data qa.jsonl --load-in-4bit --gradient-checkpointing
+  torchrun --nproc_per_node 2 -m loracast train --save-steps 20 --out out/run
+      two processes (DDP; --fsdp to shard), an adapter-only checkpoint every 20 steps
+  torchrun --nproc_per_node 2 -m loracast train --save-steps 20 --out out/run --resume
+      continue a killed run from its latest complete checkpoint (the same adapter, bit for bit)
+  loracast train --config run.yaml --max-steps 500
+      every flag as a YAML key; the command line overrides the file
   loracast train --data reviews.csv --labels neg,pos --epochs 3 --out out/reviews
       a text classifier (default model: the embedded all-MiniLM-L6-v2) on text/label data
 
-data (the format decides the job):
-  JSONL of {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]} or
-  {"prompt": ..., "completion": ...}: supervised fine-tuning of a causal LM, loss on the assistant's
-  tokens only; examples longer than --max-length are skipped (the count is printed), never cut.
+data (the format decides the job, or name it: loracast train sft|classify):
+  JSONL, JSON, Parquet or a datasets folder (train.jsonl, test.jsonl) of
+  {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]},
+  {"prompt": ..., "completion": ...} or {"text": ...}: supervised fine-tuning of a causal LM, loss on the
+  assistant's tokens only (every token for text rows); examples longer than --max-length are skipped
+  (the count is printed), never cut.
   CSV or JSONL with 'text' and 'label': a classifier. Either may carry 'split' ("train"/"test");
   without it, --eval-fraction is held out (seeded).
 Writes OUT/adapter/ (PEFT's format), OUT/metrics.json and OUT/training_curve.png; SFT also writes
-OUT/samples.md and OUT/samples.jsonl (base and adapter answers to the held-out prompts).
+OUT/samples.md and OUT/samples.jsonl (base and adapter answers to the held-out prompts), and with
+--save-steps, OUT/checkpoints/checkpoint-N.
 """
 
 
