@@ -1,0 +1,88 @@
+"""GGUF tensor types loracast writes, and the one rounding from exact (float64) values into each.
+
+Every value written is rounded once from the float64 merged weight: to float32, float16 or bfloat16
+correctly rounded (`round_once`), or, for Q8_0, quantized from the float32 weight as llama.cpp's
+own quantizer does (blocks of 32 along a row, one float16 scale each). The decoded values of what
+was written give each tensor's error against the exact weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from loracast.errors import LoracastError
+from loracast.layers.merge import round_once
+
+# name -> (what it is, the GGML type name)
+TYPES = {
+    "f32": "float32, as is",
+    "f16": "float16, each weight rounded once",
+    "bf16": "bfloat16, each weight rounded once",
+    "q8_0": "8-bit blocks of 32 with a float16 scale (GGML Q8_0), quantized once from float32",
+}
+Q8_0_BLOCK = 32
+
+
+class ExportError(LoracastError):
+    """An export cannot be done as asked: the message names the input at fault and the fix."""
+
+
+def check_type(name: str, offered: tuple[str, ...] = tuple(TYPES)) -> str:
+    """`name` (case-insensitive) if it is one of the `offered` GGUF types.
+
+    Raises:
+        ExportError: the writer cannot produce that type.
+    """
+    key = str(name).strip().lower()
+    if key not in offered:
+        raise ExportError(f"GGUF type {name!r} is not one loracast's writer produces; choose one of "
+                          f"{', '.join(offered)} (llama.cpp's llama-quantize turns an f32 or q8_0 file into the others)")
+    return key
+
+
+@dataclass
+class Encoded:
+    """A tensor ready for the GGUF writer: its data, GGML type name and the values it decodes to."""
+
+    data: np.ndarray
+    ggml_type: str  # "F32", "F16", "BF16", "Q8_0"
+
+    def decoded(self) -> torch.Tensor:
+        """The float64 values a GGUF reader gets back from this tensor."""
+        if self.ggml_type == "BF16":
+            return torch.from_numpy(self.data.copy()).view(torch.bfloat16).double()
+        if self.ggml_type == "Q8_0":
+            import gguf
+
+            values = gguf.quants.dequantize(self.data, gguf.GGMLQuantizationType.Q8_0)
+            return torch.from_numpy(np.ascontiguousarray(values)).double()
+        return torch.from_numpy(self.data).double()
+
+
+def encode(values: torch.Tensor, kind: str) -> Encoded:
+    """`values` (float64, or float32 for weights stored as float32) rounded once into GGUF type `kind`.
+
+    A 1-D tensor (a norm) is always float32, as llama.cpp's converter writes it; a Q8_0 tensor whose
+    rows are not a multiple of 32 is float16, as the converter falls back too.
+
+    Raises:
+        ExportError: a value is not finite in the target type (an overflow of float16).
+    """
+    values = values.detach().cpu()
+    if values.dim() <= 1 or kind == "f32":
+        return Encoded(values.float().contiguous().numpy(), "F32")
+    if kind == "q8_0" and values.shape[-1] % Q8_0_BLOCK == 0:
+        import gguf
+
+        qtype = gguf.GGMLQuantizationType.Q8_0
+        return Encoded(gguf.quants.quantize(values.float().contiguous().numpy(), qtype), "Q8_0")
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float16
+    rounded = round_once(values.double(), dtype)
+    if not torch.isfinite(rounded).all():
+        raise ExportError(f"a weight overflows {kind}'s range (largest |value| {float(values.abs().max()):.3g}); "
+                          "export as bf16 or f32")
+    bits = rounded.contiguous().view(torch.int16).numpy()
+    return Encoded(bits if dtype == torch.bfloat16 else bits.view(np.float16), "BF16" if kind == "bf16" else "F16")
