@@ -21,18 +21,16 @@ from loracast._atomic import publish_together
 from loracast.config import LoraConfig
 from loracast.errors import PrecisionWarning
 from loracast.export.encode import Encoded, ExportError, check_type, encode
+from loracast.export.layout import adapter_factors, base_layout
 from loracast.export.llama import (
     add_encoded,
     add_hyperparameters,
     add_model_tensors,
     add_tokenizer,
-    check_folder_config,
-    check_gguf_architecture,
     gguf_tensor_name,
     to_gguf_layout,
 )
-from loracast.export.source import check_output, copy_metadata, open_gguf, read_gguf_field
-from loracast.integrations.hf_loading import read_model_config
+from loracast.export.source import check_output, copy_metadata, open_gguf
 from loracast.layers.merge import exact_sum
 from loracast.training.lm_setup import check_llm_source, is_gguf, load_llm, load_llm_tokenizer
 from loracast.tuner.peft_model import PeftModel
@@ -68,17 +66,22 @@ class ExportReport:
         return max((t.max_abs_error for t in self.reencoded), default=0.0)
 
 
-def _load_adapter(base: Path, adapter: Path) -> tuple[Any, PeftModel, list[str]]:
-    """The float32 base with the adapter on top, and the precision notes loading it gave."""
+def _check_adapter(adapter: Path) -> None:
+    """Raises ExportError for an adapter this export cannot merge into a GGUF file."""
     config = LoraConfig.from_pretrained(adapter)
     if config.task_type != "CAUSAL_LM":
         raise ExportError(f"{adapter} is a {config.task_type} adapter; GGUF export takes a causal LM's (CAUSAL_LM) adapter")
     if config.use_dora:
         raise ExportError(f"{adapter} is a DoRA adapter, which llama.cpp cannot load and loracast export does not merge "
-                          "into GGUF; merge it with `loracast merge` and convert that folder")
+                          "into GGUF; merge it with `loracast merge BASE ADAPTER DIR` and convert DIR with llama.cpp's "
+                          "convert_hf_to_gguf.py")
     if config.modules_to_save or getattr(config, "trainable_token_indices", None):
         raise ExportError(f"{adapter} trains whole modules or tokens beside LoRA (modules_to_save / trainable tokens), "
                           "which loracast export does not write; export an adapter with LoRA layers only")
+
+
+def _load_adapter(base: Path, adapter: Path) -> tuple[Any, PeftModel, list[str]]:
+    """The float32 base with the adapter on top, and the precision notes loading it gave."""
     model = load_llm(base, torch.float32, False, torch.device("cpu")).eval()
     with warnings.catch_warnings(record=True) as caught:
         # the adapter was usually trained on a bf16 base: a fingerprint difference is expected, reported
@@ -130,12 +133,10 @@ def export_merged_gguf(adapter_dir: str | Path, base: str | Path, out: str | Pat
     kind = check_type(type)
     check_output(out, overwrite, [Path(base), adapter_dir])
     base = check_llm_source(base)
-    reader = None
-    if is_gguf(base):
-        reader = open_gguf(base)
-        check_gguf_architecture(str(read_gguf_field(reader, "general.architecture")), base.name)
-    else:
-        check_folder_config(read_model_config(base), str(base))
+    _check_adapter(adapter_dir)
+    reader = open_gguf(base) if is_gguf(base) else None
+    # before loading anything: a base of another architecture, or an adapter of another base, is refused here
+    adapter_factors(adapter_dir, base_layout(base, reader))
     model, peft_model, notes = _load_adapter(base, adapter_dir)
     config = model.config
     block_count, heads, kv_heads = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
@@ -150,10 +151,6 @@ def export_merged_gguf(adapter_dir: str | Path, base: str | Path, out: str | Pat
         writer = gguf.GGUFWriter(path, "llama")
         if reader is not None:
             copy_metadata(reader, writer)
-            missing = set(encoded) - {t.name for t in reader.tensors}
-            if missing:
-                raise ExportError(f"{base.name} has no tensor {sorted(missing)[0]} that the adapter adapts; "
-                                  "pass the base the adapter was trained on")
             for tensor in reader.tensors:
                 if tensor.name in encoded:
                     add_encoded(writer, tensor.name, encoded[tensor.name].data, encoded[tensor.name].ggml_type)
