@@ -103,14 +103,21 @@ def _merge_layers(peft_model: PeftModel, kind: str, block_count: int, heads: int
             raise ExportError(f"the adapter adapts {name}, which a llama.cpp model has no plain weight for "
                               "(or with a LoRA bias); export an adapter of the attention and MLP projections")
         original = layer.get_base_layer().weight.detach()
-        # float64: W + B@A*scaling exact to ~1e-16, so the write below is the only rounding
-        merged = exact_sum(original.double(), [layer.get_delta_weight(n) for n in layer.active_adapters])
-        change = float((merged - original.double()).abs().max())
-        merged = to_gguf_layout(weight_name, merged, heads, kv_heads)
-        tensor = encode(merged, kind)
+        # float64: W + B@A*scaling exact to ~1e-16, so the rounding into the file's type is the only one
+        exact = exact_sum(original.double(), [layer.get_delta_weight(n) for n in layer.active_adapters])
+        change = float((exact - original.double()).abs().max())
+        values = exact
+        if kind in ("f32", "q8_0"):
+            # rounded once to float32 into the loaded weight itself (the model is not used afterwards): the
+            # file's f32 tensor is a view of it, so the export holds no second float32 copy of the model
+            with torch.no_grad():
+                original.copy_(exact)
+            values = original
+        exact = to_gguf_layout(weight_name, exact, heads, kv_heads)
+        tensor = encode(to_gguf_layout(weight_name, values, heads, kv_heads), kind)
         encoded[gguf_name] = tensor
-        reports.append(TensorReport(gguf_name, tensor.ggml_type, float((tensor.decoded() - merged).abs().max()), change))
-        del merged
+        reports.append(TensorReport(gguf_name, tensor.ggml_type, float((tensor.decoded() - exact).abs().max()), change))
+        del exact, values
     return encoded, reports
 
 
@@ -141,7 +148,8 @@ def export_merged_gguf(adapter_dir: str | Path, base: str | Path, out: str | Pat
     config = model.config
     block_count, heads, kv_heads = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
     encoded, reports = _merge_layers(peft_model, kind, block_count, heads, kv_heads)
-    plain = peft_model.base_model.unload()  # the base weights, untouched: read below for a folder base
+    # the model without LoRA layers, for a folder base's other weights (the adapted ones are in `encoded`)
+    plain = peft_model.base_model.unload()
     kept = converted = 0
 
     def write(path: str) -> None:
