@@ -29,6 +29,7 @@ from loracast.training.lm_setup import check_llm_source, is_gguf, load_llm_token
 from loracast.tuner.inject import pattern_value
 
 ADAPTER_TYPES = ("f32", "f16", "bf16")  # llama.cpp multiplies the factors as they are; Q8_0 would round rank-16 rows
+_OWN_TYPE = dict(zip((torch.float16, torch.bfloat16), ADAPTER_TYPES[1:]))  # a half-precision adapter stays so
 _FROM_BASE_INITS = ("pissa", "olora", "loftq", "corda")  # their factors belong to a changed base: cannot stand alone
 
 
@@ -98,7 +99,7 @@ def _encoded_factors(factors: list[Factors], config: LoraConfig, layout: BaseLay
     folded = 0
     for factor in factors:
         rank = factor.a.shape[0]
-        target = kind or {torch.float16: "f16", torch.bfloat16: "bf16"}.get(factor.a.dtype, "f32")
+        target = kind or _OWN_TYPE.get(factor.a.dtype, "f32")
         alpha = pattern_value(config.alpha_pattern, factor.module, config.lora_alpha)
         ratio = lora_scaling(rank, alpha, config.use_rslora) / (config.lora_alpha / rank)
         b = factor.b.double()

@@ -16,13 +16,25 @@ import torch
 from loracast.errors import LoracastError
 from loracast.layers.merge import round_once
 
-# name -> (what it is, the GGML type name)
-TYPES = {
-    "f32": "float32, as is",
-    "f16": "float16, each weight rounded once",
-    "bf16": "bfloat16, each weight rounded once",
-    "q8_0": "8-bit blocks of 32 with a float16 scale (GGML Q8_0), quantized once from float32",
-}
+
+@dataclass(frozen=True)
+class GgufType:
+    """A GGUF type loracast writes: its name on the command line, the GGML tensor type, the
+    ``general.file_type`` of a file mostly in it, and what it is."""
+
+    name: str
+    ggml_type: str
+    file_type: str
+    what: str
+
+
+GGUF_TYPES = (
+    GgufType("f32", "F32", "ALL_F32", "float32, as is"),
+    GgufType("f16", "F16", "MOSTLY_F16", "float16, each weight rounded once"),
+    GgufType("bf16", "BF16", "MOSTLY_BF16", "bfloat16, each weight rounded once"),
+    GgufType("q8_0", "Q8_0", "MOSTLY_Q8_0", "8-bit blocks of 32 with a float16 scale, quantized once from float32"),
+)
+TYPES = {t.name: t for t in GGUF_TYPES}
 Q8_0_BLOCK = 32
 
 

@@ -20,7 +20,7 @@ import torch
 from loracast._atomic import publish_together
 from loracast.config import LoraConfig
 from loracast.errors import PrecisionWarning
-from loracast.export.encode import Encoded, ExportError, check_type, encode
+from loracast.export.encode import TYPES, Encoded, ExportError, check_type, encode
 from loracast.export.layout import adapter_factors, base_layout
 from loracast.export.llama import (
     add_encoded,
@@ -34,8 +34,6 @@ from loracast.export.source import check_output, copy_metadata, open_gguf
 from loracast.layers.merge import exact_sum
 from loracast.training.lm_setup import check_llm_source, is_gguf, load_llm, load_llm_tokenizer
 from loracast.tuner.peft_model import PeftModel
-
-FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
 
 
 @dataclass
@@ -166,7 +164,7 @@ def export_merged_gguf(adapter_dir: str | Path, base: str | Path, out: str | Pat
                     add_encoded(writer, tensor.name, tensor.data, tensor.tensor_type.name)
                     kept += 1
         else:
-            add_hyperparameters(writer, config, base.name, int(gguf.LlamaFileType[FILE_TYPES[kind]]))
+            add_hyperparameters(writer, config, base.name, int(gguf.LlamaFileType[TYPES[kind].file_type]))
             add_tokenizer(writer, load_llm_tokenizer(base), config.vocab_size, str(base))
             converted = add_model_tensors(writer, plain, kind, encoded)
         writer.write_header_to_file()
