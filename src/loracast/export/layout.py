@@ -66,9 +66,11 @@ def base_layout(base: Path, reader: Any = None) -> BaseLayout:
     with torch.device("meta"):  # shapes only: no memory, no weights read
         model = AutoModelForCausalLM.from_config(config)
     shapes = {}
+    tied = bool(getattr(config, "tie_word_embeddings", False))
     for hf_name, tensor in model.state_dict().items():
         name = gguf_tensor_name(hf_name, config.num_hidden_layers)
-        if name is not None and tensor.dim() == 2:
+        # a tied head is not a tensor of its own in GGUF (llama.cpp reuses token_embd): nothing to adapt
+        if name is not None and tensor.dim() == 2 and not (tied and hf_name == "lm_head.weight"):
             shapes[name] = (int(tensor.shape[0]), int(tensor.shape[1]))
     return BaseLayout(config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads, shapes)
 
