@@ -9,6 +9,7 @@ applied to the adapter file's tensors.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -270,3 +271,16 @@ def test_a_failed_write_leaves_no_file(adapter, tiny_gguf, tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []  # neither the file nor the temporary one
     with pytest.raises(ExportError, match="folder"):
         export_merged_gguf(adapter, tiny_gguf, tmp_path)
+
+
+def test_the_base_and_system_prompt_come_from_the_training_record(adapter, tiny_gguf, tmp_path, capsys):
+    import shutil
+
+    trained = shutil.copytree(adapter, tmp_path / "adapter")
+    (trained / "sft.json").write_text(json.dumps({"model": str(tiny_gguf), "system": "Answer in JSON."}))
+    out = tmp_path / "ollama" / "adapter.gguf"
+    out.parent.mkdir()
+    printed = _export([trained, "--gguf-adapter", out, "--type", "f16"], capsys)  # no --base
+    assert f"FROM {tiny_gguf}" in printed and "(F16; 14 tensors" in printed
+    assert 'SYSTEM """Answer in JSON."""' in (out.parent / "Modelfile").read_text().splitlines()
+    assert main(["export", str(trained), "--gguf", str(tmp_path / "merged.gguf")]) == 0
