@@ -29,7 +29,7 @@ from loracast.training.lm_setup import check_llm_source, is_gguf, load_llm_token
 from loracast.tuner.inject import pattern_value
 
 ADAPTER_TYPES = ("f32", "f16", "bf16")  # llama.cpp multiplies the factors as they are; Q8_0 would round rank-16 rows
-_OWN_TYPE = dict(zip((torch.float16, torch.bfloat16), ADAPTER_TYPES[1:]))  # a half-precision adapter stays so
+_OWN_TYPE = {torch.float16: "f16", torch.bfloat16: "bf16"}  # a half-precision adapter stays so; others: f32
 _FROM_BASE_INITS = ("pissa", "olora", "loftq", "corda")  # their factors belong to a changed base: cannot stand alone
 
 
