@@ -264,7 +264,7 @@ def test_a_failed_write_leaves_no_file(adapter, tiny_gguf, tmp_path, monkeypatch
     def disk_full(self, *args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", disk_full)
     out = tmp_path / "merged.gguf"
     with pytest.raises(OSError, match="No space left"):
         export_merged_gguf(adapter, tiny_gguf, out)

@@ -8,6 +8,7 @@ was written give each tensor's error against the exact weight.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,27 +75,45 @@ class Encoded:
         return torch.from_numpy(self.data).double()
 
 
-def encode(values: torch.Tensor, kind: str) -> Encoded:
-    """`values` (float64, or float32 for weights stored as float32) rounded once into GGUF type `kind`.
+def planned_type(shape: tuple[int, ...], kind: str) -> str:
+    """The GGML type `encode` gives a tensor of `shape` asked to be `kind`: a 1-D tensor (a norm) is
+    always F32, as llama.cpp's converter writes it; Q8_0 rows that are not a multiple of 32 fall back
+    to F16, as the converter's do."""
+    if len(shape) <= 1:
+        return "F32"
+    if kind == "q8_0" and shape[-1] % Q8_0_BLOCK != 0:
+        return "F16"
+    return TYPES[kind].ggml_type
 
-    A 1-D tensor (a norm) is always float32, as llama.cpp's converter writes it; a Q8_0 tensor whose
-    rows are not a multiple of 32 is float16, as the converter falls back too.
+
+def encoded_nbytes(shape: tuple[int, ...], ggml_type: str) -> int:
+    """The bytes a tensor of `shape` takes in GGML type `ggml_type`."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
+    return math.prod(shape) // block * size
+
+
+def encode(values: torch.Tensor, kind: str) -> Encoded:
+    """`values` (float64, or float32 for weights stored as float32) rounded once into GGUF type `kind`
+    (the GGML type `planned_type` names).
 
     Raises:
         ExportError: a value is not finite in the target type (an overflow of float16).
     """
     values = values.detach().cpu()
-    if values.dim() <= 1 or kind == "f32":
+    ggml_type = planned_type(tuple(values.shape), kind)
+    if ggml_type == "F32":
         return Encoded(values.float().contiguous().numpy(), "F32")
-    if kind == "q8_0" and values.shape[-1] % Q8_0_BLOCK == 0:
+    if ggml_type == "Q8_0":
         import gguf
 
         qtype = gguf.GGMLQuantizationType.Q8_0
         return Encoded(gguf.quants.quantize(values.float().contiguous().numpy(), qtype), "Q8_0")
-    dtype = torch.bfloat16 if kind == "bf16" else torch.float16
+    dtype = torch.bfloat16 if ggml_type == "BF16" else torch.float16
     rounded = round_once(values.double(), dtype)
     if not torch.isfinite(rounded).all():
         raise ExportError(f"a weight overflows {kind}'s range (largest |value| {float(values.abs().max()):.3g}); "
                           "export as bf16 or f32")
     bits = rounded.contiguous().view(torch.int16).numpy()
-    return Encoded(bits if dtype == torch.bfloat16 else bits.view(np.float16), "BF16" if kind == "bf16" else "F16")
+    return Encoded(bits if dtype == torch.bfloat16 else bits.view(np.float16), ggml_type)

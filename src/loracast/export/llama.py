@@ -11,6 +11,7 @@ writes one: tensor names, the q/k row layout, the hyperparameters and the tokeni
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -43,12 +44,18 @@ def check_folder_config(config: dict[str, Any], source: str) -> None:
                           "write; export from a GGUF file of the base instead (--base FILE.gguf)")
 
 
+@functools.lru_cache(maxsize=4)
+def _name_map(block_count: int) -> Any:
+    # gguf builds the map from hundreds of patterns per block: about 0.1 s, once per model size
+    import gguf
+
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, block_count)
+
+
 def gguf_tensor_name(hf_name: str, block_count: int) -> str | None:
     """The GGUF name of a transformers Llama parameter (``model.layers.0.self_attn.q_proj.weight`` ->
     ``blk.0.attn_q.weight``); None for a name llama.cpp has no tensor for."""
-    import gguf
-
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, block_count)
+    names = _name_map(block_count)
     stem, _, suffix = hf_name.rpartition(".")
     mapped = names.get_name(stem)
     return f"{mapped}.{suffix}" if mapped else None

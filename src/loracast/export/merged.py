@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from loracast._atomic import publish_together
-from loracast.config import LoraConfig
+from loracast.config import LoraConfig, lora_scaling
 from loracast.errors import PrecisionWarning
-from loracast.export.encode import TYPES, Encoded, ExportError, check_type, encode
-from loracast.export.layout import adapter_factors, base_layout
+from loracast.export.encode import TYPES, Encoded, ExportError, check_type, encode, encoded_nbytes, planned_type
+from loracast.export.layout import BaseLayout, Factors, adapter_factors, base_layout
 from loracast.export.llama import (
     add_encoded,
     add_hyperparameters,
@@ -33,6 +34,7 @@ from loracast.export.llama import (
 from loracast.export.source import check_output, copy_metadata, open_gguf
 from loracast.layers.merge import exact_sum
 from loracast.training.lm_setup import check_llm_source, is_gguf, load_llm, load_llm_tokenizer
+from loracast.tuner.inject import pattern_value
 from loracast.tuner.peft_model import PeftModel
 
 
@@ -64,8 +66,15 @@ class ExportReport:
         return max((t.max_abs_error for t in self.reencoded), default=0.0)
 
 
-def _check_adapter(adapter: Path) -> None:
-    """Raises ExportError for an adapter this export cannot merge into a GGUF file."""
+def _changes_base(config: LoraConfig) -> bool:
+    """Whether the adapter's factors belong to a base its initialisation changed (PiSSA, OLoRA, ...):
+    loading it through loracast applies that change, a plain W + B@A would not."""
+    init = config.init_lora_weights
+    return isinstance(init, str) and init.lower() != "gaussian"
+
+
+def _check_adapter(adapter: Path) -> LoraConfig:
+    """The adapter's config; raises ExportError for an adapter this export cannot merge into a GGUF file."""
     config = LoraConfig.from_pretrained(adapter)
     if config.task_type != "CAUSAL_LM":
         raise ExportError(f"{adapter} is a {config.task_type} adapter; GGUF export takes a causal LM's (CAUSAL_LM) adapter")
@@ -76,6 +85,7 @@ def _check_adapter(adapter: Path) -> None:
     if config.modules_to_save or getattr(config, "trainable_token_indices", None):
         raise ExportError(f"{adapter} trains whole modules or tokens beside LoRA (modules_to_save / trainable tokens), "
                           "which loracast export does not write; export an adapter with LoRA layers only")
+    return config
 
 
 def _load_adapter(base: Path, adapter: Path) -> tuple[Any, PeftModel, list[str]]:
@@ -119,6 +129,57 @@ def _merge_layers(peft_model: PeftModel, kind: str, block_count: int, heads: int
     return encoded, reports
 
 
+def _merge_gguf_tensor(stored: Any, factor: Factors, config: LoraConfig, kind: str, layout: BaseLayout
+                       ) -> tuple[Encoded, TensorReport]:
+    """One adapted tensor of a GGUF base, merged: dequantized by gguf's own dequantizer (as
+    transformers' loader does), the delta added in llama.cpp's row layout (adding commutes with
+    permuting rows), rounded once into `kind`."""
+    import gguf
+
+    weight = torch.from_numpy(np.array(gguf.quants.dequantize(stored.data, stored.tensor_type), dtype=np.float32))
+    alpha = pattern_value(config.alpha_pattern, factor.module, config.lora_alpha)
+    # the layer's delta as loracast computes it: B@A in float64, times PEFT's scaling
+    delta = (factor.b.double() @ factor.a.double()) * lora_scaling(factor.a.shape[0], alpha, config.use_rslora)
+    delta = to_gguf_layout(f"{factor.module}.weight", delta, layout.heads, layout.kv_heads)
+    exact = exact_sum(weight.double(), [delta])
+    tensor = encode(exact.float() if kind in ("f32", "q8_0") else exact, kind)
+    error = float((tensor.decoded() - exact).abs().max())
+    return tensor, TensorReport(factor.name, tensor.ggml_type, error, float(delta.abs().max()))
+
+
+def _write_from_gguf(path: str, reader: Any, factors: list[Factors], config: LoraConfig, kind: str,
+                     layout: BaseLayout, reports: list[TensorReport]) -> int:
+    """The merged file at `path`, streamed: the base's metadata and tensors in its order, each adapted
+    tensor merged just before it is written (one at a time in memory), the others copied as stored.
+    Appends the merged tensors' reports to `reports`; returns how many tensors were copied."""
+    import gguf
+
+    adapted = {f.name: f for f in factors}
+    writer = gguf.GGUFWriter(path, "llama")
+    copy_metadata(reader, writer)
+    for stored in reader.tensors:
+        if stored.name in adapted:
+            shape = (int(stored.shape[1]), int(stored.shape[0]))  # (out, in): GGUF lists the row length first
+            ggml_type = planned_type(shape, kind)
+            writer.add_tensor_info(stored.name, shape, np.dtype(np.float32), encoded_nbytes(shape, ggml_type),
+                                   raw_dtype=gguf.GGMLQuantizationType[ggml_type])
+        else:
+            writer.add_tensor_info(stored.name, stored.data.shape, stored.data.dtype, stored.data.nbytes,
+                                   raw_dtype=stored.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for stored in reader.tensors:
+        if stored.name in adapted:
+            tensor, report = _merge_gguf_tensor(stored, adapted[stored.name], config, kind, layout)
+            reports.append(report)
+            writer.write_tensor_data(tensor.data)
+        else:
+            writer.write_tensor_data(stored.data)
+    writer.close()
+    return len(reader.tensors) - len(adapted)
+
+
 def export_merged_gguf(adapter_dir: str | Path, base: str | Path, out: str | Path, type: str = "f32", *,
                        overwrite: bool = False) -> ExportReport:
     """Merge the LoRA adapter in `adapter_dir` into `base` and write the result to `out` as one GGUF
@@ -138,14 +199,26 @@ def export_merged_gguf(adapter_dir: str | Path, base: str | Path, out: str | Pat
     kind = check_type(type)
     check_output(out, overwrite, [Path(base), adapter_dir])
     base = check_llm_source(base)
-    _check_adapter(adapter_dir)
+    config = _check_adapter(adapter_dir)
     reader = open_gguf(base) if is_gguf(base) else None
     # before loading anything: a base of another architecture, or an adapter of another base, is refused here
-    adapter_factors(adapter_dir, base_layout(base, reader))
+    layout = base_layout(base, reader)
+    factors = adapter_factors(adapter_dir, layout)
+    if reader is not None and not _changes_base(config):
+        reports: list[TensorReport] = []
+        kept = 0
+
+        def write_streamed(path: str) -> None:
+            nonlocal kept
+            kept = _write_from_gguf(path, reader, factors, config, kind, layout, reports)
+
+        publish_together([(str(out), write_streamed)])
+        return ExportReport(out=out, type=kind, reencoded=reports, kept=kept, converted=0)
+    # the adapter model itself: a folder base, or factors that belong to a changed base (PiSSA, ...)
     model, peft_model, notes = _load_adapter(base, adapter_dir)
-    config = model.config
-    block_count, heads, kv_heads = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
-    encoded, reports = _merge_layers(peft_model, kind, block_count, heads, kv_heads)
+    model_config = model.config
+    encoded, reports = _merge_layers(peft_model, kind, model_config.num_hidden_layers,
+                                     model_config.num_attention_heads, model_config.num_key_value_heads)
     # the model without LoRA layers, for a folder base's other weights (the adapted ones are in `encoded`)
     plain = peft_model.base_model.unload()
     kept = converted = 0
@@ -164,8 +237,8 @@ def export_merged_gguf(adapter_dir: str | Path, base: str | Path, out: str | Pat
                     add_encoded(writer, tensor.name, tensor.data, tensor.tensor_type.name)
                     kept += 1
         else:
-            add_hyperparameters(writer, config, base.name, int(gguf.LlamaFileType[TYPES[kind].file_type]))
-            add_tokenizer(writer, load_llm_tokenizer(base), config.vocab_size, str(base))
+            add_hyperparameters(writer, plain.config, base.name, int(gguf.LlamaFileType[TYPES[kind].file_type]))
+            add_tokenizer(writer, load_llm_tokenizer(base), plain.config.vocab_size, str(base))
             converted = add_model_tensors(writer, plain, kind, encoded)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
