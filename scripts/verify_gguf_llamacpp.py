@@ -23,13 +23,15 @@ LLAMA_CPP = "llama-cpp-python==0.3.36"
 
 
 def _run_measured(argv: list[str]) -> dict:
-    """Run a command; its wall time and the peak resident memory of the process (MiB)."""
+    """Run a command; its wall time, CPU time (user + system: what a busy machine does not inflate)
+    and the peak resident memory of the process (MiB)."""
     start = time.perf_counter()
     process = subprocess.Popen(argv)
     _, status, usage = os.wait4(process.pid, 0)
     if status != 0:
         raise SystemExit(f"{' '.join(argv)} failed (status {status})")
-    return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024)}
+    return {"seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024), "load_average": round(os.getloadavg()[0], 1)}
 
 
 def _export(adapter: Path, base: Path, out: Path) -> dict:
@@ -126,7 +128,8 @@ def main() -> int:
     summary["first_answers"] = {name: found[:2] for name, found in answers.items()}
     (args.out / "verify.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     for kind, result in summary["exports"].items():
-        print(f"export {kind}: {result['seconds']} s, peak RSS {result['peak_rss_mib']} MiB"
+        print(f"export {kind}: {result['seconds']} s ({result['cpu_seconds']} s CPU, load {result['load_average']}), "
+              f"peak RSS {result['peak_rss_mib']} MiB"
               + (f", file {result['mib']} MiB" if "mib" in result else ""))
     for name, equal in summary["equal_to_merged"].items():
         print(f"{name}: {equal}/{len(prompts)} answers equal to the merged transformers model's")
