@@ -16,6 +16,7 @@ examples:
   loracast generate --adapter out/train/adapter "My parcel 123456 never came, please hurry!"
   loracast generate --adapter out/train/adapter --compare "I was charged twice for my kettle."
   cat messages.txt | loracast generate --adapter out/train/adapter --model ./my-llama
+  loracast generate --model out/tuned.gguf "My parcel 123456 never came."   (a merged export, no adapter)
 
 Each message is sent as one user turn through the tokenizer's chat template, after the system prompt
 the adapter was trained with (recorded by `loracast train` in ADAPTER/sft.json; --system replaces it).
@@ -27,10 +28,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register `generate`."""
     parser = add_command(
         subparsers, "generate", "answer messages with a causal LM and a trained adapter",
-        "Print the greedy answers of a causal LM with a LoRA adapter to each message (chat template applied); "
-        "--compare also prints the base model's answers.", EXAMPLES)
+        "Print the greedy answers of a causal LM with a LoRA adapter (or without one: a merged model) to each message "
+        "(chat template applied); --compare also prints the base model's answers.", EXAMPLES)
     parser.add_argument("messages", nargs="*", metavar="MESSAGE", help="messages to answer (default: stdin lines)")
-    parser.add_argument("--adapter", type=Path, required=True, metavar="DIR", help="the adapter folder")
+    parser.add_argument("--adapter", type=Path, metavar="DIR",
+                        help="the adapter folder (leave out to run --model alone, e.g. a file loracast export wrote)")
     parser.add_argument("--model", type=Path, metavar="DIR|FILE.gguf",
                         help="the base model (default: the one the adapter was trained on, from ADAPTER/sft.json)")
     parser.add_argument("--system", metavar="TEXT", help="system prompt (default: the one used in training)")
@@ -66,10 +68,13 @@ def run(args: argparse.Namespace) -> int:
         from loracast.training.sft.model import check_llm_source, default_llm_path, load_llm, load_llm_tokenizer
         from loracast.tuner.peft_model import PeftModel
 
-        if not (args.adapter / "adapter_config.json").is_file():
+        if args.adapter is None and (args.model is None or args.compare):
+            raise CommandError("--compare and a run without --model need --adapter DIR (the adapter folder); "
+                               "without an adapter, pass --model DIR|FILE.gguf")
+        if args.adapter is not None and not (args.adapter / "adapter_config.json").is_file():
             raise CommandError(f"--adapter {args.adapter}: no adapter_config.json there; pass the adapter folder "
                                "written by loracast train (OUT/adapter)")
-        record = _training_record(args.adapter)
+        record = _training_record(args.adapter) if args.adapter is not None else {}
         messages = [m for m in (args.messages or [line.rstrip("\n") for line in sys.stdin]) if m.strip()]
         if not messages:
             raise CommandError("no messages: give them as arguments, or one per line on stdin")
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         device = pick_device(args.device)
         tokenizer = load_llm_tokenizer(source)
         model = load_llm(source, args.dtype or torch.bfloat16, False, device)
-        model = PeftModel.from_pretrained(model, args.adapter).eval()
+        model = (PeftModel.from_pretrained(model, args.adapter) if args.adapter is not None else model).eval()
         system = args.system if args.system is not None else record.get("system")
         plain = bool(record.get("plain")) or not getattr(tokenizer, "chat_template", None)
         prompts = messages if plain else [
