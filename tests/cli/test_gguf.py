@@ -49,7 +49,8 @@ def held_out(chat_data):
 @pytest.fixture(scope="module")
 def gguf_run(tmp_path_factory, tiny_gguf, chat_data):
     # two held-out conversations are enough to see the loss fall; each evaluation generates answers
-    return run_sft(tiny_gguf, chat_data, tmp_path_factory.mktemp("gguf_sft") / "out", "--eval-examples", "2")
+    return run_sft(tiny_gguf, chat_data, tmp_path_factory.mktemp("gguf_sft") / "out", "--eval-examples", "2",
+                   "--export-gguf", "q8_0")
 
 
 def test_f32_gguf_loads_into_the_llama_it_was_written_from(tiny_gguf, tiny_llama):
@@ -113,6 +114,27 @@ def test_train_on_a_gguf_writes_a_peft_adapter_naming_the_file(gguf_run, tiny_gg
     assert metrics["model"] == str(tiny_gguf) and metrics["base_dtype"] == "bfloat16"
     assert list(metrics["adapter_dtypes"]) == ["float32"]
     assert metrics["eval"]["after"]["loss"] < metrics["eval"]["before"]["loss"]  # it learnt something
+
+
+def test_train_exports_the_merged_model_as_gguf(gguf_run, tiny_gguf):
+    import gguf
+
+    exported = gguf.GGUFReader(str(gguf_run / "model-q8_0.gguf"))
+    base = gguf.GGUFReader(str(tiny_gguf))
+    assert bytes(exported.fields["general.architecture"].parts[-1]).decode() == "llama"
+    kinds = {t.name: t.tensor_type.name for t in exported.tensors}
+    assert kinds["blk.0.attn_q.weight"] == "Q8_0"  # adapted: merged once, then quantized once
+    assert kinds["token_embd.weight"] == {t.name: t.tensor_type.name for t in base.tensors}["token_embd.weight"]
+
+
+def test_export_gguf_of_a_type_the_writer_cannot_produce_is_refused_before_training(tiny_gguf, chat_data, tmp_path,
+                                                                                  capsys):
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(tiny_gguf), "--data", str(chat_data), "--out", str(out),
+                 "--export-gguf", "q4_k"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "q4_k" in err
+    assert not out.exists()
 
 
 def test_merge_of_a_gguf_base_writes_a_folder_with_the_unmerged_outputs(gguf_run, tiny_gguf, held_out, tmp_path,

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -75,6 +76,31 @@ def _check_tracker(report_to: str) -> None:
                                f"{', '.join(TRACKER_PACKAGES)}")
         if not any(importlib.util.find_spec(p) is not None for p in packages):
             raise CommandError(f"--report-to {name} needs the {packages[0]} package: pip install {packages[0]}")
+
+
+def _check_exportable(source: Path, gguf_type: str) -> None:
+    """Refuse, before training, an --export-gguf the writer could not produce for this base."""
+    from loracast.export.encode import check_type
+    from loracast.export.llama import check_folder_config, check_gguf_architecture
+    from loracast.export.source import open_gguf, read_gguf_field
+    from loracast.integrations.hf_loading import read_model_config
+    from loracast.training.sft.model import is_gguf
+
+    check_type(gguf_type)
+    if is_gguf(source):
+        check_gguf_architecture(str(read_gguf_field(open_gguf(source), "general.architecture")), str(source))
+    else:
+        check_folder_config(read_model_config(source), str(source))
+
+
+def _export(result: Any, source: Path, gguf_type: str) -> str:
+    """Write the trained model as one GGUF file beside the adapter; the line that reports it."""
+    from loracast.export import export_merged_gguf
+
+    out = result.out / f"model-{gguf_type}.gguf"
+    report = export_merged_gguf(result.out / "adapter", source, out, gguf_type, overwrite=True)
+    return (f"exported: {out} ({gguf_type}; {len(report.reencoded)} adapted tensors merged and rounded once, largest "
+            f"error {report.max_abs_error:.3g}; {report.kept + report.converted} other tensors)")
 
 
 def run_sft_command(args: argparse.Namespace) -> int:
@@ -157,6 +183,11 @@ def run_sft_command(args: argparse.Namespace) -> int:
     options = SftOptions(model=spec, data=data, out=args.out, precision=policy,
                          eval_fraction=args.eval_fraction, eval_examples=_value(args, "eval_examples"),
                          settings=settings, resume=args.resume, fsdp=args.fsdp)
+    if args.export_gguf is not None:
+        if args.compare_precision:
+            raise CommandError("--export-gguf exports one run; leave out --compare-precision, or export a chosen "
+                               "run's adapter with loracast export")
+        _check_exportable(source, args.export_gguf)
     pick_device(args.device)  # a device that cannot be used fails here, in one line
     device = args.device
     if args.compare_precision:
@@ -168,4 +199,6 @@ def run_sft_command(args: argparse.Namespace) -> int:
         result = run_sft(options, device)
         if result is not None:  # the main process reports
             print(format_sft_run(result))
+            if args.export_gguf is not None:
+                print(_export(result, source, args.export_gguf))
     return 0

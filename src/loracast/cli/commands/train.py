@@ -173,6 +173,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       help="end with the adapter of the best held-out exact match (needs --eval-steps)")
     runs.add_argument("--report-to", default="none", metavar="none|tensorboard|trackio|wandb",
                       help="experiment tracking through transformers' integrations (default none)")
+    runs.add_argument("--export-gguf", metavar="f32|f16|bf16|q8_0",
+                      help="also write the trained model as OUT/model-TYPE.gguf for llama.cpp and Ollama (the adapter "
+                           "merged once; Llama-family models)")
     runs.add_argument("--fsdp", action="store_true",
                       help="under torchrun: shard the model with FSDP2 instead of replicating it (DDP)")
     parser.set_defaults(func=run)
@@ -210,6 +213,7 @@ def _run_classifier(args: argparse.Namespace) -> int:
                 ("--save-total-limit", args.save_total_limit), ("--resume", args.resume),
                 ("--eval-steps", args.eval_steps), ("--load-best", args.load_best or None),
                 ("--fsdp", args.fsdp or None), ("--packing", args.packing or None), ("--quantize", args.quantize),
+                ("--export-gguf", args.export_gguf),
                 ("--grad-accum", None if args.grad_accum == 1 else args.grad_accum),
                 ("--report-to", None if args.report_to == "none" else args.report_to))
     for option, value in sft_only:
