@@ -48,6 +48,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="conversations per step")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (default 0, as loracast train)")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="which cases (default all)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--child", metavar="CASE", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -186,21 +187,23 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_child(args.child, args)))
         return 0
     load_before = os.getloadavg()
-    results: dict[str, list[dict]] = {case: [] for case in CASES}
+    cases = tuple(args.cases)
+    results: dict[str, list[dict]] = {case: [] for case in cases}
     for round_index in range(args.rounds):
-        order = CASES if round_index % 2 == 0 else CASES[::-1]
+        order = cases if round_index % 2 == 0 else cases[::-1]
         for case in order:
             results[case].append(run_child(__file__, argv, case))
             print(f"round {round_index + 1}/{args.rounds} {case}: median step "
                   f"{statistics.median(results[case][-1]['step_s']):.2f} s", file=sys.stderr)
     summary = {case: _summary(runs) for case, runs in results.items()}
-    peft = summary["peft"]
+    reference = "peft" if "peft" in summary else cases[0]
+    peft = summary[reference]
     print(f"SFT step on SmolLM2-135M-Instruct (bf16 base, LoRA r={args.rank} all-linear, batch {args.batch} triage "
           f"conversations, {peft['tokens_per_step']:.0f} tokens a step); {args.rounds} process(es) x {args.steps} "
           f"timed steps per case; load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(f"{'':16} {'adapters':>9} {'tokens/s':>9} {'step s, wall (min-max)':>24} {'step s, CPU (min-max)':>23} "
           f"{'peak RSS MiB':>13} {'first loss':>10}")
-    for case in CASES:
+    for case in cases:
         s = summary[case]
         print(f"{case:16} {'/'.join(s['adapter_dtypes']):>9} {s['tokens_per_s']:>9.0f} "
               f"{s['step_s_median']:>10.2f} ({s['step_s_min']:.2f}-{s['step_s_max']:.2f})"
@@ -209,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {case: {"tokens_per_s": summary[case]["tokens_per_s"] / peft["tokens_per_s"],
                      "tokens_per_cpu_s": summary[case]["tokens_per_cpu_s"] / peft["tokens_per_cpu_s"],
                      "peak_rss": summary[case]["peak_rss_mib_median"] / peft["peak_rss_mib_median"]}
-              for case in CASES if case != "peft"}
+              for case in cases if case != reference}
     for case, r in ratios.items():
-        print(f"ratio {case}/peft: tokens/s {r['tokens_per_s']:.3f} (wall), {r['tokens_per_cpu_s']:.3f} (CPU time), "
+        print(f"ratio {case}/{reference}: tokens/s {r['tokens_per_s']:.3f} (wall), {r['tokens_per_cpu_s']:.3f} (CPU time), "
               f"peak RSS {r['peak_rss']:.3f}")
     if args.json:
         with open(args.json, "w") as handle:
