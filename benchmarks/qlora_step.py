@@ -89,6 +89,15 @@ def _child(impl: str, model_dir: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = load_4bit(model_dir)
     model = lib.prepare_model_for_kbit_training(model, use_gradient_checkpointing=not args.no_checkpointing)
+    return adapt_and_time(impl, lib, model, args)
+
+
+def adapt_and_time(impl: str, lib, model, args: argparse.Namespace) -> dict:
+    """Adapt the prepared quantized `model` with `lib`'s `get_peft_model` (r=args.rank on every
+    linear layer), then time warmup + steps AdamW steps on random tokens: the per-step wall and CPU
+    times, peak memory, injection time and losses a child reports."""
+    import torch
+
     config = lib.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear",
                             lora_dropout=0.05, task_type="CAUSAL_LM")
     start = time.perf_counter()
@@ -113,9 +122,9 @@ def _child(impl: str, model_dir: str, args: argparse.Namespace) -> dict:
             cpu_times.append(cpu)
         losses.append(float(loss.detach()))
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"impl": impl, "step_s": times, "step_cpu_s": cpu_times, "peak_rss_mib": peak_mib, "rss_before_training_mib": rss_before,
-            "inject_s": inject_s, "losses": losses, "trainable": sum(p.numel() for p in params),
-            "threads": torch.get_num_threads()}
+    return {"impl": impl, "step_s": times, "step_cpu_s": cpu_times, "peak_rss_mib": peak_mib,
+            "rss_before_training_mib": rss_before, "inject_s": inject_s, "losses": losses,
+            "trainable": sum(p.numel() for p in params), "threads": torch.get_num_threads()}
 
 
 # -- the driver ------------------------------------------------------------------------------------

@@ -22,11 +22,9 @@ Not a test: the numbers depend on the machine and its load. Quote medians with t
 
 from __future__ import annotations
 
-import resource
 import sys
-import time
 
-from qlora_step import _rss_mib, compare_libraries
+from qlora_step import adapt_and_time, compare_libraries
 
 
 def load_int8(model_dir: str):
@@ -58,33 +56,7 @@ def _child(impl: str, model_dir: str, args) -> dict:
     if checkpointing and not model.is_activation_checkpointing:  # PEFT: no transformers quantization config here
         model.enable_input_require_grads()
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
-    config = lib.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear",
-                            lora_dropout=0.05, task_type="CAUSAL_LM")
-    start = time.perf_counter()
-    model = lib.get_peft_model(model, config)
-    inject_s = time.perf_counter() - start
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    data = torch.randint(0, args.vocab, (args.warmup + args.steps, args.batch, args.seq),
-                         generator=torch.Generator().manual_seed(1))
-    rss_before = _rss_mib()
-    times, cpu_times, losses = [], [], []
-    for step, ids in enumerate(data):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-        if step >= args.warmup:
-            times.append(elapsed)
-            cpu_times.append(cpu)
-        losses.append(float(loss.detach()))
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"impl": impl, "step_s": times, "step_cpu_s": cpu_times, "peak_rss_mib": peak_mib,
-            "rss_before_training_mib": rss_before, "inject_s": inject_s, "losses": losses,
-            "trainable": sum(p.numel() for p in params), "threads": torch.get_num_threads()}
+    return adapt_and_time(impl, lib, model, args)
 
 
 def main(argv: list[str] | None = None) -> int:
