@@ -155,14 +155,25 @@ def test_an_incomplete_checkpoint_is_ignored_and_the_previous_one_resumed(tmp_pa
     _assert_bit_equal(_adapter(out), _adapter(uninterrupted))
 
 
-def test_two_processes_equal_one_process_accumulating_two_batches(tmp_path, tiny_llama, data, ddp_run):
-    one, two = tmp_path / "one", ddp_run
-    assert _one_thread(_command(tiny_llama, data, one, *STEPS, "--grad-accum", "2")) == 0
-    a, b = _adapter(one), _adapter(two)
+@pytest.fixture(scope="module")
+def accumulated(tmp_path_factory, tiny_llama, data) -> Path:
+    """One process accumulating two batches a step: the oracle of the two-process runs."""
+    out = tmp_path_factory.mktemp("accumulated") / "out"
+    assert _one_thread(_command(tiny_llama, data, out, *STEPS, "--grad-accum", "2")) == 0
+    return out
+
+
+def _assert_adapters_close(expected: Path, got: Path) -> None:
+    a, b = _adapter(expected), _adapter(got)
     assert a.keys() == b.keys()
     for name in a:
         scale = float(a[name].abs().max())
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=DDP_RTOL * max(scale, 1e-12), msg=name)
+
+
+def test_two_processes_equal_one_process_accumulating_two_batches(accumulated, ddp_run):
+    one, two = accumulated, ddp_run
+    _assert_adapters_close(one, two)
     m1, m2 = (json.loads((o / "metrics.json").read_text()) for o in (one, two))
     assert m2["train"]["processes"] == 2 and m2["train"]["global_batch"] == m1["train"]["global_batch"] == 8
     assert [s["tokens"] for s in m2["history"]["steps"]] == [s["tokens"] for s in m1["history"]["steps"]]
@@ -177,14 +188,8 @@ def fsdp_run(tmp_path_factory, tiny_llama, data) -> Path:
     return out
 
 
-def test_fsdp2_equals_one_process_accumulating_two_batches(tmp_path, tiny_llama, data, fsdp_run):
-    one = tmp_path / "one"
-    assert _one_thread(_command(tiny_llama, data, one, *STEPS, "--grad-accum", "2")) == 0
-    a, b = _adapter(one), _adapter(fsdp_run)
-    assert a.keys() == b.keys()
-    for name in a:
-        scale = float(a[name].abs().max())
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=DDP_RTOL * max(scale, 1e-12), msg=name)
+def test_fsdp2_equals_one_process_accumulating_two_batches(accumulated, fsdp_run):
+    _assert_adapters_close(accumulated, fsdp_run)
     checkpoint = fsdp_run / "checkpoints" / "checkpoint-4"
     assert (checkpoint / "optimizer_shards").is_dir()  # each process's optimizer shards
     assert json.loads((checkpoint / "loracast_checkpoint.json").read_text())["identity"]["--fsdp"] is True
