@@ -56,7 +56,7 @@ def test_public_constructor_has_no_private_keywords():
 
 # (what, pattern, the modules allowed to hold it): each fact is written in one place.
 ONE_SOURCE = [
-    ("the LoRA scaling formula", r"alpha\s*/\s*(math\.sqrt\(r\)|\(?r\s*\*\*|r\b)", {"config.py"}),
+    ("the LoRA scaling formula", r"alpha\s*/\s*(math\.sqrt\(r\)|\(?r\s*\*\*|r\b)", {"config/lora_config.py"}),
     ("a table of dtype names", r"[\"'](bf16|fp16|fp32)[\"']\s*:", {"dtypes.py"}),
     ("adapter-parameter names", r"[\"']\.lora_[\"']|startswith\([\"']lora_|[\"']\.modules_to_save\.[\"']",
      {"precision/view.py"}),
