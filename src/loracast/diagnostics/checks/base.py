@@ -19,8 +19,10 @@ _HALF = (torch.float16, torch.bfloat16)
 UPCAST_FROZEN_PARAMS = finding_kind(
     "upcast-frozen-params", "warning",
     title="frozen non-norm parameters in float32 in a model that declares a half dtype "
-          "(prepare_model_for_kbit_training's upcast), with the memory it costs",
-    explanation="Frozen weights gain nothing from float32 but memory.")
+          "(prepare_model_for_kbit_training's upcast; on a model that is not quantized, the whole base), "
+          "with the memory it costs",
+    explanation="Frozen weights gain nothing from float32 but memory: twice the parameter memory of the declared "
+                "dtype for each of them.")
 MIXED_FROZEN_DTYPES = finding_kind(
     "mixed-frozen-dtypes", "warning",
     title="frozen unquantized base parameters in several float dtypes (fp32 norms beside a bf16 lm_head)",
@@ -53,19 +55,33 @@ def check_upcast_frozen(inv: Inventory) -> list[Finding]:
     upcast = [p for p in state.frozen if p.dtype == torch.float32 and not p.is_norm]
     if not upcast:
         return []
-    half = torch.finfo(state.declared).bits // 8
-    extra = sum(p.numel for p in upcast) * (4 - half)
-    norms = sum(1 for p in state.frozen if p.dtype == torch.float32 and p.is_norm)
     declared = dtype_name(state.declared)
+    held = sum(p.nbytes for p in upcast)
+    extra = held - sum(p.numel for p in upcast) * (torch.finfo(state.declared).bits // 8)
+    norms = sum(1 for p in state.frozen if p.dtype == torch.float32 and p.is_norm)
+    norms_note = f" ({norms} float32 norm parameters are left out: they are small.)" if norms else ""
+    title = (f"{len(upcast)} frozen base parameters are float32 in a {declared} model: {size(extra)} more than in "
+             f"{declared} ({held:,} bytes where {declared} needs {held - extra:,})")
+    if not state.quantized:
+        return [UPCAST_FROZEN_PARAMS.found(
+            title=title, seen=grouped([p.name for p in upcast]),
+            why=f"The model declares {declared} and holds no quantized layer, yet its frozen base is float32: twice "
+                f"the parameter memory. prepare_model_for_kbit_training (PEFT's, or loracast's with upcast=\"all\") "
+                "does this to a model that is not quantized: it is meant for 4-bit and 8-bit models, whose "
+                "unquantized rest it upcasts, and here it upcasts everything. Frozen weights gain nothing from "
+                "float32; the adapters are float32 either way (autocast_adapter_dtype=True)." + norms_note,
+            fix="# prepare_model_for_kbit_training is for 4-bit and 8-bit models: leave it out on this one.\n"
+                f"# On this model, cast the frozen base back to {declared}:\n"
+                f"{cast_frozen_fix(state.declared)}\n"
+                "# or make the model again without it (get_peft_model freezes the base itself):\n"
+                f"model = loracast.get_peft_model(base_model, config)  # base_model in {declared}; "
+                "peft.get_peft_model likewise")]
     return [UPCAST_FROZEN_PARAMS.found(
-        title=f"{len(upcast)} frozen base parameters are float32 in a {declared} model: "
-              f"{size(extra)} more than in {declared}",
-        seen=grouped([p.name for p in upcast]),
+        title=title, seen=grouped([p.name for p in upcast]),
         why="prepare_model_for_kbit_training (PEFT's, or loracast's with upcast=\"all\") casts every frozen "
             "half-precision parameter that is not quantized to float32: embeddings, lm_head, biases, unquantized "
-            "layers, and the whole model when it was not quantized. Frozen weights gain nothing from float32 but "
-            "memory; on a large vocabulary the float32 embedding and head can outweigh the 4-bit layers."
-            + (f" ({norms} float32 norm parameters are left out: they are small.)" if norms else ""),
+            "layers. Frozen weights gain nothing from float32 but memory; on a large vocabulary the float32 "
+            "embedding and head can outweigh the 4-bit layers." + norms_note,
         fix=f"{cast_frozen_fix(state.declared)}\n"
             "# or, before training: model = loracast.prepare_model_for_kbit_training(model, upcast=\"none\")\n"
             "# (upcast=\"norms\" keeps float32 norms, which then need torch.autocast: see mixed-frozen-dtypes)")]
