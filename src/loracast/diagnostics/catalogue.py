@@ -40,21 +40,16 @@ def generated_block() -> str:
     return f"{BEGIN}\n{markdown_table()}\n{END}"
 
 
-def _span(text: str, where: str) -> tuple[int, int]:
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < start:
-        raise ValueError(f"{where} has no doctor findings block: add the lines\n{BEGIN}\n{END}\nwhere the table goes")
-    return start, end + len(END)
-
-
 def current_block(text: str, where: str = "the text") -> str:
     """The doctor findings block as it stands in `text`, markers included.
 
     Raises:
         ValueError: `text` lacks the markers (the message gives them).
     """
-    start, end = _span(text, where)
-    return text[start:end]
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"{where} has no doctor findings block: add the lines\n{BEGIN}\n{END}\nwhere the table goes")
+    return text[start:end + len(END)]
 
 
 def replace_block(text: str, where: str = "the text") -> str:
@@ -63,8 +58,7 @@ def replace_block(text: str, where: str = "the text") -> str:
     Raises:
         ValueError: `text` lacks the markers (the message gives them).
     """
-    start, end = _span(text, where)
-    return text[:start] + generated_block() + text[end:]
+    return text.replace(current_block(text, where), generated_block(), 1)
 
 
 def main(argv: list[str] | None = None) -> int:

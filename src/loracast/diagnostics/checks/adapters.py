@@ -13,6 +13,12 @@ from loracast.diagnostics.inputs import Inventory, TensorRecord
 from loracast.diagnostics.report import Finding
 from loracast.dtypes import dtype_name
 
+__all__ = [
+    "FP16_MAX", "MIXED_ADAPTER_DTYPES", "MIXED_LORA_COMPUTE", "NEAR_FP16_FACTOR", "NEAR_FP16_LIMIT",
+    "NON_FINITE_ADAPTER", "NO_ADAPTERS", "check_mixed_dtypes", "check_mixed_lora_compute", "check_no_adapters",
+    "check_values", "lora_records",
+]
+
 FP16_MAX = torch.finfo(torch.float16).max
 NEAR_FP16_FACTOR = 16.0  # headroom below float16's largest value that the LoRA product and merge can eat
 

@@ -14,6 +14,11 @@ from loracast.diagnostics.inputs import Inventory
 from loracast.diagnostics.report import Finding
 from loracast.dtypes import dtype_name
 
+__all__ = [
+    "MIXED_FROZEN_DTYPES", "NON_FINITE_BASE", "UPCAST_FROZEN_PARAMS", "cast_frozen_fix", "check_mixed_frozen",
+    "check_non_finite_base", "check_upcast_frozen",
+]
+
 _HALF = (torch.float16, torch.bfloat16)
 
 UPCAST_FROZEN_PARAMS = finding_kind(

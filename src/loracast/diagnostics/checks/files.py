@@ -20,6 +20,13 @@ from loracast.diagnostics.inputs import Inventory, TensorRecord
 from loracast.diagnostics.report import Finding
 from loracast.dtypes import dtype_name
 
+__all__ = [
+    "ADAPTER_DTYPE_CHANGED", "ADAPTER_LOAD_FAILED", "BASE_DTYPE_UNLIKE_FILE", "ENVIRONMENT_CHANGED",
+    "FILE_DTYPE_DIFFERS", "FINGERPRINT_UNREADABLE", "NO_FINGERPRINT", "SAVED_DTYPE_DIFFERS",
+    "check_base_unlike_file", "check_file_dtype", "check_fingerprint_differences", "check_loading",
+    "check_saved_dtype", "file_dtype", "keep_dtypes_fix",
+]
+
 _HALF = (torch.float16, torch.bfloat16)
 
 SAVED_DTYPE_DIFFERS = finding_kind(

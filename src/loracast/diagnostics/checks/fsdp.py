@@ -17,6 +17,8 @@ from loracast.diagnostics.report import Finding
 from loracast.distributed.accelerate_env import accelerate_fsdp_launched
 from loracast.dtypes import dtype_name
 
+__all__ = ["FSDP1_FLATTEN", "FSDP_INTEGER_STORAGE", "FSDP_MIXED_DTYPES", "FSDP_STORAGE_DTYPE", "check_fsdp", "check_fsdp1_flatten"]
+
 FSDP_INTEGER_STORAGE = finding_kind(
     "fsdp-integer-storage", "error", title="FSDP in use or asked for, and quantized weights stored as integers",
     explanation="Wrapping fails with 'Cannot flatten integer dtype tensors'; a float quant_storage equal to the "

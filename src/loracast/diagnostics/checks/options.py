@@ -10,6 +10,8 @@ from loracast.diagnostics.checks.words import count
 from loracast.diagnostics.inputs import Inventory
 from loracast.diagnostics.report import Finding
 
+__all__ = ["UNKNOWN_PEFT_FIELDS", "UNSUPPORTED_PEFT_OPTIONS", "check_config"]
+
 UNSUPPORTED_PEFT_OPTIONS = finding_kind(
     "unsupported-peft-options", "error",
     title="PEFT options that change the math and loracast does not implement (each listed with its value)",

@@ -12,6 +12,11 @@ from loracast.diagnostics.inputs import Inventory
 from loracast.diagnostics.report import Finding
 from loracast.dtypes import dtype_name
 
+__all__ = [
+    "QUANT_COMPUTE_MISMATCH", "QUANT_NO_COMPUTE_DTYPE", "REQUANTIZED_MERGE", "check_quant_compute",
+    "check_quant_no_compute", "check_requantized",
+]
+
 _WIDE = (torch.float32, torch.float64)
 
 QUANT_COMPUTE_MISMATCH = finding_kind(

@@ -11,6 +11,8 @@ from loracast.diagnostics.inputs import Inventory
 from loracast.diagnostics.report import Finding
 from loracast.dtypes import dtype_name
 
+__all__ = ["BASE_REQUIRES_GRAD", "BF16_TRAINABLE", "FP16_TRAINABLE", "check_base_grad", "check_bf16_trainable", "check_fp16_trainable"]
+
 FP16_TRAINABLE = finding_kind(
     "fp16-trainable", "error", title="float16 parameters require grad",
     explanation="Gradients and updates overflow or round to nothing, and torch.amp's GradScaler stops with "
