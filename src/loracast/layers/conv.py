@@ -46,8 +46,10 @@ class Conv(LoraLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         base = self.base_layer
         if base.groups > 1:
-            raise LoracastError(f"cannot merge into a {type(base).__name__} with groups={base.groups}: its weight "
-                                "holds only the in-group connections the LoRA update spans; keep the adapter unmerged")
+            raise LoracastError(f"cannot merge into a {type(base).__name__} with groups={base.groups}: the LoRA update "
+                                "connects every input channel to every output channel, and the grouped weight holds "
+                                "only the in-group connections (PEFT refuses this merge too); keep the adapter "
+                                "unmerged, or adapt an ungrouped layer")
         weight_a = self.lora_A[adapter_name].weight  # (r, in, *kernel)
         weight_b = self.lora_B[adapter_name].weight  # (out, r, 1, ...)
         dtype = delta_dtype(weight_a)

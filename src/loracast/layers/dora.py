@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loracast.errors import LoracastError
-from loracast.layers.base import LoraLayer
+from loracast.layers.base import LoraLayer, delta_dtype
 from loracast.layers.conv import Conv
 from loracast.layers.embedding import Embedding
 from loracast.layers.fastpath import global_hooks, plain_factor
@@ -213,22 +212,38 @@ class DoraLinear(Dora):
 
 
 class DoraConv(Dora):
-    """DoRA on a `Conv`: one magnitude per output channel, shaped (1, out, 1, ...) as PEFT's."""
+    """DoRA on a `Conv`: one magnitude per output channel, shaped (1, out, 1, ...) as PEFT's.
 
-    def create(self, layer: Conv, adapter_name: str, *, dtype: torch.dtype, device: torch.device,
-               initialize: bool) -> None:
-        base = layer.base_layer
-        if base.groups > 1:
-            raise LoracastError(f"use_dora=True cannot adapt a {type(base).__name__} with groups={base.groups}: "
-                                "its weight holds only the in-group connections the update spans; exclude the layer "
-                                "from target_modules or set use_dora=False")
-        super().create(layer, adapter_name, dtype=dtype, device=device, initialize=initialize)
+    On a grouped convolution (``groups > 1``) the LoRA branch is PEFT's: ``lora_A`` sees every
+    input channel and ``lora_B`` is grouped, so the update connects every input channel to every
+    output channel while the base weight holds only the in-group connections. The norm is then
+    PEFT's too: of the base weight plus the product ``B @ A`` with B read as (out/groups, r) and
+    laid out in the base weight's shape (what PEFT 0.21.2 computes, and what its files' magnitudes
+    were trained against), built explicitly; such an adapter cannot be merged.
+    """
 
     def rows(self, layer: Conv, weight: torch.Tensor) -> torch.Tensor:
         return weight.flatten(1)
 
     def magnitude_shape(self, layer: Conv) -> tuple[int, ...]:
         return (1, layer.out_features) + (1,) * (layer.base_layer.weight.dim() - 2)
+
+    def norm_delta(self, layer: Conv, adapter_name: str) -> torch.Tensor:
+        base = layer.base_layer
+        if base.groups == 1:
+            return layer.get_delta_weight(adapter_name)
+        weight_a = layer.lora_A[adapter_name].weight  # (r, in, *kernel)
+        weight_b = layer.lora_B[adapter_name].weight  # (out, r / groups, 1, ...)
+        r, dtype = weight_a.shape[0], delta_dtype(weight_a)
+        product = weight_b.to(dtype).reshape(-1, r) @ weight_a.to(dtype).reshape(r, -1)  # (out / groups, in * k)
+        return product.reshape(base.weight.shape) * layer.scaling[adapter_name]
+
+    def fresh_norm(self, layer: Conv, adapter_name: str, a: torch.Tensor, b: torch.Tensor,
+                   scaling: float) -> torch.Tensor:
+        if layer.base_layer.groups == 1:
+            return super().fresh_norm(layer, adapter_name, a, b, scaling)
+        # the grouped layout has no row-wise low-rank form; conv weights are small: build it
+        return self.direct_weight_norm(layer, adapter_name).to(a.dtype)
 
     def forward(self, layer: Conv, x: torch.Tensor, adapter_name: str, result: torch.Tensor) -> torch.Tensor:
         base = layer.base_layer
