@@ -21,8 +21,7 @@ from loracast.config import lora_scaling
 from loracast.errors import AdapterStateError, LoracastError
 from loracast.layers import build
 from loracast.layers.merge import BitResidual, check_finite, exact_sum
-from loracast.layers.per_sample import PerSampleNames
-from loracast.layers.routing import routed_adapter_names
+from loracast.layers.routing import PerSampleNames, routed_adapter_names
 from loracast.layers.variant import PLAIN, LoraVariant, merged_weight
 from loracast.precision.rules import cast_for_adapter
 
