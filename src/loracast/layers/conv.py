@@ -7,7 +7,7 @@ from torch import nn
 
 from loracast.errors import LoracastError
 from loracast.layers.base import LoraLayer, delta_dtype
-from loracast.layers.init import init_factor_pair, rounding_dtype
+from loracast.layers.init.random_init import init_factor_pair, rounding_dtype
 
 
 class Conv(LoraLayer):
@@ -34,7 +34,7 @@ class Conv(LoraLayer):
         self._register_numbers(adapter_name, r, lora_alpha, use_rslora, lora_bias, lora_dropout)
         conv_type = type(base)
         ones = (1,) * (base.weight.dim() - 2)
-        # built on the meta device (no draws), then filled with PEFT's random draws (layers/init.py)
+        # built on the meta device (no draws), then filled with PEFT's random draws (layers/init/random_init.py)
         lora_a = conv_type(self.in_features, r, base.kernel_size, base.stride, base.padding,
                            dilation=base.dilation, bias=False, device="meta", dtype=dtype).to_empty(device=device)
         lora_b = conv_type(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias,

@@ -8,7 +8,7 @@ from torch import nn
 
 from loracast.errors import LoracastError
 from loracast.layers.base import LoraLayer, delta_dtype
-from loracast.layers.init import init_embedding_pair, rounding_dtype
+from loracast.layers.init.random_init import init_embedding_pair, rounding_dtype
 
 
 class Embedding(LoraLayer):
@@ -38,7 +38,7 @@ class Embedding(LoraLayer):
         weight_b = nn.Parameter(torch.empty((self.out_features, r), dtype=dtype, device=device))
         self.lora_embedding_A[adapter_name] = weight_a
         self.lora_embedding_B[adapter_name] = weight_b
-        # PEFT's random draws (layers/init.py)
+        # PEFT's random draws (layers/init/random_init.py)
         init_embedding_pair(weight_a, weight_b, init_lora_weights, rounding_dtype(self.get_base_layer()))
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

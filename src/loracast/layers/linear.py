@@ -9,8 +9,8 @@ from loracast.errors import ConfigError, LoracastError
 from loracast.layers import build
 from loracast.layers.base import LoraLayer, delta_dtype
 from loracast.layers.fastpath import exact_forward, fast_forward, single_adapter
-from loracast.layers.init import init_factor_pair, rounding_dtype
-from loracast.layers.init_from_base import decompose, orthogonal_factors, residual
+from loracast.layers.init.from_base import decompose, orthogonal_factors, residual
+from loracast.layers.init.random_init import init_factor_pair, rounding_dtype
 from loracast.precision.rules import base_weight
 from loracast.quant import find_backend
 from loracast.quant import merge as quant_merge
@@ -46,7 +46,7 @@ class Linear(LoraLayer):
     def update_layer(self, adapter_name, r, lora_alpha, *, lora_dropout, init_lora_weights, use_rslora,
                      lora_bias, dtype, device):
         self._register_numbers(adapter_name, r, lora_alpha, use_rslora, lora_bias, lora_dropout)
-        # values: PEFT's random draws for `init_lora_weights` (layers/init.py); None: left for a load to fill
+        # values: PEFT's random draws for `init_lora_weights` (layers/init/random_init.py); None: left for a load to fill
         lora_a = build.linear(self.in_features, r, False, dtype, device)
         lora_b = build.linear(r, self.out_features, lora_bias, dtype, device)
         build.put(self.lora_A, adapter_name, lora_a)
@@ -56,7 +56,7 @@ class Linear(LoraLayer):
 
     def init_from_base(self, adapter_name: str, init: str, loftq_config: dict | None = None) -> None:
         """Start adapter `adapter_name` the PiSSA / OLoRA / LoftQ / orthogonal way (see
-        `loracast.layers.init_from_base`); the first three rewrite the base weight (rounded once).
+        `loracast.layers.init.from_base`); the first three rewrite the base weight (rounded once).
 
         Raises:
             ConfigError: the base is quantized (these need the float weight), or the rank is odd

@@ -20,7 +20,7 @@ from torch import nn
 from loracast.config import LoraConfig, layer_index_regex, modules_to_save_regex, pattern_key_regex
 from loracast.errors import ConfigError, LoracastError
 from loracast.layers import Conv, Embedding, Linear, LoraLayer, MultiheadAttention
-from loracast.layers.init_from_base import is_weight_init
+from loracast.layers.init.from_base import is_weight_init
 from loracast.layers.modules_to_save import ModulesToSaveWrapper
 from loracast.layers.variant_registry import add_variant
 from loracast.precision.rules import adapter_device, apply_adapter_rule, declared_dtype, resolve_adapter_dtype
