@@ -17,8 +17,9 @@ from torch import nn
 from loracast.config import LoraConfig
 from loracast.errors import ConfigError, LoracastError
 from loracast.layers import Conv, Embedding, Linear, LoraLayer, MultiheadAttention
-from loracast.layers.init_from_base import is_weight_init
+from loracast.layers.init.from_base import is_weight_init
 from loracast.layers.modules_to_save import ModulesToSaveWrapper
+from loracast.layers.variant_registry import add_variant
 from loracast.precision.rules import adapter_device, apply_adapter_rule, declared_dtype, resolve_adapter_dtype
 from loracast.quant import find_backend
 from loracast.quant.base import check_adaptable
@@ -206,8 +207,8 @@ def inject_adapter(
             use_rslora=config.use_rslora, lora_bias=config.lora_bias, dtype=dtype, device=device)
         if from_base:  # also when loading: the saved factors belong to the residual base (as PEFT)
             _init_from_base(layer, adapter_name, from_base, config, name)
-        if config.use_dora:  # the magnitude follows the adapter dtype rule, like the factors
-            layer.add_dora(adapter_name, dtype=dtype, device=device, initialize=init is not None)
+        # a variant's own tensors (DoRA's magnitude) follow the adapter dtype rule, like the factors
+        add_variant(layer, adapter_name, config, name, dtype=dtype, device=device, initialize=init is not None)
         if layer is not module:
             replace_child(parent, attr, layer)
         targeted.append(name)
