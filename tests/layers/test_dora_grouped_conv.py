@@ -106,7 +106,11 @@ def test_fp32_outputs_and_gradients_match_peft(model_id):
     grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
     assert len(grads) == 3 and all(g is not None and g.abs().sum() > 0 for g in grads.values())
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, theirs_params[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+        # relative to the whole gradient: Groups2's gradients reach 1e7, and single elements that are
+        # sums of cancelling terms differ by the thread count's summation order (up to 4e-4 of themselves)
+        expected_grad = theirs_params[name].grad
+        relative = float((grad - expected_grad).norm() / expected_grad.norm())
+        assert relative < 1e-5, f"{name}: {relative:.2e}"
 
 
 @pytest.mark.parametrize("model_id", sorted(MODELS))
