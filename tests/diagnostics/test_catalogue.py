@@ -1,4 +1,4 @@
-"""The catalogue of finding ids: generated from the registry of checks, shown in the README, and
+"""The catalogue of finding ids: generated from the registry of checks, shown on the documentation's doctor page, and
 the only way to emit a finding."""
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from loracast.diagnostics.report import SEVERITIES, Finding
 from loracast.errors import LoracastError
 
 ROOT = Path(__file__).resolve().parents[2]
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "doctor.md"  # the doctor page of the documentation site
 FIX = "run: python -m loracast.diagnostics.catalogue"
 
 
 def test_the_readme_table_is_the_generated_catalogue():
-    block = catalogue.current_block(README.read_text(encoding="utf-8"), "README.md")
-    assert block == catalogue.generated_block(), f"README.md's doctor findings table differs from the checks; {FIX}"
+    block = catalogue.current_block(PAGE.read_text(encoding="utf-8"), "docs/doctor.md")
+    assert block == catalogue.generated_block(), f"docs/doctor.md's doctor findings table differs from the checks; {FIX}"
 
 
 def test_the_table_has_one_row_per_registered_id_in_run_order():
@@ -50,7 +50,7 @@ def test_stale_texts_are_gone():
 
 
 def test_troubleshooting_names_only_registered_ids():
-    text = README.read_text(encoding="utf-8")
+    text = PAGE.read_text(encoding="utf-8")
     section = text[text.index("## Troubleshooting"):]
     section = section[:section.index("\n## ", 1)]
     named = set(re.findall(r"`([a-z0-9]+(?:-[a-z0-9]+)+)`", section.split("|---|---|", 1)[1]))

@@ -26,9 +26,9 @@ CONFIG_NAME = "adapter_config.json"
 PEFT_VERSION_WRITTEN = "0.21.2"  # the PEFT release whose file layout we write
 
 SUPPORTED, KEPT, REFUSED = Support.SUPPORTED, Support.KEPT, Support.REFUSED
-SAME_AS_PEFT = "same semantics; adapters follow the [precision rules](#precision-rules)"
+SAME_AS_PEFT = "same semantics; adapters follow the [precision rules](precision.md#precision-rules)"
 INFORMATIONAL = "informational, or meaningful only with a refused option"
-FROM_BASE = "decomposed in float64, residual rounded once ([below](#pissa-olora-orthogonal-and-loftq-starts))"
+FROM_BASE = "decomposed in float64, residual rounded once ([other starts](dora.md#pissa-olora-orthogonal-and-loftq-starts))"
 DATA_DRIVEN = "data-driven starts: they need a pass over training data before the adapter exists"
 OTHER_METHODS = "other methods on top of LoRA (routing, SVD reparametrisations, variational, ...)"
 NOT_IMPLEMENTED = "Not implemented by loracast; must be left at its default."
@@ -136,7 +136,7 @@ class LoraConfig:
              "({name: ids}); a head tied to the embedding follows.")
     use_dora: bool = option(
         False, check=accepts.boolean, scope="Linear, Conv1D, Embedding, Conv1d/2d/3d, bitsandbytes 4-bit/8-bit",
-        note="weight norm in float32 or wider, merge rounded once ([DoRA](#dora))",
+        note="weight norm in float32 or wider, merge rounded once ([DoRA](dora.md#dora))",
         help="DoRA: learn a magnitude per output row as well as the low-rank direction.")
     layer_replication: Any = option(
         None, check=accepts.anything, support=REFUSED, help=NOT_IMPLEMENTED,

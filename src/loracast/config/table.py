@@ -1,8 +1,8 @@
-"""The README's table of `LoraConfig` fields and what loracast does with each, rendered from the
+"""The documentation's table of `LoraConfig` fields and what loracast does with each, rendered from the
 field declarations (`loracast.config.spec`).
 
-The README holds the table between TABLE_START and TABLE_END; a test fails when it differs from
-`render_table()`. To rewrite it: ``python -m loracast.config.table README.md``.
+docs/switching-from-peft.md holds the table between TABLE_START and TABLE_END; a test fails when it differs from
+`render_table()`. To rewrite it: ``python -m loracast.config.table docs/switching-from-peft.md``.
 """
 
 from __future__ import annotations
@@ -67,4 +67,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:] or ["README.md"]))
+    sys.exit(main(sys.argv[1:] or ["docs/switching-from-peft.md"]))

@@ -2,8 +2,8 @@
 
 Every kind of finding is declared once, beside the check that reports it
 (`loracast.diagnostics.checks.registry.finding_kind`); this module renders them as the Markdown
-table the README shows between `BEGIN` and `END`. ``python -m loracast.diagnostics.catalogue``
-rewrites that block in README.md; ``--check`` only says whether it is current (exit status 1 when not).
+table the documentation's doctor page shows between `BEGIN` and `END`. ``python -m loracast.diagnostics.catalogue``
+rewrites that block in docs/doctor.md; ``--check`` only says whether it is current (exit status 1 when not).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def markdown_table(kinds: list[FindingKind] | None = None) -> str:
 
 
 def generated_block() -> str:
-    """The README block: the markers around the table."""
+    """The doctor page's block: the markers around the table."""
     return f"{BEGIN}\n{markdown_table()}\n{END}"
 
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     """Rewrite (or, with --check, compare) the findings table in a Markdown file; the exit status."""
     parser = argparse.ArgumentParser(prog="python -m loracast.diagnostics.catalogue",
                                      description="Write the doctor's catalogue of findings into a Markdown file.")
-    parser.add_argument("path", nargs="?", default="README.md", help="the file holding the block (default README.md)")
+    parser.add_argument("path", nargs="?", default="docs/doctor.md", help="the file holding the block (default docs/doctor.md)")
     parser.add_argument("--check", action="store_true", help="only say whether the block is current")
     args = parser.parse_args(argv)
     path = Path(args.path)
