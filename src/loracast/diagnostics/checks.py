@@ -43,6 +43,7 @@ from loracast.diagnostics.inputs import Inventory, TensorRecord
 from loracast.diagnostics.report import Finding
 from loracast.diagnostics.report import count as _count
 from loracast.dtypes import dtype_name
+from loracast.quant.base import compute_dtype_fix
 
 FP16_MAX = torch.finfo(torch.float16).max
 NEAR_FP16_FACTOR = 16.0  # headroom below float16's largest value that the LoRA product and merge can eat
@@ -164,11 +165,12 @@ def check_quant_compute(inv: Inventory) -> list[Finding]:
         "not. PEFT before 0.18 left such adapters in float32 or in the storage dtype (peft#2889).",
         "model = loracast.get_peft_model(base_model, config, precision=\"fast\")  # adapters take the compute dtype\n"
         "# or load the base with the compute dtype the adapter was trained in:\n"
-        + "\n".join(_COMPUTE_DTYPE_FIXES[b.split("-")[0]] for b in sorted(backends)
-                    if b.split("-")[0] in _COMPUTE_DTYPE_FIXES))]
+        + "\n".join(fix for fix in dict.fromkeys(_COMPUTE_DTYPE_FIXES.get(b.split("-")[0]) or compute_dtype_fix(b)
+                                                  for b in sorted(backends)) if fix))]
 
 
-# How each quantization library sets a layer's compute dtype (for quant-compute-mismatch's fix).
+# How each quantization library sets a layer's compute dtype (for quant-compute-mismatch's fix); a
+# backend not listed here says it itself (`loracast.quant.base.compute_dtype_fix`).
 _COMPUTE_DTYPE_FIXES = {
     "bitsandbytes": "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)",
     "torchao": "# torchao computes in the dtype the float weights had when quantized:\n"

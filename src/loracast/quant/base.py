@@ -51,11 +51,17 @@ class QuantBackend(Protocol):
 
 # Optional backend members, read with getattr: ``repacks_in_eval`` (True when the layer's
 # eval-mode forward rewrites its own weight) and ``prepare_for_sharding(module)`` (makes the layer
-# safe to shard with FSDP), used by `repacks_in_eval` and `loracast.quant.sharding`.
+# safe to shard with FSDP), used by `repacks_in_eval` and `loracast.quant.sharding`;
+# ``describe(module)`` and ``config_record(module)`` (labels for messages, the doctor and the
+# fingerprint); ``compute_dtype_fix`` (code that sets a layer's compute dtype, read by
+# `compute_dtype_fix` for the doctor).
 
 _BACKENDS: list[QuantBackend] = []
 # (module that must already be imported, module of ours that registers the backend)
-_LAZY: list[tuple[str, str]] = [("bitsandbytes", "loracast.quant.bnb"), ("torchao", "loracast.quant.torchao")]
+_LAZY: list[tuple[str, str]] = [("bitsandbytes", "loracast.quant.bnb"), ("torchao", "loracast.quant.torchao"),
+                                 ("hqq", "loracast.quant.hqq")]
+# the distributions whose versions decide a quantized base's numbers (recorded in the fingerprint)
+QUANT_LIBRARIES = ("bitsandbytes", "torchao", "hqq")
 # (tensor type, why it is refused and what to do), from the backends: quantized weights of a known
 # library that no backend claims (torchao's GPU-only formats)
 _REFUSALS: list[tuple[type, str]] = []
@@ -109,6 +115,15 @@ def foreign_tensor(tensor: object) -> bool:
     return not isinstance(tensor, DTensor)
 
 
+def compute_dtype_fix(backend_name: str) -> str | None:
+    """How a user of backend `backend_name` sets its layers' compute dtype (code for the doctor's fix),
+    or None when the backend does not say."""
+    for backend in _BACKENDS:
+        if backend.name == backend_name:
+            return getattr(backend, "compute_dtype_fix", None)
+    return None
+
+
 def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -125,7 +140,7 @@ def check_adaptable(modules: Iterable[tuple[str, nn.Module]]) -> None:
         if not foreign_tensor(weight) or find_backend(module) is not None:
             continue
         reason = next((text for cls, text in _REFUSALS if isinstance(weight, cls)),
-                      "loracast adapts float weights and the quantized layers of bitsandbytes and torchao only; leave "
+                      "loracast adapts float weights and the quantized layers of bitsandbytes, torchao and hqq only; leave "
                       "this module out with exclude_modules")
         raise ConfigError("target_modules", name, f"modules whose weight loracast can read: the weight of {name!r} is a "
                           f"{_qualified(type(weight))}, a quantized tensor type loracast does not adapt. {reason}")
