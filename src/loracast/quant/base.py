@@ -59,11 +59,12 @@ class QuantBackend(Protocol):
 _BACKENDS: list[QuantBackend] = []
 # (module that must already be imported, module of ours that registers the backend)
 _LAZY: list[tuple[str, str]] = [("bitsandbytes", "loracast.quant.bnb"), ("torchao", "loracast.quant.torchao"),
-                                 ("hqq", "loracast.quant.hqq")]
+                                 ("hqq", "loracast.quant.hqq"), ("optimum.quanto", "loracast.quant.quanto")]
 # the distributions whose versions decide a quantized base's numbers (recorded in the fingerprint)
-QUANT_LIBRARIES = ("bitsandbytes", "torchao", "hqq")
-# (tensor type, why it is refused and what to do), from the backends: quantized weights of a known
-# library that no backend claims (torchao's GPU-only formats)
+QUANT_LIBRARIES = ("bitsandbytes", "torchao", "hqq", "optimum-quanto")
+# (tensor or module type, why it is refused and what to do), from the backends: quantized weights or
+# layers of a known library that no backend claims (torchao's GPU-only formats, quanto's
+# activation-quantized layers)
 _REFUSALS: list[tuple[type, str]] = []
 
 
@@ -73,10 +74,11 @@ def register_backend(backend: QuantBackend) -> None:
         _BACKENDS.append(backend)
 
 
-def register_refusal(tensor_type: type, reason: str) -> None:
-    """Explain, in `check_adaptable`'s error, why weights of `tensor_type` that no backend claims
-    are refused (a backend's library also has formats the backend does not adapt)."""
-    _REFUSALS.append((tensor_type, reason))
+def register_refusal(refused_type: type, reason: str) -> None:
+    """Explain, in `check_adaptable`'s error, why weights (a tensor type) or layers (a module type) of
+    `refused_type` that no backend claims are refused (a backend's library also has formats the
+    backend does not adapt)."""
+    _REFUSALS.append((refused_type, reason))
 
 
 def _load_lazy_backends() -> None:
@@ -129,18 +131,26 @@ def _qualified(cls: type) -> str:
 
 
 def check_adaptable(modules: Iterable[tuple[str, nn.Module]]) -> None:
-    """Refuse, before anything is changed, a module whose weight is a quantized tensor type that
-    no backend claims: adapting it as a float layer would make merges and the doctor fail.
+    """Refuse, before anything is changed, a module whose weight is a quantized tensor type, or a
+    quantized layer of a refused type (`register_refusal`), that no backend claims: adapting it as a
+    float layer would make merges and the doctor fail.
 
     Raises:
-        ConfigError: naming the first such module and its weight's type.
+        ConfigError: naming the first such module and its weight's (or its own) type.
     """
     for name, module in modules:
         weight = getattr(module, "weight", None)
-        if not foreign_tensor(weight) or find_backend(module) is not None:
+        if find_backend(module) is not None:
             continue
-        reason = next((text for cls, text in _REFUSALS if isinstance(weight, cls)),
-                      "loracast adapts float weights and the quantized layers of bitsandbytes, torchao and hqq only; leave "
-                      "this module out with exclude_modules")
+        layer_reason = next((text for cls, text in _REFUSALS if isinstance(module, cls)), None)
+        if layer_reason is not None and not foreign_tensor(weight):  # a float weight in a refused quantized layer
+            raise ConfigError("target_modules", name, f"modules loracast can adapt: {name!r} is a "
+                              f"{_qualified(type(module))}, a quantized layer loracast does not adapt. {layer_reason}")
+        if not foreign_tensor(weight):
+            continue
+        reason = layer_reason or next(
+            (text for cls, text in _REFUSALS if isinstance(weight, cls)),
+            "loracast adapts float weights and the quantized layers of bitsandbytes, torchao, hqq and optimum-quanto "
+            "only; leave this module out with exclude_modules")
         raise ConfigError("target_modules", name, f"modules whose weight loracast can read: the weight of {name!r} is a "
                           f"{_qualified(type(weight))}, a quantized tensor type loracast does not adapt. {reason}")
