@@ -217,3 +217,17 @@ def test_a_llama_trains_merges_and_unmerges():
         model.merge_adapter()
     model.unmerge_adapter()
     assert all(same_packed(m.base_layer, b) for m, b in zip(layers, before))
+
+
+def test_kbit_preparation_sees_an_hqq_model_as_quantized_and_leaves_its_codes():
+    model = load_llama(4, "bf16")
+    codes = packed(model.model.layers[0].mlp.down_proj)
+    model = loracast.prepare_model_for_kbit_training(model)
+    assert model.is_activation_checkpointing  # turned on for quantized models only
+    # nothing upcast: the layers compute in bf16 and refuse float32 activations from float32 norms
+    assert model.model.norm.weight.dtype == model.lm_head.weight.dtype == torch.bfloat16
+    assert same_packed(model.model.layers[0].mlp.down_proj, codes)
+    model = get_peft_model(model, LoraConfig(target_modules="all-linear")).train()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -54,7 +54,8 @@ class QuantBackend(Protocol):
 # safe to shard with FSDP), used by `repacks_in_eval` and `loracast.quant.sharding`;
 # ``describe(module)`` and ``config_record(module)`` (labels for messages, the doctor and the
 # fingerprint); ``compute_dtype_fix`` (code that sets a layer's compute dtype, read by
-# `compute_dtype_fix` for the doctor).
+# `compute_dtype_fix` for the doctor); ``upcast_safe`` (False when the layer refuses activations in
+# another dtype than its compute dtype: `prepare_model_for_kbit_training` then upcasts nothing).
 
 _BACKENDS: list[QuantBackend] = []
 # (module that must already be imported, module of ours that registers the backend)

@@ -66,6 +66,8 @@ class HqqBackend:
     """`hqq.core.quantize.HQQLinear`, quantized (``W_q`` and ``meta`` set)."""
 
     name = "hqq"
+    # its forward needs activations in its compute dtype: prepare_model_for_kbit_training upcasts nothing
+    upcast_safe = False
     # how the user gives an HQQ layer the compute dtype an adapter is meant to match (the doctor's fix)
     compute_dtype_fix = ("# HQQ computes in the compute_dtype its layers were quantized with:\n"
                          "HQQLinear(linear, quant_config, compute_dtype=torch.bfloat16, device=\"cpu\")  "

@@ -51,6 +51,8 @@ class QuantoBackend:
     """A frozen `optimum.quanto.QLinear` with quantized weights and no activation qtype."""
 
     name = "quanto"
+    # its forward needs activations in its compute dtype: prepare_model_for_kbit_training upcasts nothing
+    upcast_safe = False
     # how the user gives a quanto layer the compute dtype an adapter is meant to match (the doctor's fix)
     compute_dtype_fix = ("# quanto computes in the dtype the float weights had when quantized:\n"
                          "quantize(base_model.to(torch.bfloat16), weights=qint8); freeze(base_model)  "
