@@ -58,7 +58,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _batches(tokenizer, count: int, size: int):
+def sft_batches(tokenizer, count: int, size: int):
     """`count` batches of `size` training conversations, as `loracast train` builds them."""
     import torch
 
@@ -148,7 +148,7 @@ def _child(case: str, args: argparse.Namespace) -> dict:
         return _engine_child(args, case)
     source = default_llm_path()
     tokenizer = load_llm_tokenizer(source)
-    batches = _batches(tokenizer, args.warmup + args.steps, args.batch)
+    batches = sft_batches(tokenizer, args.warmup + args.steps, args.batch)
     cpu = torch.device("cpu")
     model = load_llm(source, torch.bfloat16, False, cpu, attention_for(cpu))
     torch.manual_seed(0)

@@ -11,6 +11,7 @@ from loracast.diagnostics.checks.words import count, grouped
 from loracast.diagnostics.inputs import Inventory
 from loracast.diagnostics.report import Finding
 from loracast.dtypes import dtype_name
+from loracast.quant.base import compute_dtype_fix
 
 __all__ = [
     "QUANT_COMPUTE_MISMATCH", "QUANT_NO_COMPUTE_DTYPE", "REQUANTIZED_MERGE", "check_quant_compute",
@@ -36,7 +37,8 @@ REQUANTIZED_MERGE = finding_kind(
     explanation="The merge was rounded to the 4-bit or 8-bit grid: part of what training learned is lost and "
                 "outputs differ from the unmerged model's.")
 
-# How each quantization library sets a layer's compute dtype (for quant-compute-mismatch's fix).
+# How each quantization library sets a layer's compute dtype (for quant-compute-mismatch's fix); a
+# backend not listed here says it itself (`loracast.quant.base.compute_dtype_fix`).
 _COMPUTE_DTYPE_FIXES = {
     "bitsandbytes": "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)",
     "torchao": "# torchao computes in the dtype the float weights had when quantized:\n"
@@ -68,8 +70,8 @@ def check_quant_compute(inv: Inventory) -> list[Finding]:
             "bfloat16 would not. PEFT before 0.18 left such adapters in float32 or in the storage dtype (peft#2889).",
         fix="model = loracast.get_peft_model(base_model, config, precision=\"fast\")  # adapters take the compute dtype\n"
             "# or load the base with the compute dtype the adapter was trained in:\n"
-            + "\n".join(_COMPUTE_DTYPE_FIXES[b.split("-")[0]] for b in sorted(backends)
-                        if b.split("-")[0] in _COMPUTE_DTYPE_FIXES))]
+            + "\n".join(fix for fix in dict.fromkeys(_COMPUTE_DTYPE_FIXES.get(b.split("-")[0]) or compute_dtype_fix(b)
+                                                      for b in sorted(backends)) if fix))]
 
 
 @check(QUANT_NO_COMPUTE_DTYPE)
