@@ -10,9 +10,9 @@ library cases compute transformers' loss (``model(**batch).loss``), the step a T
 user runs; `loracast-train` is the step `loracast train` itself runs: `stable`, with the loss
 projecting only the assistant positions (`loracast.training.sft.loss`). `loracast-engine` is
 `loracast train`'s own `Trainer` subclass on the same batches, set up as `loracast train` sets it
-up on a CPU (attention recomputed in backward, glibc's mmap threshold fixed), and
-`loracast-engine-eager` the same engine with plain eager attention and glibc's own heap rules
-(`--cases loracast-engine-eager loracast-engine --steps 20` compares the two). Each case runs in
+up on a CPU (eager attention, glibc's mmap threshold fixed: `loracast.training.heap`);
+`loracast-engine-glibc` the same with glibc's own heap rules, and `loracast-engine-recompute` with
+the attention recomputed in backward (`--attention eager_recompute`). Each case runs in
 its own fresh Python process, and the order of cases alternates round by round, because the cores are
 shared and load drifts.
 
@@ -41,7 +41,8 @@ from pathlib import Path
 
 from harness import run_child
 
-CASES = ("peft", "loracast-stable", "loracast-mixed", "loracast-train", "loracast-engine", "loracast-engine-eager")
+CASES = ("peft", "loracast-stable", "loracast-mixed", "loracast-train", "loracast-engine", "loracast-engine-glibc",
+         "loracast-engine-recompute")
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,16 +74,13 @@ def sft_batches(tokenizer, count: int, size: int):
 
 
 def _engine_child(args: argparse.Namespace, case: str) -> dict:
-    """The `loracast-engine` case: `loracast train`'s own trainer for warmup + steps steps, as
-    `loracast train` sets it up on a CPU (attention recomputed in backward, glibc's mmap threshold
-    fixed); `loracast-engine-eager`: the same with plain eager attention and glibc's own heap
-    rules, as `loracast train` ran before those two."""
+    """The `loracast-engine*` cases: `loracast train`'s own trainer for warmup + steps steps (see
+    the module docstring)."""
     import tempfile
 
     from loracast.training.heap import limit_heap_growth
 
-    today = case == "loracast-engine"
-    if today:
+    if case != "loracast-engine-glibc":
         limit_heap_growth()
 
     import torch
@@ -112,7 +110,7 @@ def _engine_child(args: argparse.Namespace, case: str) -> dict:
     settings = SftSettings(max_steps=args.warmup + args.steps, lr=1e-4, batch_size=args.batch, warmup_ratio=0.0,
                            lr_scheduler="constant", seed=0)
     spec = LlmSpec(source=source, r=args.rank, alpha=2 * args.rank, dropout=args.dropout,
-                   attention="auto" if today else "eager")
+                   attention="eager_recompute" if case == "loracast-engine-recompute" else "auto")
     options = SftOptions(model=spec, data=default_chat_data_path(), settings=settings)
     with tempfile.TemporaryDirectory() as out:
         training_args = training_arguments(options, Path(out), "cpu")

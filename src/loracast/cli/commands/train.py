@@ -135,9 +135,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                        help=f"tokens per example (default {SFT['max_length']} for SFT: longer ones are skipped; "
                             f"{LOOP.max_length} for a classifier: longer texts are truncated)")
     optim.add_argument("--attention", choices=("auto", "eager", "sdpa", "eager_recompute"), default="auto",
-                       help="SFT: the model's attention implementation (default auto: on a CPU eager_recompute, eager "
-                            "attention whose softmax is recomputed in backward instead of kept, where it trains short "
-                            "sequences faster than sdpa; transformers' default on a GPU)")
+                       help="SFT: the model's attention implementation (default auto: eager on a CPU, where it trains "
+                            "short sequences faster than sdpa; transformers' default on a GPU); eager_recompute: eager "
+                            "attention whose softmax is recomputed in backward instead of kept (less memory, slower steps)")
     optim.add_argument("--packing", action="store_true",
                        help="SFT: pack several examples into each row of --max-length tokens (none attends to "
                             "another: positions restart per example); fewer padded tokens, on GPUs mostly")

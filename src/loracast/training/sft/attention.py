@@ -9,7 +9,9 @@ under `torch.utils.checkpoint`: backward keeps only the query, key and value (wh
 the layer keeps anyway) and runs the attention forward again. The recomputation repeats the
 same operations on the same inputs, so outputs and gradients are bit for bit those of "eager"
 (random dropout included: the RNG state is replayed). Outside training, or without gradients,
-it is plain eager attention.
+it is plain eager attention. On a CPU the recomputation costs about a tenth of the step time
+(SmolLM2-135M, batches of 8 triage conversations; `benchmarks/sft_step.py`), which is why
+`loracast train` uses it only when asked (``--attention eager_recompute``).
 
 It is registered with transformers' attention and mask interfaces under `RECOMPUTED_EAGER`
 and set on a loaded model with `use_recomputed_eager`; it applies to the models that dispatch
