@@ -26,24 +26,12 @@ from loracast.layers import LoraLayer  # noqa: E402
 from loracast.layers.merge import exact_sum  # noqa: E402
 from loracast.quant import find_backend  # noqa: E402
 from loracast.quant.merge import requantization_record  # noqa: E402
-
-
-def _config(**overrides) -> LoraConfig:
-    return LoraConfig(**dict(dict(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False), **overrides))
-
-
-def _peft_config(**overrides):
-    return peft.LoraConfig(**dict(dict(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False), **overrides))
+from quant_adapters import one_layer_config, peft_one_layer_config, randomize_b  # noqa: E402
 
 
 def _wrap(layer: nn.Module):
-    model = get_peft_model(nn.Sequential(layer), _config())
+    model = get_peft_model(nn.Sequential(layer), one_layer_config())
     return model, model.base_model.model[0]
-
-
-def _randomize_b(lora: LoraLayer, seed: int, std: float = 0.05) -> None:
-    with torch.no_grad():
-        lora.lora_B["default"].weight.normal_(std=std, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -51,8 +39,8 @@ def _randomize_b(lora: LoraLayer, seed: int, std: float = 0.05) -> None:
 def test_adapter_dtype_follows_the_compute_dtype_rule(dtype, autocast):
     """fp32 adapters by default, as PEFT; with the flag off the layer's compute dtype, where PEFT 0.21.2
     keeps float32 (an `HQQLinear` has no `weight` for its dtype lookup)."""
-    ours = get_peft_model(nn.Sequential(hqq_linear(4, DTYPES[dtype])), _config(), autocast_adapter_dtype=autocast)
-    theirs = peft.get_peft_model(nn.Sequential(hqq_linear(4, DTYPES[dtype])), _peft_config(),
+    ours = get_peft_model(nn.Sequential(hqq_linear(4, DTYPES[dtype])), one_layer_config(), autocast_adapter_dtype=autocast)
+    theirs = peft.get_peft_model(nn.Sequential(hqq_linear(4, DTYPES[dtype])), peft_one_layer_config(),
                                  autocast_adapter_dtype=autocast)
     layer = ours.base_model.model[0]
     assert find_backend(layer.base_layer).name == "hqq"
@@ -65,9 +53,9 @@ def test_adapter_dtype_follows_the_compute_dtype_rule(dtype, autocast):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_outputs_and_gradients_equal_peft(nbits, dtype):
     """Oracle: PEFT's HqqLoraLinear with the same LoRA values; tolerance 1e-5 relative (float32)."""
-    ours = get_peft_model(nn.Sequential(hqq_linear(nbits, DTYPES[dtype])), _config())
-    theirs = peft.get_peft_model(nn.Sequential(hqq_linear(nbits, DTYPES[dtype])), _peft_config())
-    _randomize_b(ours.base_model.model[0], 1)
+    ours = get_peft_model(nn.Sequential(hqq_linear(nbits, DTYPES[dtype])), one_layer_config())
+    theirs = peft.get_peft_model(nn.Sequential(hqq_linear(nbits, DTYPES[dtype])), peft_one_layer_config())
+    randomize_b(ours.base_model.model[0], 1)
     copy_lora(ours, theirs)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1)).to(DTYPES[dtype])
     out_ours, out_theirs = ours(x), theirs(x)
@@ -85,8 +73,8 @@ def test_outputs_and_gradients_equal_peft(nbits, dtype):
 
 def test_adapter_files_load_both_ways_with_equal_outputs(tmp_path):
     """Oracle: each library's own outputs on the same HQQ base (float32, so equal within 1e-5)."""
-    ours = get_peft_model(nn.Sequential(hqq_linear()), _config(init_lora_weights="gaussian"))
-    _randomize_b(ours.base_model.model[0], 2)
+    ours = get_peft_model(nn.Sequential(hqq_linear()), one_layer_config(init_lora_weights="gaussian"))
+    randomize_b(ours.base_model.model[0], 2)
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = ours(x)
@@ -96,7 +84,7 @@ def test_adapter_files_load_both_ways_with_equal_outputs(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), expected, rtol=1e-5, atol=1e-6)
 
-    source = peft.get_peft_model(nn.Sequential(hqq_linear()), _peft_config(init_lora_weights="gaussian"))
+    source = peft.get_peft_model(nn.Sequential(hqq_linear()), peft_one_layer_config(init_lora_weights="gaussian"))
     with torch.no_grad():
         source.base_model.model[0].lora_B["default"].weight.normal_(generator=torch.Generator().manual_seed(3))
         expected = source(x)
@@ -112,7 +100,7 @@ def test_adapter_files_load_both_ways_with_equal_outputs(tmp_path):
 def test_merge_requantizes_the_exact_sum_and_unmerge_restores_every_element(nbits, dtype):
     base = hqq_linear(nbits, DTYPES[dtype])
     model, lora = _wrap(base)
-    _randomize_b(lora, 4)
+    randomize_b(lora, 4)
     before, original_codes = packed(base), base.W_q
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)).to(DTYPES[dtype])
     with torch.no_grad():
@@ -150,7 +138,7 @@ def test_reported_error_is_the_rounding_against_a_float64_reference(nbits):
     half a step)."""
     base = hqq_linear(nbits)
     model, lora = _wrap(base)
-    _randomize_b(lora, 5)
+    randomize_b(lora, 5)
     a, b = lora.lora_A["default"].weight.detach().double(), lora.lora_B["default"].weight.detach().double()
     reference = base.dequantize().double() + (b @ a) * lora.scaling["default"]
     with warnings.catch_warnings():
@@ -169,7 +157,7 @@ def test_reported_error_is_the_rounding_against_a_float64_reference(nbits):
 def test_merge_and_unload_gives_an_hqq_model_that_runs():
     base = hqq_linear()
     model, lora = _wrap(base)
-    _randomize_b(lora, 6)
+    randomize_b(lora, 6)
     x = torch.randn(2, 64, generator=torch.Generator().manual_seed(7))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RequantizationWarning)
@@ -186,7 +174,7 @@ def test_merge_and_unload_gives_an_hqq_model_that_runs():
 def test_errors_inside_hqq_come_out_as_loracast_errors_and_leave_the_layer_as_it_was():
     base = hqq_linear()
     model, lora = _wrap(base)
-    _randomize_b(lora, 8)
+    randomize_b(lora, 8)
     before = packed(base)
     base.quant_config["weight_quant_params"]["nbits"] = 7  # a width hqq refuses (an AssertionError inside hqq)
     with pytest.raises(LoracastError, match=r"hqq failed to requantize the merged weight of HQQLinear 7-bit group 32 "
@@ -212,7 +200,7 @@ def test_a_llama_trains_merges_and_unmerges():
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     before = [packed(m.base_layer) for m in layers]
     for m in layers:
-        _randomize_b(m, 9, std=0.02)
+        randomize_b(m, 9, std=0.02)
     with pytest.warns(RequantizationWarning, match=f"merging into {len(layers)} quantized layer"):
         model.merge_adapter()
     model.unmerge_adapter()

@@ -26,28 +26,16 @@ from loracast.layers import LoraLayer  # noqa: E402
 from loracast.layers.merge import exact_sum  # noqa: E402
 from loracast.quant import find_backend  # noqa: E402
 from loracast.quant.merge import requantization_record  # noqa: E402
+from quant_adapters import one_layer_config, peft_one_layer_config, randomize_b  # noqa: E402
 from quanto_models import DTYPES, QTYPES, load_llama, packed, quanto_model, same_packed  # noqa: E402
-
-
-def _config(**overrides) -> LoraConfig:
-    return LoraConfig(**dict(dict(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False), **overrides))
-
-
-def _peft_config(**overrides):
-    return peft.LoraConfig(**dict(dict(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False), **overrides))
-
-
-def _randomize_b(lora: LoraLayer, seed: int, std: float = 0.05) -> None:
-    with torch.no_grad():
-        lora.lora_B["default"].weight.normal_(std=std, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("qtype", ["qint8", "qint4"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("autocast", [True, False])
 def test_adapter_dtype_follows_the_compute_dtype_rule_as_peft(qtype, dtype, autocast):
-    ours = get_peft_model(quanto_model(qtype, DTYPES[dtype]), _config(), autocast_adapter_dtype=autocast)
-    theirs = peft.get_peft_model(quanto_model(qtype, DTYPES[dtype]), _peft_config(), autocast_adapter_dtype=autocast)
+    ours = get_peft_model(quanto_model(qtype, DTYPES[dtype]), one_layer_config(), autocast_adapter_dtype=autocast)
+    theirs = peft.get_peft_model(quanto_model(qtype, DTYPES[dtype]), peft_one_layer_config(), autocast_adapter_dtype=autocast)
     layer = ours.base_model.model[0]
     assert find_backend(layer.base_layer).name == "quanto"
     expected = torch.float32 if autocast else DTYPES[dtype]  # fp32 adapters by default, else the compute dtype
@@ -59,9 +47,9 @@ def test_adapter_dtype_follows_the_compute_dtype_rule_as_peft(qtype, dtype, auto
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_outputs_and_gradients_equal_peft(qtype, dtype):
     """Oracle: PEFT's LoRA Linear over the same QLinear with the same LoRA values; 1e-5 relative (float32)."""
-    ours = get_peft_model(quanto_model(qtype, DTYPES[dtype]), _config())
-    theirs = peft.get_peft_model(quanto_model(qtype, DTYPES[dtype]), _peft_config())
-    _randomize_b(ours.base_model.model[0], 1)
+    ours = get_peft_model(quanto_model(qtype, DTYPES[dtype]), one_layer_config())
+    theirs = peft.get_peft_model(quanto_model(qtype, DTYPES[dtype]), peft_one_layer_config())
+    randomize_b(ours.base_model.model[0], 1)
     copy_lora(ours, theirs)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1)).to(DTYPES[dtype])
     out_ours, out_theirs = ours(x), theirs(x)
@@ -79,8 +67,8 @@ def test_outputs_and_gradients_equal_peft(qtype, dtype):
 
 def test_adapter_files_load_both_ways_with_equal_outputs(tmp_path):
     """Oracle: each library's own outputs on the same quanto base (float32, so equal within 1e-5)."""
-    ours = get_peft_model(quanto_model("qint4"), _config(init_lora_weights="gaussian"))
-    _randomize_b(ours.base_model.model[0], 2)
+    ours = get_peft_model(quanto_model("qint4"), one_layer_config(init_lora_weights="gaussian"))
+    randomize_b(ours.base_model.model[0], 2)
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = ours(x)
@@ -89,7 +77,7 @@ def test_adapter_files_load_both_ways_with_equal_outputs(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), expected, rtol=1e-5, atol=1e-6)
 
-    source = peft.get_peft_model(quanto_model("qint4"), _peft_config(init_lora_weights="gaussian"))
+    source = peft.get_peft_model(quanto_model("qint4"), peft_one_layer_config(init_lora_weights="gaussian"))
     with torch.no_grad():
         source.base_model.model[0].lora_B["default"].weight.normal_(generator=torch.Generator().manual_seed(3))
         expected = source(x)
@@ -103,10 +91,10 @@ def test_adapter_files_load_both_ways_with_equal_outputs(tmp_path):
 @pytest.mark.parametrize("qtype", list(QTYPES))
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_merge_requantizes_the_exact_sum_and_unmerge_restores_every_element(qtype, dtype):
-    model = get_peft_model(quanto_model(qtype, DTYPES[dtype]), _config())
+    model = get_peft_model(quanto_model(qtype, DTYPES[dtype]), one_layer_config())
     lora = model.base_model.model[0]
     base = lora.base_layer
-    _randomize_b(lora, 4)
+    randomize_b(lora, 4)
     before, original_weight = packed(base), base.weight
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)).to(DTYPES[dtype])
     with torch.no_grad():
@@ -137,10 +125,10 @@ def test_reported_error_is_the_rounding_against_a_float64_reference(qtype):
     """Oracle: W0 + B @ A * scaling in float64, built by hand from the dequantized base; the error of
     each element is at most half a quantization step of its row (qint8: symmetric, scale per row) or
     one step (qint4: scale and shift per group)."""
-    model = get_peft_model(quanto_model(qtype), _config())
+    model = get_peft_model(quanto_model(qtype), one_layer_config())
     lora = model.base_model.model[0]
     base = lora.base_layer
-    _randomize_b(lora, 5)
+    randomize_b(lora, 5)
     a, b = lora.lora_A["default"].weight.detach().double(), lora.lora_B["default"].weight.detach().double()
     reference = base.weight.dequantize().double() + (b @ a) * lora.scaling["default"]
     with warnings.catch_warnings():
@@ -159,8 +147,8 @@ def test_reported_error_is_the_rounding_against_a_float64_reference(qtype):
 
 
 def test_merge_and_unload_gives_a_quanto_model_that_runs():
-    model = get_peft_model(quanto_model("qint4"), _config())
-    _randomize_b(model.base_model.model[0], 6)
+    model = get_peft_model(quanto_model("qint4"), one_layer_config())
+    randomize_b(model.base_model.model[0], 6)
     x = torch.randn(2, 64, generator=torch.Generator().manual_seed(7))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RequantizationWarning)
@@ -175,9 +163,9 @@ def test_merge_and_unload_gives_a_quanto_model_that_runs():
 
 
 def test_errors_inside_quanto_come_out_as_loracast_errors_and_leave_the_layer_as_it_was():
-    model = get_peft_model(quanto_model("qint4"), _config())
+    model = get_peft_model(quanto_model("qint4"), one_layer_config())
     lora = model.base_model.model[0]
-    _randomize_b(lora, 8)
+    randomize_b(lora, 8)
     before, original_weight = packed(lora.base_layer), lora.base_layer.weight
     lora.base_layer.weight_group_size = 7  # a group size quanto refuses (64 inputs are not groups of 7)
     with pytest.raises(LoracastError, match=r"quanto failed to requantize the merged weight of QLinear qint4 "
@@ -199,7 +187,7 @@ def test_unfrozen_and_activation_quantized_layers_are_refused_in_one_line(frozen
     with pytest.raises(ConfigError, match=r"optimum\.quanto.*, a quantized (layer|tensor type) loracast does not "
                                           r"adapt\. loracast adapts frozen optimum-quanto QLinear layers with "
                                           r"quantized weights only: call freeze\(model\)") as caught:
-        get_peft_model(model, _config())
+        get_peft_model(model, one_layer_config())
     assert "\n" not in str(caught.value)
     assert not any(isinstance(m, LoraLayer) for m in model.modules())
 
@@ -215,7 +203,7 @@ def test_a_llama_trains_merges_and_unmerges():
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     before = [packed(m.base_layer) for m in layers]
     for m in layers:
-        _randomize_b(m, 9, std=0.02)
+        randomize_b(m, 9, std=0.02)
     with pytest.warns(RequantizationWarning, match=f"merging into {len(layers)} quantized layer"):
         model.merge_adapter()
     model.unmerge_adapter()
