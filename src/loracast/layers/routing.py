@@ -20,8 +20,8 @@ once a routed call begins.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
 import threading
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 
