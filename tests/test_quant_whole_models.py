@@ -257,9 +257,10 @@ def test_a_merged_quanto_model_saves_and_reloads_bit_for_bit(tmp_path):
 # -- DoRA ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dora_equals_peft_and_merges_back_exactly(backend):
+def test_dora_equals_peft_and_merges_back_exactly(backend, tmp_path):
     """Oracle: PEFT's DoRA on the same 4-bit layer with the same values (float32; outputs and
-    gradients within 1e-5); a merge requantizes, an unmerge restores every packed element."""
+    gradients within 1e-5; PEFT loads loracast's file to the same outputs); a merge requantizes, an
+    unmerge restores every packed element."""
     ours = get_peft_model(_one_layer(backend), one_layer_config(use_dora=True))
     theirs = peft.get_peft_model(_one_layer(backend), peft_one_layer_config(use_dora=True))
     randomize_b(ours.base_model.model[0], 10)
@@ -274,6 +275,10 @@ def test_dora_equals_peft_and_merges_back_exactly(backend):
     for name, param in ours.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(param.grad, grads[name], rtol=1e-5, atol=1e-5)
+    ours.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(peft.PeftModel.from_pretrained(_one_layer(backend), tmp_path)(x), ours(x),
+                                   rtol=1e-5, atol=1e-5)
 
     base = ours.base_model.model[0].base_layer
     before = _packed(backend, ours)
