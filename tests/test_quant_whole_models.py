@@ -254,6 +254,32 @@ def test_a_merged_quanto_model_saves_and_reloads_bit_for_bit(tmp_path):
         assert torch.equal(fresh(input_ids=IDS).logits, expected)
 
 
+# -- precision policies ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_policy_but_fsdp_trains_through_a_4bit_layer(backend):
+    """"mixed" and "fast" run the LoRA branch in bf16; oracle: the "stable" output, within one bf16
+    rounding. "fsdp" is refused in one line: FSDP cannot flatten the integer codes."""
+    helpers = _helpers(backend)
+    make = (lambda: nn.Sequential(helpers.hqq_linear(4, torch.bfloat16))) if backend == "hqq" \
+        else (lambda: helpers.quanto_model("qint4", torch.bfloat16))
+    x = torch.randn(3, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(8))
+    outputs = {}
+    for precision in ("stable", "mixed", "fast"):
+        model = get_peft_model(make(), one_layer_config(), precision=precision).train()
+        randomize_b(model.base_model.model[0], 9)
+        inputs = x.clone().requires_grad_(True)
+        outputs[precision] = model(inputs)
+        outputs[precision].float().square().sum().backward()
+        assert inputs.grad is not None and torch.isfinite(inputs.grad).all()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    for precision in ("mixed", "fast"):
+        torch.testing.assert_close(outputs[precision], outputs["stable"], rtol=1.6e-2, atol=1e-2)
+    with pytest.raises(loracast.PrecisionError, match=r"cannot flatten integer tensors.*HQQ and optimum-quanto") as caught:
+        get_peft_model(make(), one_layer_config(), precision="fsdp")
+    assert "\n" not in str(caught.value)
+
+
 # -- DoRA ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
