@@ -8,9 +8,7 @@ base description metrics.json reads from the trained model's layers.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,26 +21,11 @@ FAST = ["--batch-size", "4", "--lr", "5e-3", "--max-new-tokens", "4", "--eval-ex
         "--max-steps", "2"]
 
 
-@pytest.fixture(scope="module")
-def llama_vocab_of_32s(tmp_path_factory, tiny_llama) -> Path:
-    """`tiny_llama` with its 400-entry vocabulary padded to 416, a multiple of 32: `--quantize nf4`
-    also quantizes the output head, which bitsandbytes' CPU generation kernel accepts only with a
-    multiple of 32 rows (see the xfail below)."""
-    from transformers import AutoModelForCausalLM
-
-    folder = tmp_path_factory.mktemp("llama32") / "model"
-    shutil.copytree(tiny_llama, folder)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    model.resize_token_embeddings(416)
-    model.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize(("quantize", "library"), [("nf4", "bitsandbytes"), ("int4", "torchao")])
-def test_quantize_picks_the_library_and_metrics_record_it(quantize, library, tmp_path, llama_vocab_of_32s, chat_data):
+def test_quantize_picks_the_library_and_metrics_record_it(quantize, library, tmp_path, tiny_llama, chat_data):
     pytest.importorskip(library)
     out = tmp_path / "out"
-    assert main(["train", "--model", str(llama_vocab_of_32s), "--data", str(chat_data), "--out", str(out), *FAST,
+    assert main(["train", "--model", str(tiny_llama), "--data", str(chat_data), "--out", str(out), *FAST,
                  "--quantize", quantize]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["quantization"] == {"backend": library, "kind": quantize}
@@ -50,10 +33,6 @@ def test_quantize_picks_the_library_and_metrics_record_it(quantize, library, tmp
     assert metrics["base_dtype"] == ("4-bit nf4 (compute bfloat16)" if quantize == "nf4" else "bfloat16")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="the SFT loader's BitsAndBytesConfig names only classification heads in "
-                   "llm_int8_skip_modules, which replaces transformers' default (skip the output head): lm_head is "
-                   "quantized, and bitsandbytes' AVX512-BF16 CPU kernel then fails in generation ('N must be "
-                   "divisible by block_n') for a vocabulary that is not a multiple of 32")
 def test_nf4_leaves_the_output_head_float(tiny_llama):
     bnb = pytest.importorskip("bitsandbytes")
     from loracast.training.sft.model import load_llm
