@@ -11,9 +11,9 @@ user runs; `loracast-train` is the step `loracast train` itself runs: `stable`, 
 projecting only the assistant positions (`loracast.training.sft.loss`). `loracast-engine` is
 `loracast train`'s own `Trainer` subclass on the same batches, set up as `loracast train` sets it
 up on a CPU (eager attention, glibc's mmap threshold fixed and the heap's freed pages handed back
-after each step: `loracast.training.heap`; the gated MLPs' activation recomputed in backward:
-`loracast.training.sft.swiglu`); `loracast-engine-keep` the same with the pages kept and the
-activation kept, `loracast-engine-glibc` that with glibc's own heap rules too, and
+after each step: `loracast.training.heap`; the gated MLPs' activation and the norms' float32 input
+recomputed in backward: `loracast.training.sft.recompute`); `loracast-engine-keep` the same with
+the pages and those activations kept, `loracast-engine-glibc` that with glibc's own heap rules too, and
 `loracast-engine-recompute` with the attention recomputed in backward (`--attention eager_recompute`). Each case runs in
 its own fresh Python process, and the order of cases alternates round by round, because the cores are
 shared and load drifts.
@@ -114,7 +114,7 @@ def _engine_child(args: argparse.Namespace, case: str) -> dict:
     keep = case in ("loracast-engine-glibc", "loracast-engine-keep")  # what loracast train kept before
     spec = LlmSpec(source=source, r=args.rank, alpha=2 * args.rank, dropout=args.dropout,
                    attention="eager_recompute" if case == "loracast-engine-recompute" else "auto",
-                   recompute_mlp_activation=not keep)
+                   recompute_cheap_activations=not keep)
     options = SftOptions(model=spec, data=default_chat_data_path(), settings=settings)
     with tempfile.TemporaryDirectory() as out:
         training_args = training_arguments(options, Path(out), "cpu")
