@@ -17,7 +17,8 @@ from torch import nn
 
 import loracast
 from loracast.layers import Linear, LoraLayer
-from loracast.layers.fastpath import is_exact_power_of_two
+from loracast.layers.compute.exact import is_exact_power_of_two
+from loracast.layers.compute.layer import ComputeLayer
 
 IN, OUT, R = 24, 40, 4
 
@@ -38,6 +39,12 @@ def make_layer(base_dtype, adapter_dtype, alpha=8.0, dropout=0.0, bias=True, use
     layer.set_adapter("default")
     layer.train()
     return layer
+
+
+def test_linear_provides_what_the_compute_paths_read():
+    """`layers/compute/` is typed against `ComputeLayer`, not `Linear`: a LoRA Linear has every member it names."""
+    assert isinstance(make_layer(torch.float32, torch.float32), ComputeLayer)
+    assert not isinstance(nn.Linear(2, 2), ComputeLayer)
 
 
 def run(layer, x, grad_out, path, seed=1):

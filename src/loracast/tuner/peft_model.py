@@ -18,7 +18,7 @@ from torch import nn
 from loracast.config import LoraConfig
 from loracast.errors import AdapterStateError, LoracastError
 from loracast.integrations import transformers as transformers_integration
-from loracast.layers.compute import set_lora_compute
+from loracast.layers.compute.modes import set_lora_compute
 from loracast.layers.routing import per_sample_adapters
 from loracast.precision.policies import PrecisionPlan, resolve_precision
 from loracast.quant.merge import requantization_report

@@ -1,4 +1,4 @@
-"""How LoRA Linear layers compute their branch: "exact" (default) or "fast".
+"""The compute modes of LoRA Linear layers: "exact" (default) or "fast", set and read per model.
 
 ``"exact"`` is PEFT's arithmetic, bit for bit: the LoRA branch runs in the adapter dtype
 (fp32 adapters on a bf16 base cast each activation to fp32), is added to the base output in
@@ -14,7 +14,8 @@ the trade mixed-precision training makes for the base model (fp32 master weights
 and what ``torch.autocast`` does for matmuls.
 
 ``get_peft_model(..., precision="mixed")`` is "fast" with float32 adapters. The mode is a
-per-layer attribute (`Linear.lora_compute`); other layer kinds always compute exactly. Layers
+per-layer attribute (`LoraLayer.lora_compute`), which only layer kinds that offer a choice
+(`LoraLayer.compute_modes`: LoRA Linear) let you switch; the others always compute exactly. Layers
 added later (a new adapter on new modules) start in "exact" unless added with
 ``precision="mixed"``; `set_lora_compute` switches any of them at any time.
 
@@ -31,8 +32,9 @@ from typing import Any
 from torch import nn
 
 from loracast.errors import LoracastError
-from loracast.layers import Linear, LoraLayer
-from loracast.layers.fastpath import LORA_COMPUTE_MODES
+from loracast.layers.base import LoraLayer
+
+LORA_COMPUTE_MODES: tuple[str, ...] = ("exact", "fast")
 
 
 def _check_mode(mode: str) -> str:
@@ -40,6 +42,11 @@ def _check_mode(mode: str) -> str:
         raise LoracastError(f"lora_compute={mode!r} is not a compute mode; use one of {list(LORA_COMPUTE_MODES)}: "
                             "'exact' (PEFT's arithmetic, the default) or 'fast' (LoRA branch in the activation dtype)")
     return mode
+
+
+def _switchable(module: nn.Module) -> bool:
+    """True for a LoRA layer whose kind offers more than one compute mode (LoRA Linear)."""
+    return isinstance(module, LoraLayer) and len(module.compute_modes) > 1
 
 
 def set_lora_compute(model: nn.Module, mode: str, adapter_name: str | None = None) -> int:
@@ -58,7 +65,7 @@ def set_lora_compute(model: nn.Module, mode: str, adapter_name: str | None = Non
     _check_mode(mode)
     count = 0
     for module in model.modules():
-        if isinstance(module, Linear) and (adapter_name is None or adapter_name in module.r):
+        if _switchable(module) and (adapter_name is None or adapter_name in module.r):
             module.lora_compute = mode
             count += 1
     if not count:
@@ -70,7 +77,7 @@ def set_lora_compute(model: nn.Module, mode: str, adapter_name: str | None = Non
 
 def get_lora_compute(model: nn.Module) -> str | None:
     """The compute mode of the LoRA Linear layers in `model`; "mixed" when they differ, None when there are none."""
-    modes = {module.lora_compute for module in model.modules() if isinstance(module, Linear)}
+    modes = {module.lora_compute for module in model.modules() if _switchable(module)}
     if not modes:
         return None
     return modes.pop() if len(modes) == 1 else "mixed"
@@ -83,7 +90,7 @@ def adapter_compute_record(model: nn.Module, adapter_name: str) -> dict[str, Any
     by_mode: dict[str, list[str]] = {}
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter_name in module.r:
-            by_mode.setdefault(getattr(module, "lora_compute", "exact"), []).append(path)
+            by_mode.setdefault(module.lora_compute, []).append(path)
     if len(by_mode) < 2:
         return {"lora_compute": next(iter(by_mode), "exact")}
     return {"lora_compute": "mixed", "fast_layers": sorted(by_mode.get("fast", []))}
