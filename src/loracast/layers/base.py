@@ -21,7 +21,7 @@ from loracast.config import lora_scaling
 from loracast.errors import AdapterStateError, LoracastError
 from loracast.layers import build
 from loracast.layers.merge import BitResidual, check_finite, exact_sum
-from loracast.layers.routing import PerSampleNames, routed_adapter_names
+from loracast.layers.routing import BASE_ONLY, PerSampleNames, routed_adapter_names
 from loracast.layers.variant import PLAIN, LoraVariant, merged_weight
 from loracast.precision.rules import cast_for_adapter
 
@@ -258,7 +258,7 @@ class LoraLayer(nn.Module):
                                          f"({refused}), as in PEFT; run each of them on its own batch")
         out_dtype = result.dtype
         for name in dict.fromkeys(names):
-            if name == "__base__" or name not in self.r:
+            if name == BASE_ONLY or name not in self.r:
                 continue
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
             update = self.lora_output(x.index_select(0, rows), name).to(out_dtype)

@@ -8,7 +8,9 @@ names its own call set, and a nested call sees its own. PEFT instead registers a
 on every LoRA layer for the call, which two threads calling one model at once would overwrite.
 
 A routed call applies to every loracast LoRA layer and modules_to_save wrapper that runs inside
-it; an adapter name a layer does not hold leaves that sample on the base layer alone.
+it; an adapter name a layer does not hold (and `BASE_ONLY`, ``"__base__"``) leaves that sample on
+the base layer alone. This module is the one home of per-sample routing: the layers and the tuner
+import the context, the names and the reserved name from here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 from loracast.errors import LoracastError
+
+BASE_ONLY = "__base__"  # the per-sample adapter name meaning "no adapter: the base layer alone"
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ class PerSampleNames:
         expanded = f" (or {len(self.names) * self.expansion} after generate's x{self.expansion} expansion)" \
             if self.expansion > 1 else ""
         raise LoracastError(f"adapter_names has {len(self.names)} entries{expanded} but the batch has {batch} samples; "
-                            "give one adapter name (or '__base__') per input sample")
+                            f"give one adapter name (or {BASE_ONLY!r}) per input sample")
 
 
 # The adapter names of the batch being routed (one per sample, '__base__': none), or None.
