@@ -27,7 +27,7 @@ from loracast.tuner.lora_model import LoraModel
 from loracast.tuner.names import check_adapter_name
 from loracast.tuner.saving import AdapterFiles
 from loracast.tuner.signature import ForwardWithWrappedSignature
-from loracast.tuner.tokens import wrap_trainable_tokens
+from loracast.tuner.trainable_tokens import wrap_trainable_tokens
 
 __all__ = ["BASE_ONLY", "LoraModel", "PeftModel", "check_adapter_name", "get_peft_model"]
 

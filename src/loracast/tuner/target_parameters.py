@@ -17,7 +17,7 @@ from torch import nn
 from loracast.config import LoraConfig
 from loracast.errors import ConfigError
 from loracast.layers import LoraLayer
-from loracast.layers.param import ParamWrapper
+from loracast.layers.target_parameters import ParamWrapper
 from loracast.precision.rules import apply_adapter_rule, declared_dtype
 from loracast.tuner.walk import replace_child, walk
 

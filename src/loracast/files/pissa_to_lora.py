@@ -1,4 +1,4 @@
-"""PiSSA / OLoRA / LoftQ adapters as plain LoRA adapters: PEFT's weight conversion.
+"""PiSSA / OLoRA / LoftQ adapters converted to plain LoRA adapters: PEFT's weight conversion.
 
 An adapter that started from the base weight (``W = W_res + s * B0 @ A0``) and trained to
 ``B @ A`` changed the model by ``s * (B @ A - B0 @ A0)``. That is a rank-2r LoRA adapter on the
