@@ -8,8 +8,7 @@ from torch import nn
 from loracast.errors import ConfigError, LoracastError
 from loracast.layers import build
 from loracast.layers.base import LoraLayer, delta_dtype
-from loracast.layers.compute.dispatch import compute_forward
-from loracast.layers.compute.modes import LORA_COMPUTE_MODES
+from loracast.layers.compute.dispatch import LORA_COMPUTE_MODES, compute_forward
 from loracast.layers.init.from_base import decompose, orthogonal_factors, residual
 from loracast.layers.init.random_init import init_factor_pair, rounding_dtype
 from loracast.precision.rules import base_weight

@@ -17,6 +17,8 @@ from loracast.layers.compute.layer import ComputeLayer
 from loracast.layers.routing import routed_adapter_names
 from loracast.precision.rules import autocast_active
 
+LORA_COMPUTE_MODES: tuple[str, ...] = ("exact", "fast")  # the modes `compute_forward` runs (see `modes`)
+
 
 def single_adapter(layer: ComputeLayer, x: torch.Tensor) -> str | None:
     """The one active adapter when the compute modes apply to this call, else None.
@@ -45,6 +47,6 @@ def compute_forward(layer: ComputeLayer, x: torch.Tensor) -> torch.Tensor | None
     name = single_adapter(layer, x)
     if name is None:
         return None
-    if layer.lora_compute == "fast":
+    if layer.lora_compute == "fast":  # else "exact"
         return fast_forward(layer, x, name)
     return exact_forward(layer, x, name)

@@ -11,7 +11,12 @@ from typing import Protocol, runtime_checkable
 
 from torch import nn
 
-from loracast.layers.variant import LoraVariant
+
+class PlainOrNot(Protocol):
+    """What the compute paths read of an adapter's variant (`loracast.layers.variant.LoraVariant`):
+    whether its update is plain LoRA's ``B(A(x)) * s``, the only one they compute."""
+
+    plain: bool
 
 
 @runtime_checkable
@@ -23,7 +28,7 @@ class ComputeLayer(Protocol):
         lora_A, lora_B: per-adapter factors, modules with a ``weight`` of shape (r, in) and (out, r).
         lora_dropout: per-adapter dropout (`nn.Identity` when there is none).
         scaling, lora_bias, lora_variant: per-adapter alpha/r, whether ``lora_B`` has a bias, the
-            adapter's arithmetic (`LoraVariant.plain` is plain LoRA).
+            adapter's variant (`LoraVariant`; the paths compute only a plain one).
         fan_in_fan_out: the base stores its weight as (in, out) (GPT-2's Conv1D).
         lora_compute: the layer's compute mode, "exact" or "fast" (`loracast.layers.compute.modes`).
     """
@@ -34,7 +39,7 @@ class ComputeLayer(Protocol):
     lora_dropout: nn.ModuleDict
     scaling: dict[str, float]
     lora_bias: dict[str, bool]
-    lora_variant: dict[str, LoraVariant]
+    lora_variant: dict[str, PlainOrNot]
     fan_in_fan_out: bool
     lora_compute: str
     merged_adapters: list[str]

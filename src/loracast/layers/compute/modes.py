@@ -33,8 +33,7 @@ from torch import nn
 
 from loracast.errors import LoracastError
 from loracast.layers.base import LoraLayer
-
-LORA_COMPUTE_MODES: tuple[str, ...] = ("exact", "fast")
+from loracast.layers.compute.dispatch import LORA_COMPUTE_MODES
 
 
 def _check_mode(mode: str) -> str:
