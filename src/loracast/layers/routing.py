@@ -8,9 +8,7 @@ names its own call set, and a nested call sees its own. PEFT instead registers a
 on every LoRA layer for the call, which two threads calling one model at once would overwrite.
 
 A routed call applies to every loracast LoRA layer and modules_to_save wrapper that runs inside
-it; an adapter name a layer does not hold (and `BASE_ONLY`, ``"__base__"``) leaves that sample on
-the base layer alone. This module is the one home of per-sample routing: the layers and the tuner
-import the context, the names and the reserved name from here.
+it; an adapter name a layer does not hold leaves that sample on the base layer alone.
 """
 
 from __future__ import annotations
@@ -22,7 +20,9 @@ from dataclasses import dataclass
 
 from loracast.errors import LoracastError
 
-BASE_ONLY = "__base__"  # the per-sample adapter name meaning "no adapter: the base layer alone"
+# The per-sample adapter name meaning "no adapter: the base layer alone". This module is the one home
+# of per-sample routing: the layers and the tuner import the context, the names and this name from here.
+BASE_ONLY = "__base__"
 
 
 @dataclass(frozen=True)
