@@ -6,6 +6,6 @@
 - `exact`, `fast`: the two paths; `widen`: the exact first matmul on a narrower input;
   `direct`: which modules the paths may bypass.
 
-Nothing here imports a layer kind: `LoraLayer` declares the members these functions read
-(`ComputeLayer`), so `layers/linear.py` imports this package and never the reverse.
+Nothing here imports a layer kind: `ComputeLayer` declares the members these functions read, a
+LoRA `Linear` provides them, and `layers/linear.py` imports this package, never the reverse.
 """
