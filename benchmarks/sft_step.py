@@ -10,9 +10,10 @@ library cases compute transformers' loss (``model(**batch).loss``), the step a T
 user runs; `loracast-train` is the step `loracast train` itself runs: `stable`, with the loss
 projecting only the assistant positions (`loracast.training.sft.loss`). `loracast-engine` is
 `loracast train`'s own `Trainer` subclass on the same batches, set up as `loracast train` sets it
-up on a CPU (eager attention, glibc's mmap threshold fixed: `loracast.training.heap`);
-`loracast-engine-glibc` the same with glibc's own heap rules, and `loracast-engine-recompute` with
-the attention recomputed in backward (`--attention eager_recompute`). Each case runs in
+up on a CPU (eager attention, glibc's mmap threshold fixed and the heap's freed pages handed back
+after each step: `loracast.training.heap`); `loracast-engine-keep` the same without handing the
+pages back, `loracast-engine-glibc` with neither (glibc's own heap rules), and
+`loracast-engine-recompute` with the attention recomputed in backward (`--attention eager_recompute`). Each case runs in
 its own fresh Python process, and the order of cases alternates round by round, because the cores are
 shared and load drifts.
 
@@ -42,7 +43,7 @@ from pathlib import Path
 from harness import run_child
 
 CASES = ("peft", "loracast-stable", "loracast-mixed", "loracast-train", "loracast-engine", "loracast-engine-glibc",
-         "loracast-engine-recompute")
+         "loracast-engine-keep", "loracast-engine-recompute")
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,7 +120,7 @@ def _engine_child(args: argparse.Namespace, case: str) -> dict:
         clock = CpuClock()
         trainer = SftTrainer(model, training_args, tokenizer=tokenizer, train=encoded, held_out=[],
                              held_out_encoded=[], settings=settings, identity=run_identity(options, "stable", "bf16"),
-                             callbacks=[clock])
+                             callbacks=[clock], release_heap=case not in ("loracast-engine-glibc", "loracast-engine-keep"))
         trainer.remove_callback(trainer.progress)
         trainer.train()
     logged = [e for e in trainer.state.log_history if "tokens" in e]

@@ -190,7 +190,8 @@ def load_llm(source: Path, dtype: torch.dtype | None, load_in_4bit: bool, device
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if load_in_4bit:
-        kwargs["quantization_config"] = quantization_config(dtype, storage_as_compute=for_fsdp)
+        # transformers keeps the output head in float when not told otherwise, as bitsandbytes' CPU kernels need
+        kwargs["quantization_config"] = quantization_config(dtype, storage_as_compute=for_fsdp, skip_modules=None)
         kwargs["device_map"] = {"": str(device)}
     # GGUF's "fastest in float32" note concerns llama.cpp, not these dequantized layers
     with quiet_transformers(), _gguf_read_errors(source):
