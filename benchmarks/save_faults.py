@@ -1,6 +1,6 @@
 """Save faults and malformed adapter folders, PEFT 0.21.2 against loracast (issue 15).
 
-Counts, for each library, on the same tiny Llama adapters (tests/fault_injection.py):
+Counts, for each library, on the same tiny Llama adapters (tests/support/fault_injection.py):
 - SIGKILL at a random moment of a save loop (30 trials, seeded): silent mixes (loads, matches
   neither adapter), refusals, temp files left after the kill and after the next save;
 - two processes saving into one folder at once (20 rounds): silent mixes, refusals;
@@ -29,7 +29,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from tests.fault_injection import (  # noqa: E402
+from tests.support.fault_injection import (  # noqa: E402
     DAMAGED_FINGERPRINTS,
     MALFORMED_CONFIGS,
     concurrent_rounds,

@@ -161,8 +161,8 @@ def tests_stage(run: Run, limit: float) -> dict[str, Any]:
     """The test suite on the device, in two runs so that a slow suite cannot hide the device's own
     results: first the files that build on the device (conftest's DEVICE_MODULES; with --quick, a
     few of their tests), then every other file in what is left of `limit`."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import DEVICE_MODULES
+    sys.path.insert(0, str(ROOT))
+    from tests.conftest import DEVICE_MODULES
 
     device_files = [f"tests/{name}" for name in sorted(DEVICE_MODULES)]
     parallel = ["-n", "8", "--dist", "loadfile"] if importlib.util.find_spec("xdist") is not None else []

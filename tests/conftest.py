@@ -5,9 +5,12 @@ The device: ``LORACAST_TEST_DEVICE=cuda python -m pytest`` (default ``cpu``) run
 that device as the test device. Tests marked ``on_device`` (a module's ``pytestmark``, or a file
 named in `DEVICE_MODULES`) run inside torch's default-device context for it, so the models,
 adapters, PEFT oracles and inputs they build land there without per-test edits. Tests marked
-``cuda`` need a CUDA device (autocast ``device_type="cuda"``, bitsandbytes' CUDA kernels, NCCL)
+``gpu`` need a CUDA device (autocast ``device_type="cuda"``, bitsandbytes' CUDA kernels, NCCL)
 and are skipped, with that reason, on any other test device. The `device` fixture gives the test
-device to tests that place things themselves.
+device to tests that place things themselves. The markers are registered in pyproject.toml.
+
+The fixtures of the command-line, training and export tests (a tiny BERT, a tiny Llama and its GGUF,
+data files) come from `tests.support.cli_fixtures`.
 """
 
 from __future__ import annotations
@@ -15,18 +18,24 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+
+from tests.support.models import tiny_llama_config
+
+pytest_plugins = ["tests.support.cli_fixtures"]
 
 # bitsandbytes logs a missing optional 'kernels' package on import; it is not needed on the CPU.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 DEVICE_VARIABLE = "LORACAST_TEST_DEVICE"
+TESTS = Path(__file__).resolve().parent
 # Existing files whose tests build everything inside the test body (no CPU tensors made at import,
-# no explicit CPU generators or device maps), read for that and moved as they stand.
-DEVICE_MODULES = frozenset({"test_inject.py", "test_precision_parity.py", "test_cuda_paths.py"})
+# no explicit CPU generators or device maps), read for that and moved as they stand; paths under tests/.
+DEVICE_MODULES = frozenset({"tuner/test_inject.py", "parity/test_adapter_dtypes.py", "test_cuda_paths.py"})
 
 
 def read_test_device(environ: dict[str, str] | os._Environ = os.environ) -> torch.device:
@@ -48,15 +57,12 @@ def read_test_device(environ: dict[str, str] | os._Environ = os.environ) -> torc
     return device
 
 
-
 TEST_DEVICE = torch.device("cpu")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     global TEST_DEVICE
     TEST_DEVICE = read_test_device()
-    config.addinivalue_line("markers", "on_device: builds its tensors on the test device (LORACAST_TEST_DEVICE)")
-    config.addinivalue_line("markers", "cuda: needs a CUDA device; runs only under LORACAST_TEST_DEVICE=cuda")
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -68,9 +74,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip_cuda = pytest.mark.skip(reason=f"needs a CUDA device: run with {DEVICE_VARIABLE}=cuda on a GPU machine "
                                         f"(test device now: {TEST_DEVICE})")
     for item in items:
-        if item.path.name in DEVICE_MODULES:
+        if item.path.is_relative_to(TESTS) and item.path.relative_to(TESTS).as_posix() in DEVICE_MODULES:
             item.add_marker(pytest.mark.on_device)
-        if item.get_closest_marker("cuda") is not None and TEST_DEVICE.type != "cuda":
+        if item.get_closest_marker("gpu") is not None and TEST_DEVICE.type != "cuda":
             item.add_marker(skip_cuda)
 
 
@@ -89,16 +95,6 @@ def _on_test_device(request: pytest.FixtureRequest):
 def device() -> torch.device:
     """The test device (LORACAST_TEST_DEVICE, default cpu)."""
     return TEST_DEVICE
-
-
-def tiny_llama_config(**overrides):
-    """A 2-layer Llama small enough to build in milliseconds."""
-    from transformers import LlamaConfig
-
-    values = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
-    values.update(overrides)
-    return LlamaConfig(**values)
 
 
 @pytest.fixture

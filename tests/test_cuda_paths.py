@@ -18,14 +18,14 @@ import json
 import peft
 import pytest
 import torch
-from tests.launch import torchrun
-from tests.models import copy_params
-from tests.rounding_oracle import nearest_even
 
 import loracast
-from bnb_models import load_llama, packed_bytes
 from loracast import LoraConfig, PeftModel, get_peft_model
 from loracast.layers.merge import exact_sum
+from tests.support.bnb_models import load_llama, packed_bytes
+from tests.support.launch import torchrun
+from tests.support.models import copy_params
+from tests.support.rounding_oracle import nearest_even
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Autocast runs the same matmuls on both sides; loracast adds the LoRA branch to the base output in
@@ -33,7 +33,7 @@ HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # half-precision step of its output; after two decoder layers, a few steps of the logits
 # (bf16 eps 7.8e-3, fp16 eps 9.8e-4). Gradients: the same steps, relative to the largest gradient.
 AUTOCAST_TOL = {"bf16": 3e-2, "fp16": 5e-3}
-QUANT_TOL = 2e-2  # bf16 activations through 4-bit/8-bit bases: as tests/test_quant_dtypes.py
+QUANT_TOL = 2e-2  # bf16 activations through 4-bit/8-bit bases: as tests/quant/test_bnb_dtypes.py
 LOCATION_TOL = 1e-4  # fp32 model on two devices: different kernels, same arithmetic up to summation order
 
 
@@ -143,12 +143,12 @@ def _quantized(device: torch.device, case: str) -> torch.nn.Module:
     return load_llama(dtype="bf16", compute="bf16", device=str(device), **QUANT_CASES[case])
 
 
-# On the CPU one case keeps this path running (tests/test_quant_dtypes.py covers bitsandbytes' CPU
+# On the CPU one case keeps this path running (tests/quant/test_bnb_dtypes.py covers bitsandbytes' CPU
 # kernels case by case); on CUDA every case runs, since each quant type and storage has its own kernels.
 CPU_QUANT_CASE = "nf4-double-uint8"
 
 
-@pytest.mark.parametrize("case", [case if case == CPU_QUANT_CASE else pytest.param(case, marks=pytest.mark.cuda)
+@pytest.mark.parametrize("case", [case if case == CPU_QUANT_CASE else pytest.param(case, marks=pytest.mark.gpu)
                                   for case in QUANT_CASES])
 def test_bitsandbytes_lora_dtypes_outputs_and_gradients_equal_peft(device, case):
     config = dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
@@ -207,7 +207,7 @@ def test_4bit_merge_requantizes_the_exact_sum_and_unmerge_restores_the_bytes(dev
     assert packed_bytes(layer.get_base_layer()) == before
 
 
-@pytest.mark.cuda
+@pytest.mark.gpu
 def test_adapter_saved_on_cuda_loads_on_the_cpu_and_the_fingerprint_names_the_move(make_llama, device, tmp_path):
     ours, _ = _pair(make_llama, torch.float32)
     ids = _ids(device)
@@ -226,23 +226,24 @@ def test_adapter_saved_on_cuda_loads_on_the_cpu_and_the_fingerprint_names_the_mo
     torch.testing.assert_close(on_cpu, on_device, atol=LOCATION_TOL, rtol=LOCATION_TOL)
 
 
-@pytest.mark.cuda
+@pytest.mark.gpu
+@pytest.mark.multiprocess
 def test_fsdp2_one_rank_over_nccl_trains_like_one_process(tmp_path):
-    done = torchrun(["tests/fsdp2_one_rank.py", str(tmp_path)], nproc=1, gpus=True)
+    done = torchrun(["tests/support/fsdp2_one_rank.py", str(tmp_path)], nproc=1, gpus=True)
     assert done.returncode == 0, done.stdout[-6000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["backend"] == "nccl" and results["device"].startswith("cuda")
     assert results["param_types"] == {"base": ["DTensor:torch.bfloat16"], "adapter": ["DTensor:torch.float32"]}
     assert results["moved"] > 1e-3  # training changed the adapters, so the comparison means something
     # one rank: the same batches through the same bf16 kernels; allow the bf16 batch-shape tolerance of
-    # tests/test_distributed_multiprocess.py for FSDP2's fp32 reduce and cast order
+    # tests/distributed/test_multiprocess.py for FSDP2's fp32 reduce and cast order
     assert results["max_diff_vs_single"] <= 5e-4
     assert results["loaded_dtypes"] == ["torch.float32"]
     assert results["logits_loaded_vs_sharded"] <= results["logit_scale"] * 2 ** -8
 
 
 def test_the_test_device_variable_is_read_and_checked():
-    from conftest import DEVICE_VARIABLE, read_test_device
+    from tests.conftest import DEVICE_VARIABLE, read_test_device
 
     assert read_test_device({}) == torch.device("cpu")
     assert read_test_device({DEVICE_VARIABLE: " cpu "}) == torch.device("cpu")

@@ -17,7 +17,7 @@ from loracast.errors import (
     UnsupportedArgumentError,
 )
 from loracast.layers import Conv, Embedding, Linear, LoraLayer
-from loracast.layers.compute import get_lora_compute, set_lora_compute
+from loracast.layers.compute.modes import get_lora_compute, set_lora_compute
 from loracast.layers.merge import NonFiniteMergeError
 from loracast.layers.modules_to_save import ModulesToSaveWrapper
 from loracast.precision.policies import POLICIES, PrecisionPlan

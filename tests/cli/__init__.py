@@ -1,1 +1,2 @@
-"""Tests of the command line (train, merge, convert) and the training library, on tiny models."""
+"""Tests of the command line (`loracast.cli`: arguments, one-line errors, merge, convert, the GGUF path), on
+tiny models; the training application's own tests are in tests/training/."""

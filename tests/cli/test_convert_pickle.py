@@ -11,11 +11,11 @@ import os
 import peft
 import torch
 from safetensors.torch import load_file
-from tests.cli.test_errors import assert_one_line_error, run_cli
-from tests.models import mixed_net, randomize_adapters
 
 import loracast
 from loracast.cli import main
+from tests.cli.test_errors import assert_one_line_error, run_cli
+from tests.support.models import mixed_net, randomize_adapters
 
 TARGETS = ["lin", "conv1d", "conv2d"]
 IDS = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])

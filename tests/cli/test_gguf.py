@@ -1,5 +1,5 @@
 """The GGUF path of `loracast train`, `merge` and `generate`, end to end on a tiny Llama converted to
-GGUF here as llama.cpp converts one (`gguf_helpers.write_gguf`): transformers dequantizes it into
+GGUF here as llama.cpp converts one (`tests.support.tiny_gguf.write_gguf`): transformers dequantizes it into
 the very model it was written from, and the commands work on the file as on the real SmolLM2."""
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from loracast.cli import main
 from loracast.training.sft.data import read_chat_examples
 from loracast.training.sft.model import load_llm, load_llm_tokenizer
 from loracast.training.sft.template import prompt_text
-
-from .gguf_helpers import write_gguf
-from .llm_helpers import run_sft
-from .test_errors import assert_one_line_error, run_cli
+from tests.cli.test_errors import assert_one_line_error, run_cli
+from tests.support.tiny_gguf import write_gguf
+from tests.support.tiny_llm import run_sft
 
 CPU = torch.device("cpu")
 MESSAGE = "My kettle 123456 broke."

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import loracast
-from bnb_models import load_llama
-from conftest import tiny_llama_config
-from doctor_fixes import apply_fix, the
 from loracast import doctor
+from tests.support.bnb_models import load_llama
+from tests.support.doctor_fixes import apply_fix, the
+from tests.support.models import tiny_llama_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

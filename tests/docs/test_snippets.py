@@ -24,7 +24,8 @@ NO_RUN = "# no-run:"
 # page -> how many of its blocks are shown but not run, and why
 NOT_RUN = {
     "docs/distributed.md": (1, "a training script for torchrun: it starts a process group"),
-    "docs/switching-from-peft.md": (2, "TRL's SFTTrainer needs a tokenizer and a chat dataset (tests/test_trainer_pipelines.py)"),
+    "docs/switching-from-peft.md": (2, "TRL's SFTTrainer needs a tokenizer and a chat dataset "
+                                       "(tests/integrations/test_trainer_pipelines.py)"),
 }
 
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^`\n]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)

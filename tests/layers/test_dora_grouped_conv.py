@@ -13,11 +13,11 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.models import copy_params, randomize_adapters
 from torch import nn
 
 from loracast import LoraConfig, PeftModel, get_peft_model
 from loracast.errors import LoracastError
+from tests.support.models import copy_params, randomize_adapters
 
 
 class Conv2dGroups(nn.Module):

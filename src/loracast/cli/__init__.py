@@ -16,11 +16,10 @@ import sys
 from collections.abc import Sequence
 
 from loracast._version import __version__
+from loracast.cli.command_error import CommandError
 from loracast.errors import LoracastError
 
-
-class CommandError(LoracastError):
-    """A problem with the user's input, reported as one line (exit status 2)."""
+__all__ = ["CommandError", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from loracast.cli import CommandError
+from loracast.cli.command_error import CommandError
 
 CONFIG_DEST = "config"
 _NOT_KEYS = frozenset({"help", CONFIG_DEST})

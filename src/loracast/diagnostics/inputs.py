@@ -36,7 +36,7 @@ from loracast.files.fingerprint import (
 )
 from loracast.files.format import KEY_PREFIX, adapter_tensors, read_adapter_weights
 from loracast.integrations.hf_loading import quiet_transformers
-from loracast.layers.compute import adapter_compute_record
+from loracast.layers.compute.modes import adapter_compute_record
 from loracast.precision.view import (
     ROLES,
     BaseLayerInfo,

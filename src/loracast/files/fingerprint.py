@@ -30,7 +30,7 @@ from loracast.errors import PrecisionError, PrecisionWarning
 from loracast.files.fingerprint_schema import fingerprint_problem
 from loracast.files.format import adapter_tensors
 from loracast.layers import LoraLayer
-from loracast.layers.compute import adapter_compute_record
+from loracast.layers.compute.modes import adapter_compute_record
 from loracast.precision.view import BaseLayerInfo, base_layer_info, model_dtype
 from loracast.quant import find_backend
 from loracast.quant.base import QUANT_LIBRARIES

@@ -14,7 +14,7 @@ transformers for ``peft.PeftModel`` instances; `loracast.training.trainers` (abo
 them, and takes the `PeftModel` itself.
 
 These attributes are private to transformers and unversioned; `tests/test_trainer_integration.py`
-and `tests/test_trainer_pipelines.py` pin the behaviour this module relies on.
+and `tests/integrations/test_trainer_pipelines.py` pin the behaviour this module relies on.
 """
 
 from __future__ import annotations

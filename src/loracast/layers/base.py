@@ -12,7 +12,7 @@ weight another way; the layer calls it and names none.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from loracast.config import lora_scaling
 from loracast.errors import AdapterStateError, LoracastError
 from loracast.layers import build
 from loracast.layers.merge import BitResidual, check_finite, exact_sum
-from loracast.layers.routing import PerSampleNames, routed_adapter_names
+from loracast.layers.routing import BASE_ONLY, PerSampleNames, routed_adapter_names
 from loracast.layers.variant import PLAIN, LoraVariant, merged_weight
 from loracast.precision.rules import cast_for_adapter
 
@@ -33,11 +33,16 @@ class LoraLayer(nn.Module):
         base_layer: the wrapped original module (frozen).
         r, lora_alpha, scaling: per-adapter rank, alpha, and alpha/r (or alpha/sqrt(r)).
         lora_variant: per-adapter `LoraVariant` (plain LoRA unless the config chose another).
+        lora_compute: how forward computes the LoRA branch, one of `compute_modes` ("exact" unless set).
         merged_adapters: adapters whose delta is currently merged into the base weight.
     """
 
     # Containers holding per-adapter tensors; every generic loop goes through this tuple.
     adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B")
+    # The compute modes this layer kind offers (`loracast.layers.compute.modes`), and its current one:
+    # only a kind with a choice (LoRA Linear) can be switched by `set_lora_compute`.
+    compute_modes: ClassVar[tuple[str, ...]] = ("exact",)
+    lora_compute: str = "exact"
 
     r: dict[str, int]
     lora_alpha: dict[str, float]
@@ -253,7 +258,7 @@ class LoraLayer(nn.Module):
                                          f"({refused}), as in PEFT; run each of them on its own batch")
         out_dtype = result.dtype
         for name in dict.fromkeys(names):
-            if name == "__base__" or name not in self.r:
+            if name == BASE_ONLY or name not in self.r:
                 continue
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
             update = self.lora_output(x.index_select(0, rows), name).to(out_dtype)

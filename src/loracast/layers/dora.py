@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from loracast.layers.base import LoraLayer, delta_dtype
+from loracast.layers.compute.direct import global_hooks, plain_factor
 from loracast.layers.conv import Conv
 from loracast.layers.embedding import Embedding
-from loracast.layers.fastpath import global_hooks, plain_factor
 from loracast.layers.linear import Linear
 from loracast.layers.merge import round_once
 from loracast.layers.variant import LoraVariant

@@ -8,7 +8,7 @@ from torch import nn
 from loracast.errors import ConfigError, LoracastError
 from loracast.layers import build
 from loracast.layers.base import LoraLayer, delta_dtype
-from loracast.layers.fastpath import exact_forward, fast_forward, single_adapter
+from loracast.layers.compute.dispatch import LORA_COMPUTE_MODES, compute_forward
 from loracast.layers.init.from_base import decompose, orthogonal_factors, residual
 from loracast.layers.init.random_init import init_factor_pair, rounding_dtype
 from loracast.precision.rules import base_weight
@@ -29,11 +29,11 @@ class Linear(LoraLayer):
     and unmerge puts the backend's snapshot of the original quantized weight back.
 
     `lora_compute` picks how forward computes the LoRA branch: "exact" (default, PEFT's
-    arithmetic bit for bit) or "fast" (in the activation dtype; see `loracast.layers.fastpath`
+    arithmetic bit for bit) or "fast" (in the activation dtype; see `loracast.layers.compute`
     and `loracast.set_lora_compute`).
     """
 
-    lora_compute: str = "exact"
+    compute_modes = LORA_COMPUTE_MODES
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
@@ -92,14 +92,11 @@ class Linear(LoraLayer):
             weight.copy_((new.T if self.fan_in_fan_out else new).to(weight.dtype))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = None
         if not args and not kwargs and type(self).lora_output is Linear.lora_output:
-            name = single_adapter(self, x)
-        if name is None:
-            return super().forward(x, *args, **kwargs)
-        if self.lora_compute == "fast":
-            return fast_forward(self, x, name)
-        return exact_forward(self, x, name)
+            out = compute_forward(self, x)  # None: the general path must run
+            if out is not None:
+                return out
+        return super().forward(x, *args, **kwargs)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         weight_a = self.lora_A[adapter_name].weight

@@ -27,6 +27,10 @@ from dataclasses import dataclass
 
 from loracast.errors import LoracastError
 
+# The per-sample adapter name meaning "no adapter: the base layer alone". This module is the one home
+# of per-sample routing: the layers and the tuner import the context, the names and this name from here.
+BASE_ONLY = "__base__"
+
 
 @dataclass(frozen=True)
 class PerSampleNames:
@@ -53,7 +57,7 @@ class PerSampleNames:
         expanded = f" (or {len(self.names) * self.expansion} after generate's x{self.expansion} expansion)" \
             if self.expansion > 1 else ""
         raise LoracastError(f"adapter_names has {len(self.names)} entries{expanded} but the batch has {batch} samples; "
-                            "give one adapter name (or '__base__') per input sample")
+                            f"give one adapter name (or {BASE_ONLY!r}) per input sample")
 
 
 # The adapter names of the batch being routed (one per sample, '__base__': none), or None.

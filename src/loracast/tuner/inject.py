@@ -24,7 +24,7 @@ from loracast.precision.rules import adapter_device, apply_adapter_rule, declare
 from loracast.quant import find_backend
 from loracast.quant.base import check_adaptable
 from loracast.tuner.match import TargetMatcher, pattern_value
-from loracast.tuner.params import inject_parameters
+from loracast.tuner.target_parameters import inject_parameters
 from loracast.tuner.walk import Node, replace_child, walk
 
 # Default targets by transformers model_type when target_modules is None (PEFT's choice).

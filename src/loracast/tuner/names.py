@@ -1,4 +1,5 @@
-"""Adapter names: which strings may name an adapter, and the reserved "no adapter" name."""
+"""Adapter names: which strings may name an adapter (not `BASE_ONLY`, the per-sample "no adapter" name
+that `loracast.layers.routing` defines)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import re
 from typing import Any
 
 from loracast.errors import LoracastError
+from loracast.layers.routing import BASE_ONLY
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
-BASE_ONLY = "__base__"  # per-sample adapter name meaning "no adapter"
 
 
 def check_adapter_name(name: Any) -> str:

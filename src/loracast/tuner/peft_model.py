@@ -18,16 +18,16 @@ from torch import nn
 from loracast.config import LoraConfig
 from loracast.errors import AdapterStateError, LoracastError
 from loracast.integrations import transformers as transformers_integration
-from loracast.layers.compute import set_lora_compute
-from loracast.layers.routing import per_sample_adapters
+from loracast.layers.compute.modes import set_lora_compute
+from loracast.layers.routing import BASE_ONLY, per_sample_adapters
 from loracast.precision.policies import PrecisionPlan, resolve_precision
 from loracast.quant.merge import requantization_report
 from loracast.tuner.inject import TASK_HEADS, inject_adapter, wrap_modules_to_save
 from loracast.tuner.lora_model import LoraModel
-from loracast.tuner.names import BASE_ONLY, check_adapter_name
+from loracast.tuner.names import check_adapter_name
 from loracast.tuner.saving import AdapterFiles
 from loracast.tuner.signature import ForwardWithWrappedSignature
-from loracast.tuner.tokens import wrap_trainable_tokens
+from loracast.tuner.trainable_tokens import wrap_trainable_tokens
 
 __all__ = ["BASE_ONLY", "LoraModel", "PeftModel", "check_adapter_name", "get_peft_model"]
 

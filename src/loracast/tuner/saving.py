@@ -28,7 +28,7 @@ from loracast.files.format import (
     prepare_for_safetensors,
     trained_bias_tensors,
 )
-from loracast.files.mutated import converted_config, subtract_initial
+from loracast.files.pissa_to_lora import converted_config, subtract_initial
 from loracast.precision.policies import apply_recorded_dtypes, resolve_precision
 from loracast.tuner.names import check_adapter_name
 
@@ -74,7 +74,7 @@ class AdapterFiles:
             UnsupportedArgumentError: an argument loracast does not implement (`push_to_hub=True`,
                 `max_shard_size`, `state_dict`, ...).
             ConfigError: a config is invalid or cannot be written as JSON (nothing is written for it).
-            ConfigError / AdapterLoadError: the initial adapter does not fit (see `files.mutated`).
+            ConfigError / AdapterLoadError: the initial adapter does not fit (see `files.pissa_to_lora`).
             OSError: a file could not be written; that adapter's earlier files are unchanged.
         """
         if not safe_serialization:

@@ -1,0 +1,1 @@
+"""The test suite, laid out as `src/loracast/` is (ARCHITECTURE.md, "Tests")."""
