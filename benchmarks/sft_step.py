@@ -8,8 +8,12 @@ AdamW, and the same batches of the shipped support-triage conversations (assista
 padded to the batch's longest, 8 conversations a batch), as `loracast train` builds them. The
 library cases compute transformers' loss (``model(**batch).loss``), the step a Trainer or TRL
 user runs; `loracast-train` is the step `loracast train` itself runs: `stable`, with the loss
-projecting only the assistant positions (`loracast.training.sft.loss`). Each case runs in its
-own fresh Python process, and the order of cases alternates round by round, because the cores are
+projecting only the assistant positions (`loracast.training.sft.loss`). `loracast-engine` is
+`loracast train`'s own `Trainer` subclass on the same batches, set up as `loracast train` sets it
+up on a CPU (eager attention, glibc's mmap threshold fixed: `loracast.training.common.heap`);
+`loracast-engine-glibc` the same with glibc's own heap rules, and `loracast-engine-recompute` with
+the attention recomputed in backward (`--attention eager_recompute`). Each case runs in
+its own fresh Python process, and the order of cases alternates round by round, because the cores are
 shared and load drifts.
 
 Reported per case: trained tokens per second (non-padding tokens / median step time), the median
@@ -37,7 +41,8 @@ from pathlib import Path
 
 from harness import run_child
 
-CASES = ("peft", "loracast-stable", "loracast-mixed", "loracast-train", "loracast-engine")
+CASES = ("peft", "loracast-stable", "loracast-mixed", "loracast-train", "loracast-engine", "loracast-engine-glibc",
+         "loracast-engine-recompute")
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +59,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _batches(tokenizer, count: int, size: int):
+def sft_batches(tokenizer, count: int, size: int):
     """`count` batches of `size` training conversations, as `loracast train` builds them."""
     import torch
 
@@ -68,9 +73,15 @@ def _batches(tokenizer, count: int, size: int):
     return [collate([encoded[i] for i in rows], tokenizer.pad_token_id, torch.device("cpu")) for rows in order[:count]]
 
 
-def _engine_child(args: argparse.Namespace) -> dict:
-    """The `loracast-engine` case: `loracast train`'s own trainer for warmup + steps steps."""
+def _engine_child(args: argparse.Namespace, case: str) -> dict:
+    """The `loracast-engine*` cases: `loracast train`'s own trainer for warmup + steps steps (see
+    the module docstring)."""
     import tempfile
+
+    from loracast.training.common.heap import limit_heap_growth
+
+    if case != "loracast-engine-glibc":
+        limit_heap_growth()
 
     import torch
     from transformers import TrainerCallback
@@ -98,7 +109,8 @@ def _engine_child(args: argparse.Namespace) -> dict:
     encoded, _, _ = encode_all(tokenizer, examples, 256)
     settings = SftSettings(max_steps=args.warmup + args.steps, lr=1e-4, batch_size=args.batch, warmup_ratio=0.0,
                            lr_scheduler="constant", seed=0)
-    spec = LlmSpec(source=source, r=args.rank, alpha=2 * args.rank, dropout=args.dropout)
+    spec = LlmSpec(source=source, r=args.rank, alpha=2 * args.rank, dropout=args.dropout,
+                   attention="eager_recompute" if case == "loracast-engine-recompute" else "auto")
     options = SftOptions(model=spec, data=default_chat_data_path(), settings=settings)
     with tempfile.TemporaryDirectory() as out:
         training_args = training_arguments(options, Path(out), "cpu")
@@ -112,7 +124,7 @@ def _engine_child(args: argparse.Namespace) -> dict:
         trainer.train()
     logged = [e for e in trainer.state.log_history if "tokens" in e]
     timed = logged[args.warmup:]
-    return {"case": "loracast-engine", "step_s": [e["step_seconds"] for e in timed],
+    return {"case": case, "step_s": [e["step_seconds"] for e in timed],
             "step_cpu_s": clock.seconds[args.warmup:], "tokens": [e["tokens"] for e in timed],
             "losses": [e["loss"] for e in logged],
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "adapter_dtypes": ["float32"],
@@ -130,11 +142,11 @@ def _child(case: str, args: argparse.Namespace) -> dict:
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    if case == "loracast-engine":
-        return _engine_child(args)
+    if case.startswith("loracast-engine"):
+        return _engine_child(args, case)
     source = default_llm_path()
     tokenizer = load_llm_tokenizer(source)
-    batches = _batches(tokenizer, args.warmup + args.steps, args.batch)
+    batches = sft_batches(tokenizer, args.warmup + args.steps, args.batch)
     cpu = torch.device("cpu")
     model = load_llm(source, torch.bfloat16, False, cpu, attention_for(cpu))
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).parents[1] / "src" / "loracast"
 
 # Methods that nothing in the package calls but that are part of the API users call (PEFT's names; the
-# distributed helpers' context, as the README shows it).
+# distributed helpers' context, as docs/distributed.md shows it).
 CALLED_BY_USERS = {"LoraLayer.set_scale", "PeftModel.print_trainable_parameters", "DistContext.is_main"}
 # hooks that transformers' Trainer and accelerate's data loaders call on loracast's subclasses and callbacks
 CALLED_BY_LIBRARIES = {"StepClock.on_step_begin", "ProgressBar.on_train_begin", "ProgressBar.on_log",
@@ -57,7 +57,7 @@ def test_public_constructor_has_no_private_keywords():
 
 # (what, pattern, the modules allowed to hold it): each fact is written in one place.
 ONE_SOURCE = [
-    ("the LoRA scaling formula", r"alpha\s*/\s*(math\.sqrt\(r\)|\(?r\s*\*\*|r\b)", {"config.py"}),
+    ("the LoRA scaling formula", r"alpha\s*/\s*(math\.sqrt\(r\)|\(?r\s*\*\*|r\b)", {"config/lora_config.py"}),
     ("a table of dtype names", r"[\"'](bf16|fp16|fp32)[\"']\s*:", {"dtypes.py"}),
     ("adapter-parameter names", r"[\"']\.lora_[\"']|startswith\([\"']lora_|[\"']\.modules_to_save\.[\"']",
      {"precision/view.py"}),

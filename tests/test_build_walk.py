@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from loracast.layers import Linear, build
-from loracast.tuner.inject import SuffixSet
+from loracast.tuner.match import SuffixSet
 from loracast.tuner.walk import replace_child, walk
 
 

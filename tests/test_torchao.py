@@ -27,6 +27,7 @@ from loracast.layers.merge import exact_sum  # noqa: E402
 from loracast.quant import find_backend  # noqa: E402
 from loracast.quant.merge import requantization_record  # noqa: E402
 from loracast.quant.torchao import layer_config, quantize_base, torchao_config  # noqa: E402
+from quant_adapters import one_layer_config, peft_one_layer_config  # noqa: E402
 from torchao_models import (  # noqa: E402
     DTYPES,
     KINDS,
@@ -41,16 +42,8 @@ from torchao_models import (  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:TorchaoLoraLinear was instantiated:UserWarning")
 
 
-def _config(**overrides) -> LoraConfig:
-    return LoraConfig(**dict(dict(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False), **overrides))
-
-
-def _peft_config(**overrides):
-    return peft.LoraConfig(**dict(dict(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False), **overrides))
-
-
 def _wrap(layer: nn.Module, **kwargs):
-    model = get_peft_model(nn.Sequential(layer), _config(), **kwargs)
+    model = get_peft_model(nn.Sequential(layer), one_layer_config(), **kwargs)
     return model, model.base_model.model[0]
 
 
@@ -58,9 +51,9 @@ def _wrap(layer: nn.Module, **kwargs):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("autocast", [True, False])
 def test_adapter_dtype_follows_the_compute_dtype_rule_as_peft(kind, dtype, autocast):
-    ours = get_peft_model(nn.Sequential(quantized_linear(kind, DTYPES[dtype])), _config(),
+    ours = get_peft_model(nn.Sequential(quantized_linear(kind, DTYPES[dtype])), one_layer_config(),
                           autocast_adapter_dtype=autocast)
-    theirs = peft.get_peft_model(nn.Sequential(quantized_linear(kind, DTYPES[dtype])), _peft_config(),
+    theirs = peft.get_peft_model(nn.Sequential(quantized_linear(kind, DTYPES[dtype])), peft_one_layer_config(),
                                  autocast_adapter_dtype=autocast)
     layer = ours.base_model.model[0]
     assert find_backend(layer.base_layer).name == {"int8": "torchao-int8", "int4": "torchao-intx"}[kind]
@@ -73,8 +66,8 @@ def test_adapter_dtype_follows_the_compute_dtype_rule_as_peft(kind, dtype, autoc
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_outputs_and_gradients_equal_peft(kind, dtype):
     """Oracle: PEFT's TorchaoLoraLinear with the same LoRA values; tolerance 1e-5 relative."""
-    ours = get_peft_model(nn.Sequential(quantized_linear(kind, DTYPES[dtype])), _config())
-    theirs = peft.get_peft_model(nn.Sequential(quantized_linear(kind, DTYPES[dtype])), _peft_config())
+    ours = get_peft_model(nn.Sequential(quantized_linear(kind, DTYPES[dtype])), one_layer_config())
+    theirs = peft.get_peft_model(nn.Sequential(quantized_linear(kind, DTYPES[dtype])), peft_one_layer_config())
     copy_lora(ours, theirs)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1)).to(DTYPES[dtype])
     out_ours, out_theirs = ours(x), theirs(x)
@@ -92,7 +85,7 @@ def test_outputs_and_gradients_equal_peft(kind, dtype):
 @pytest.mark.parametrize("kind", KINDS)
 def test_adapter_files_load_both_ways_with_equal_outputs(kind, tmp_path):
     """Oracle: each library's own outputs on the same torchao base (float32, so equal within 1e-5)."""
-    ours = get_peft_model(nn.Sequential(quantized_linear(kind)), _config(init_lora_weights="gaussian"))
+    ours = get_peft_model(nn.Sequential(quantized_linear(kind)), one_layer_config(init_lora_weights="gaussian"))
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = ours(x)
@@ -101,7 +94,7 @@ def test_adapter_files_load_both_ways_with_equal_outputs(kind, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), expected, rtol=1e-5, atol=1e-6)
 
-    source = peft.get_peft_model(nn.Sequential(quantized_linear(kind)), _peft_config(init_lora_weights="gaussian"))
+    source = peft.get_peft_model(nn.Sequential(quantized_linear(kind)), peft_one_layer_config(init_lora_weights="gaussian"))
     with torch.no_grad():
         source.base_model.model[0].lora_B["default"].weight.normal_(generator=torch.Generator().manual_seed(3))
         expected = source(x)
@@ -271,7 +264,7 @@ def test_unknown_quantized_weight_types_are_refused_before_anything_changes():
     model = nn.Sequential(layer, nn.Linear(48, 8))
     with pytest.raises(ConfigError, match=r"weight of '0' is a test_torchao\._Opaque, a quantized tensor type "
                                           r"loracast does not adapt") as caught:
-        get_peft_model(model, _config(target_modules=["0", "1"]))
+        get_peft_model(model, one_layer_config(target_modules=["0", "1"]))
     assert "\n" not in str(caught.value)
     assert not any(isinstance(m, LoraLayer) for m in model.modules())  # nothing was wrapped
 
@@ -281,7 +274,7 @@ def test_unknown_quantized_weight_types_are_refused_before_anything_changes():
         layer = float_linear()
         quantize_(layer, config)
         with pytest.raises(ConfigError, match=f"torchao.*{name}.*Int4WeightOnlyConfig weights need a GPU kernel"):
-            get_peft_model(nn.Sequential(layer), _config())
+            get_peft_model(nn.Sequential(layer), one_layer_config())
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -325,7 +318,7 @@ def test_every_precision_policy_trains_through_a_torchao_layer(kind):
     outputs = {}
     for precision in ("stable", "mixed", "fast"):
         model = get_peft_model(nn.Sequential(quantized_linear(kind, torch.bfloat16)),
-                               _config(init_lora_weights="gaussian"), precision=precision).train()
+                               one_layer_config(init_lora_weights="gaussian"), precision=precision).train()
         with torch.no_grad():
             model.base_model.model[0].lora_B["default"].weight.normal_(std=0.05, generator=torch.Generator().manual_seed(9))
         inputs = x.clone().requires_grad_(True)
@@ -340,8 +333,8 @@ def test_every_precision_policy_trains_through_a_torchao_layer(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_dora_on_torchao_equals_peft(kind):
     """Oracle: PEFT's DoRA on the same torchao layer with the same values (float32; 1e-5)."""
-    ours = get_peft_model(nn.Sequential(quantized_linear(kind)), _config(use_dora=True))
-    theirs = peft.get_peft_model(nn.Sequential(quantized_linear(kind)), _peft_config(use_dora=True))
+    ours = get_peft_model(nn.Sequential(quantized_linear(kind)), one_layer_config(use_dora=True))
+    theirs = peft.get_peft_model(nn.Sequential(quantized_linear(kind)), peft_one_layer_config(use_dora=True))
     with torch.no_grad():
         ours.base_model.model[0].lora_B["default"].weight.normal_(std=0.05, generator=torch.Generator().manual_seed(10))
     copy_lora(ours, theirs)
@@ -353,8 +346,8 @@ def test_dora_on_torchao_equals_peft(kind):
 def test_a_torchao_lora_layer_compiles_without_graph_breaks_as_peft():
     """Oracle: PEFT's TorchaoLoraLinear, which torch.compile traces in one graph."""
     x = torch.randn(4, 64)
-    for model in (get_peft_model(nn.Sequential(quantized_linear("int8")), _config()),
-                  peft.get_peft_model(nn.Sequential(quantized_linear("int8")), _peft_config())):
+    for model in (get_peft_model(nn.Sequential(quantized_linear("int8")), one_layer_config()),
+                  peft.get_peft_model(nn.Sequential(quantized_linear("int8")), peft_one_layer_config())):
         torch._dynamo.reset()
         assert torch._dynamo.explain(model)(x).graph_break_count == 0
     torch._dynamo.reset()

@@ -5,7 +5,9 @@
 or PEFT), or a saved adapter together with its base model. It returns a `Report` (`report`):
 a row per adapted module, a line per dtype, and findings with a stable id, a severity, the
 modules seen, why it matters and the fix as code. Read bottom-up: `report` (the result types),
-`inputs` (what is inspected), `checks` (the findings), `table` (rows as data), `render` (text).
+`inputs` (what is inspected), `checks` (the checks, one module per area, each declaring the kinds of
+finding it reports), `catalogue` (the table of finding ids, generated from those declarations),
+`table` (rows as data), `render` (text).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from loracast.precision.rules import declared_dtype
 from loracast.precision.view import base_parameters
 from loracast.quant import find_backend
 from loracast.quant.base import foreign_tensor
+from loracast.quant.kbit import is_quantized
 from loracast.quant.merge import RequantizationStats, requantization_record
 
 
@@ -28,6 +29,7 @@ class FrozenParam:
     name: str
     dtype: torch.dtype
     numel: int
+    nbytes: int  # as held now, in `dtype`
     owner: str  # class name of the module that holds it (e.g. "LlamaRMSNorm", "Embedding")
 
     @property
@@ -44,6 +46,7 @@ class BaseState:
     frozen: list[FrozenParam] = field(default_factory=list)
     requantized: dict[str, RequantizationStats] = field(default_factory=dict)  # module path -> rounding
     non_finite: list[str] = field(default_factory=list)  # "name: k of n values are inf or nan"
+    quantized: bool = False  # whether the model holds quantized layers (or transformers loaded it in 4/8 bits)
 
 
 def _quantized_owners(model: nn.Module) -> tuple[dict[str, nn.Module], set[str]]:
@@ -54,7 +57,7 @@ def _quantized_owners(model: nn.Module) -> tuple[dict[str, nn.Module], set[str]]
 
 def collect_base_state(model: nn.Module) -> BaseState:
     """Read the frozen base of `model` (the module holding the LoRA layers, or a merged model)."""
-    state = BaseState(declared=declared_dtype(model))
+    state = BaseState(declared=declared_dtype(model), quantized=is_quantized(model))
     modules, quantized = _quantized_owners(model)
     for path in quantized:
         record = requantization_record(modules[path])
@@ -73,5 +76,5 @@ def collect_base_state(model: nn.Module) -> BaseState:
             kept = param.dtype == torch.float32 and bool(keep_fp32 & set(name.split(".")))
             if not param.requires_grad and not kept:
                 owner = type(modules.get(owner_path, model)).__name__
-                state.frozen.append(FrozenParam(name, param.dtype, param.numel(), owner))
+                state.frozen.append(FrozenParam(name, param.dtype, param.numel(), param.numel() * param.element_size(), owner))
     return state

@@ -48,6 +48,7 @@ from loracast.precision.view import (
     model_dtype,
     quantized_layers,
 )
+from loracast.tuner.peft_model import PeftModel
 
 _FILE_KEY = re.compile(r"^(?P<module>.+)\.(?P<container>" + "|".join(ROLES) + r")(?:\.(?P<param>[^.]+))?$")
 
@@ -273,10 +274,12 @@ def _from_model(obj: nn.Module, subject: str, kind: str, fsdp: bool | None) -> I
             inventory.base_grad.append((name, param.dtype))
         if not param.is_floating_point():
             inventory.integer_params.append((name, param.dtype))
-    plans = getattr(obj, "_precision_plans", None) or {}
+    # PEFT's own PeftModel records neither how dtypes were chosen nor a fingerprint
+    is_ours = isinstance(obj, PeftModel)
+    plans = obj.precision_plans if is_ours else {}
     # the compute mode as the layers have it now, whatever the plan said
     inventory.plans = {name: {**plan.to_dict(), **adapter_compute_record(model, name)} for name, plan in plans.items()}
-    for name, fingerprint in (getattr(obj, "_fingerprints", None) or {}).items():
+    for name, fingerprint in (obj.loaded_fingerprints if is_ours else {}).items():
         inventory.fingerprints[name] = fingerprint
         now = build_fingerprint(model, name, plans.get(name))
         inventory.differences[name] = compare_fingerprints(fingerprint, now)
@@ -370,8 +373,6 @@ def load_model_folder(path: str) -> nn.Module:
 
 def _with_base(path: str, folders: dict[str, str], files: dict[str, _AdapterFiles], base: Any,
                fsdp: bool | None) -> Inventory:
-    from loracast.tuner.peft_model import PeftModel
-
     if isinstance(base, nn.Module):
         model, base_label = copy.deepcopy(base), type(base).__name__
     elif isinstance(base, (str, os.PathLike)):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from loracast.errors import LoracastError
 
-SEVERITIES = ("error", "warning", "info")
+Severity = Literal["error", "warning", "info"]
+SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
 
 
 def count(n: int, noun: str, plural: str | None = None) -> str:
@@ -20,12 +21,13 @@ class UnreadableInput(LoracastError):
     """The doctor could not read what it was given (the message says what and why)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Finding:
-    """One thing the doctor found.
+    """One thing the doctor found, built with keyword fields.
 
     Attributes:
-        id: stable identifier, e.g. "fp16-trainable" (listed in `loracast.diagnostics.checks.CHECKS`).
+        id: stable identifier, e.g. "fp16-trainable" (every id is in the catalogue,
+            `loracast.diagnostics.catalogue`).
         severity: "error", "warning" or "info".
         title: one line saying what was found.
         seen: where: module or tensor names, or the differences found.
@@ -34,7 +36,7 @@ class Finding:
     """
 
     id: str
-    severity: str
+    severity: Severity
     title: str
     seen: list[str]
     why: str

@@ -26,7 +26,7 @@ from loracast.export.llama import add_encoded, interleave_rope_rows, rope_heads
 from loracast.export.ollama import modelfile_text, training_system_prompt
 from loracast.export.source import check_output, open_gguf, read_gguf_field
 from loracast.training.sft.model import check_llm_source, is_gguf, load_llm_tokenizer
-from loracast.tuner.inject import pattern_value
+from loracast.tuner.match import pattern_value
 
 ADAPTER_TYPES = ("f32", "f16", "bf16")  # llama.cpp multiplies the factors as they are; Q8_0 would round rank-16 rows
 _OWN_TYPE = {torch.float16: "f16", torch.bfloat16: "bf16"}  # a half-precision adapter stays so; others: f32

@@ -34,7 +34,7 @@ from loracast.export.llama import (
 from loracast.export.source import check_output, copy_metadata, open_gguf
 from loracast.layers.merge import exact_sum
 from loracast.training.sft.model import check_llm_source, is_gguf, load_llm, load_llm_tokenizer
-from loracast.tuner.inject import pattern_value
+from loracast.tuner.match import pattern_value
 from loracast.tuner.peft_model import PeftModel
 
 

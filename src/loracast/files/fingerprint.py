@@ -33,6 +33,7 @@ from loracast.layers import LoraLayer
 from loracast.layers.compute import adapter_compute_record
 from loracast.precision.view import BaseLayerInfo, base_layer_info, model_dtype
 from loracast.quant import find_backend
+from loracast.quant.base import QUANT_LIBRARIES
 from loracast.quant.merge import requantization_record
 
 FINGERPRINT_KEY = "loracast.fingerprint"
@@ -58,7 +59,7 @@ def environment(device_type: str | None = None) -> dict[str, str | None]:
     from loracast._version import __version__
 
     return {"torch": torch.__version__.split("+")[0], "transformers": package_version("transformers"),
-            "bitsandbytes": package_version("bitsandbytes"), "torchao": package_version("torchao"),
+            **{library: package_version(library) for library in QUANT_LIBRARIES},
             "loracast": __version__, "device_type": device_type}
 
 
@@ -206,8 +207,8 @@ def compare_fingerprints(saved: dict[str, Any], now: dict[str, Any],
     out: list[Difference] = []
     env_saved, env_now = saved.get("environment") or {}, now.get("environment") or {}
     quantized = bool(saved.get("quantization") or now.get("quantization"))
-    for library in ("torch", "transformers", "bitsandbytes", "torchao", "loracast"):
-        if library in ("bitsandbytes", "torchao") and not quantized:
+    for library in ("torch", "transformers", *QUANT_LIBRARIES, "loracast"):
+        if library in QUANT_LIBRARIES and not quantized:
             continue
         if library in env_saved and library in env_now and env_saved[library] != env_now[library]:
             out.append(Difference("version", f"{library} version", env_saved[library] or "not installed",

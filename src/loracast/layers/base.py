@@ -4,7 +4,9 @@ A LoRA layer keeps the original module as ``base_layer`` (so quantization state,
 checkpoint names survive) and holds its adapters in dicts keyed by adapter name: one entry per
 adapter in each container named by `adapter_layer_names`, plus plain dicts of per-adapter
 numbers (rank, alpha, scaling). Subclasses say how to build an adapter for their base type,
-how to apply it in forward, and what delta it adds to the base weight.
+how to apply it in forward, and what delta it adds to the base weight. Each adapter also holds a
+variant (`loracast.layers.variant`): plain LoRA, or one that computes its output and merged
+weight another way; the layer calls it and names none.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from torch import nn
 
 from loracast.config import lora_scaling
 from loracast.errors import AdapterStateError, LoracastError
-from loracast.layers import build, dora
+from loracast.layers import build
 from loracast.layers.merge import BitResidual, check_finite, exact_sum
-from loracast.layers.per_sample import PerSampleNames
-from loracast.layers.routing import routed_adapter_names
+from loracast.layers.routing import PerSampleNames, routed_adapter_names
+from loracast.layers.variant import PLAIN, LoraVariant, merged_weight
 from loracast.precision.rules import cast_for_adapter
 
 
@@ -30,6 +32,7 @@ class LoraLayer(nn.Module):
     Attributes:
         base_layer: the wrapped original module (frozen).
         r, lora_alpha, scaling: per-adapter rank, alpha, and alpha/r (or alpha/sqrt(r)).
+        lora_variant: per-adapter `LoraVariant` (plain LoRA unless the config chose another).
         merged_adapters: adapters whose delta is currently merged into the base weight.
     """
 
@@ -41,7 +44,7 @@ class LoraLayer(nn.Module):
     scaling: dict[str, float]
     use_rslora: dict[str, bool]
     lora_bias: dict[str, bool]
-    use_dora: dict[str, bool]
+    lora_variant: dict[str, LoraVariant]
     merged_adapters: list[str]
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -51,7 +54,7 @@ class LoraLayer(nn.Module):
         self._modules["base_layer"] = base_layer
         self._modules["lora_dropout"] = build.module_dict()
         self.__dict__.update(
-            r={}, lora_alpha={}, scaling={}, use_rslora={}, lora_bias={}, use_dora={},
+            r={}, lora_alpha={}, scaling={}, use_rslora={}, lora_bias={}, lora_variant={},
             _active_adapters=[], _disable_adapters=False, merged_adapters=[],
             _weight_restore=None,  # BitResidual (float base) or a backend snapshot
             _bias_original=None,
@@ -157,7 +160,10 @@ class LoraLayer(nn.Module):
             container = getattr(self, container_name)
             if adapter_name in container:
                 del container[adapter_name]
-        for numbers in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.lora_bias, self.use_dora):
+        variant = self.lora_variant.pop(adapter_name, PLAIN)
+        if variant.flag is not None:
+            getattr(self, variant.flag).pop(adapter_name, None)
+        for numbers in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.lora_bias):
             numbers.pop(adapter_name, None)
         if adapter_name in self._active_adapters:
             self._active_adapters.remove(adapter_name)
@@ -169,6 +175,7 @@ class LoraLayer(nn.Module):
         self.use_rslora[adapter_name] = use_rslora
         self.lora_bias[adapter_name] = lora_bias
         self.scaling[adapter_name] = lora_scaling(r, lora_alpha, use_rslora)
+        self.lora_variant[adapter_name] = PLAIN
         build.put(self.lora_dropout, adapter_name, nn.Dropout(p=dropout) if dropout > 0.0 else build.identity())
 
     def set_scale(self, adapter_name: str, scale: float) -> None:
@@ -191,42 +198,28 @@ class LoraLayer(nn.Module):
         """The update one adapter adds to the base weight, in float64 (one layer's worth of memory at a time), base layout."""
         raise NotImplementedError
 
-    def _lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    def lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """One adapter's contribution for input `x`, before the cast back to the output dtype:
         ``B(A(dropout(x))) * scaling`` in the adapter dtype, for layers whose factors are modules."""
         lora_a = self.lora_A[adapter_name]
         x = cast_for_adapter(x, lora_a.weight.dtype)
         return self.lora_B[adapter_name](lora_a(self.lora_dropout[adapter_name](x))) * self.scaling[adapter_name]
 
-    def add_dora(self, adapter_name: str, *, dtype: torch.dtype, device: torch.device, initialize: bool) -> None:
-        """Make adapter `adapter_name` (already added by `update_layer`) a DoRA adapter: give it a
-        magnitude vector in `dtype` (see `loracast.layers.dora`)."""
-        dora.add_magnitude(self, adapter_name, dtype, device, initialize)
-
-    # DoRA hooks: where the base weight is, and how it and the factors read as (out, in) rows.
-
-    def _dora_weight_source(self) -> torch.Tensor:
-        """The tensor whose identity and version say whether the base weight changed."""
-        return self.get_base_layer().weight
-
-    def _dora_base_weight(self) -> torch.Tensor:
-        """The base weight as a float tensor, in the base layout."""
-        return self.get_base_layer().weight.detach()
-
-    def _dora_weight_rows(self, weight: torch.Tensor) -> torch.Tensor:
-        """A (out, in) view of a base-layout tensor: one row per magnitude entry."""
-        return weight
-
-    def _dora_factor_rows(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The adapter's factors as A (r, in) and B (out, r)."""
-        return self.lora_A[adapter_name].weight.flatten(1), self.lora_B[adapter_name].weight.flatten(1)
-
-    def _dora_magnitude_shape(self) -> tuple[int, ...]:
-        return (self.out_features,)
-
-    def _dora_forward(self, x: torch.Tensor, adapter_name: str, result: torch.Tensor) -> torch.Tensor:
-        """`result` (the output so far) with DoRA adapter `adapter_name` applied."""
-        raise NotImplementedError(f"{type(self).__name__} has no DoRA forward")
+    def set_variant(self, adapter_name: str, variant: LoraVariant, *, dtype: torch.dtype, device: torch.device,
+                    initialize: bool) -> None:
+        """Make `variant` the arithmetic of adapter `adapter_name` (already added by `update_layer`):
+        its containers join `adapter_layer_names`, and it creates its tensors in `dtype` on `device`
+        (left for a load to fill when `initialize` is False)."""
+        for container_name in variant.containers:
+            if container_name not in self._modules:
+                self._modules[container_name] = nn.ModuleDict()
+            if container_name not in self.adapter_layer_names:
+                # an instance-level tuple, so generic loops (grad, deletion, saving) see the container
+                self.__dict__["adapter_layer_names"] = self.adapter_layer_names + (container_name,)
+        if variant.flag is not None:
+            self.__dict__.setdefault(variant.flag, {})[adapter_name] = True
+        self.lora_variant[adapter_name] = variant
+        variant.create(self, adapter_name, dtype=dtype, device=device, initialize=initialize)
 
     # -- forward ----------------------------------------------------------------------------------
 
@@ -248,24 +241,22 @@ class LoraLayer(nn.Module):
             return self._mixed_batch_forward(x, result, routed)
         out_dtype = result.dtype
         for name in self._active_adapters:
-            if self.use_dora.get(name):
-                result = self._dora_forward(x, name, result)
-            else:
-                result = result + self._lora_output(x, name)
+            result = self.lora_variant[name].forward(self, x, name, result)
         return result.to(out_dtype)
 
     def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor, routed: PerSampleNames) -> torch.Tensor:
         names = routed.for_batch(x.shape[0])
-        dora_names = sorted({n for n in names if self.use_dora.get(n)})
-        if dora_names:
-            raise DoraMixedBatchError(f"per-sample adapter_names cannot include DoRA adapters ({dora_names}), as "
-                                      "in PEFT; run the DoRA adapter on its own batch")
+        refused = sorted({n for n in names if n in self.lora_variant and not self.lora_variant[n].per_sample})
+        if refused:
+            titles = sorted({self.lora_variant[n].title for n in refused})
+            raise VariantMixedBatchError(f"per-sample adapter_names cannot include {'/'.join(titles)} adapters "
+                                         f"({refused}), as in PEFT; run each of them on its own batch")
         out_dtype = result.dtype
         for name in dict.fromkeys(names):
             if name == "__base__" or name not in self.r:
                 continue
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            update = self._lora_output(x.index_select(0, rows), name).to(out_dtype)
+            update = self.lora_output(x.index_select(0, rows), name).to(out_dtype)
             result = result.index_add(0, rows, update)
         return result
 
@@ -317,10 +308,7 @@ class LoraLayer(nn.Module):
             return
         names = self.merged_adapters + new
         original = self._read_original_weight()
-        if any(self.use_dora.get(n) for n in names):
-            merged = dora.merged_weight(self, original, names)
-        else:
-            merged = exact_sum(original, [self.get_delta_weight(n) for n in names])
+        merged = merged_weight(self, original, names)
         where = type(self.base_layer).__name__
         if safe_merge:
             check_finite(merged, f"the weight of a {where}", new)
@@ -359,8 +347,9 @@ class LoraLayer(nn.Module):
         return f"adapters={self.adapter_names}, active={self._active_adapters}, merged={self.merged_adapters}"
 
 
-class DoraMixedBatchError(LoracastError):
-    """Per-sample adapter names were given for a batch that uses a DoRA adapter."""
+class VariantMixedBatchError(LoracastError):
+    """Per-sample adapter names were given for a batch that uses an adapter whose variant cannot
+    serve part of a batch (`LoraVariant.per_sample` False)."""
 
 
 class ReadOnlyBaseTensorError(LoracastError, AttributeError):

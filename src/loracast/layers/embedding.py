@@ -7,9 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loracast.errors import LoracastError
-from loracast.layers import dora
 from loracast.layers.base import LoraLayer, delta_dtype
-from loracast.layers.init import init_embedding_pair, rounding_dtype
+from loracast.layers.init.random_init import init_embedding_pair, rounding_dtype
 
 
 class Embedding(LoraLayer):
@@ -39,7 +38,7 @@ class Embedding(LoraLayer):
         weight_b = nn.Parameter(torch.empty((self.out_features, r), dtype=dtype, device=device))
         self.lora_embedding_A[adapter_name] = weight_a
         self.lora_embedding_B[adapter_name] = weight_b
-        # PEFT's random draws (layers/init.py)
+        # PEFT's random draws (layers/init/random_init.py)
         init_embedding_pair(weight_a, weight_b, init_lora_weights, rounding_dtype(self.get_base_layer()))
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -48,7 +47,7 @@ class Embedding(LoraLayer):
         dtype = delta_dtype(weight_a)
         return (weight_b.to(dtype) @ weight_a.to(dtype)).T * self.scaling[adapter_name]  # (num_embeddings, dim)
 
-    def _low_rank_rows(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    def low_rank_rows(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """``A.T[ids] @ B.T``: the adapter's rows for the ids `x`, before scaling."""
         base = self.base_layer
         rows = F.embedding(x, self.lora_embedding_A[adapter_name].T, padding_idx=base.padding_idx,
@@ -56,25 +55,11 @@ class Embedding(LoraLayer):
                            scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
         return rows @ self.lora_embedding_B[adapter_name].T
 
-    def _embed_scaled(self, out: torch.Tensor) -> torch.Tensor:
+    def embed_scaled(self, out: torch.Tensor) -> torch.Tensor:
         embed_scale = getattr(self.base_layer, "embed_scale", None)  # Gemma-style scaled embeddings
         if embed_scale is None:
             return out
         return out * (embed_scale.to(out.dtype) if isinstance(embed_scale, torch.Tensor) else embed_scale)
 
-    def _lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        return self._embed_scaled(self._low_rank_rows(x, adapter_name) * self.scaling[adapter_name])
-
-    # DoRA: the magnitude has one entry per embedding dimension (a column of the table).
-
-    def _dora_weight_rows(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.T
-
-    def _dora_factor_rows(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
-
-    def _dora_forward(self, x: torch.Tensor, adapter_name: str, result: torch.Tensor) -> torch.Tensor:
-        factor = dora.scale(self, adapter_name)  # (embedding_dim,)
-        update = factor * self._low_rank_rows(x, adapter_name) * self.scaling[adapter_name]
-        # embed_scale applies to the DoRA term only: the base output already carries it (as PEFT)
-        return factor * result + self._embed_scaled(update)
+    def lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return self.embed_scaled(self.low_rank_rows(x, adapter_name) * self.scaling[adapter_name])

@@ -216,9 +216,10 @@ def _plain_linear_base(base: nn.Module) -> bool:
 def single_adapter(layer: Any, x: torch.Tensor) -> str | None:
     """The one active adapter when the fast paths apply to this call, else None.
 
-    They apply to a float input of 2+ dims, one active adapter without ``lora_bias`` or DoRA, no
-    per-sample adapter names, nothing merged or disabled, no autocast, and adapter factors that
-    are plain `nn.Linear` modules without hooks (others are called as modules by the general path).
+    They apply to a float input of 2+ dims, one active plain LoRA adapter (no ``lora_bias``, no
+    variant such as DoRA), no per-sample adapter names, nothing merged or disabled, no autocast,
+    and adapter factors that are plain `nn.Linear` modules without hooks (others are called as
+    modules by the general path).
     """
     if layer._disable_adapters or layer.merged_adapters or routed_adapter_names() is not None:
         return None
@@ -226,7 +227,8 @@ def single_adapter(layer: Any, x: torch.Tensor) -> str | None:
     if len(active) != 1 or not x.is_floating_point() or x.dim() < 2:
         return None
     name = active[0]
-    if layer.lora_bias.get(name) or layer.use_dora.get(name) or autocast_active(x.device.type) or global_hooks():
+    if layer.lora_bias.get(name) or not layer.lora_variant[name].plain or autocast_active(x.device.type) \
+            or global_hooks():
         return None
     if not (plain_factor(layer.lora_A[name]) and plain_factor(layer.lora_B[name])):
         return None

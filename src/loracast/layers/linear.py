@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loracast.errors import ConfigError, LoracastError
-from loracast.layers import build, dora
+from loracast.layers import build
 from loracast.layers.base import LoraLayer, delta_dtype
-from loracast.layers.fastpath import exact_forward, fast_forward, global_hooks, plain_factor, single_adapter
-from loracast.layers.init import init_factor_pair, rounding_dtype
-from loracast.layers.init_from_base import decompose, orthogonal_factors, residual
-from loracast.precision.rules import base_weight, cast_for_adapter
+from loracast.layers.fastpath import exact_forward, fast_forward, single_adapter
+from loracast.layers.init.from_base import decompose, orthogonal_factors, residual
+from loracast.layers.init.random_init import init_factor_pair, rounding_dtype
+from loracast.precision.rules import base_weight
 from loracast.quant import find_backend
 from loracast.quant import merge as quant_merge
 from loracast.quant.loftq import loftq
@@ -47,7 +46,7 @@ class Linear(LoraLayer):
     def update_layer(self, adapter_name, r, lora_alpha, *, lora_dropout, init_lora_weights, use_rslora,
                      lora_bias, dtype, device):
         self._register_numbers(adapter_name, r, lora_alpha, use_rslora, lora_bias, lora_dropout)
-        # values: PEFT's random draws for `init_lora_weights` (layers/init.py); None: left for a load to fill
+        # values: PEFT's random draws for `init_lora_weights` (layers/init/random_init.py); None: left for a load to fill
         lora_a = build.linear(self.in_features, r, False, dtype, device)
         lora_b = build.linear(r, self.out_features, lora_bias, dtype, device)
         build.put(self.lora_A, adapter_name, lora_a)
@@ -57,7 +56,7 @@ class Linear(LoraLayer):
 
     def init_from_base(self, adapter_name: str, init: str, loftq_config: dict | None = None) -> None:
         """Start adapter `adapter_name` the PiSSA / OLoRA / LoftQ / orthogonal way (see
-        `loracast.layers.init_from_base`); the first three rewrite the base weight (rounded once).
+        `loracast.layers.init.from_base`); the first three rewrite the base weight (rounded once).
 
         Raises:
             ConfigError: the base is quantized (these need the float weight), or the rank is odd
@@ -94,7 +93,7 @@ class Linear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = None
-        if not args and not kwargs and type(self)._lora_output is Linear._lora_output:
+        if not args and not kwargs and type(self).lora_output is Linear.lora_output:
             name = single_adapter(self, x)
         if name is None:
             return super().forward(x, *args, **kwargs)
@@ -108,32 +107,6 @@ class Linear(LoraLayer):
         dtype = delta_dtype(weight_a)
         delta = (weight_b.to(dtype) @ weight_a.to(dtype)) * self.scaling[adapter_name]  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
-
-    # DoRA hooks (see loracast.layers.dora): a quantized base is read through its backend.
-
-    def _dora_base_weight(self) -> torch.Tensor:
-        if self.quant_backend is None:
-            return self.base_layer.weight.detach()
-        return self.quant_backend.dequantize(self.base_layer)
-
-    def _dora_weight_rows(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.T if self.fan_in_fan_out else weight
-
-    def _dora_forward(self, x: torch.Tensor, adapter_name: str, result: torch.Tensor) -> torch.Tensor:
-        lora_a, lora_b = self.lora_A[adapter_name], self.lora_B[adapter_name]
-        x = cast_for_adapter(x, lora_a.weight.dtype)
-        dropout = self.lora_dropout[adapter_name]
-        factor = dora.scale(self, adapter_name)  # (out,), broadcast over the last dim
-        if isinstance(dropout, nn.Identity) or not self.training:
-            bias = getattr(self.base_layer, "bias", None)
-            h = lora_a(x)
-            if plain_factor(lora_b) and not global_hooks() and h.dtype == lora_b.weight.dtype == factor.dtype:
-                return dora.folded_linear_output(result, h, lora_b.weight, factor, self.scaling[adapter_name], bias)
-            return dora.combine(result, lora_b(h), factor, self.scaling[adapter_name], bias)
-        # PEFT's semantics with dropout: the rescaled base part W x sees the dropped-out input too
-        x = dropout(x)
-        base_result = F.linear(x, self._dora_weight_rows(self._dora_base_weight().to(x.dtype)))
-        return result + (factor - 1) * base_result + factor * lora_b(lora_a(x)) * self.scaling[adapter_name]
 
     # Merge hooks: a quantized base is read, written and restored through its backend.
 

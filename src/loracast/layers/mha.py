@@ -71,10 +71,6 @@ class MultiheadAttention(LoraLayer):
             adapter_name, r, lora_alpha, lora_dropout=lora_dropout, init_lora_weights=init_lora_weights,
             use_rslora=use_rslora, lora_bias=lora_bias, dtype=dtype, device=device)
 
-    def add_dora(self, adapter_name: str, *, dtype: torch.dtype, device: torch.device, initialize: bool) -> None:
-        raise LoracastError("use_dora=True is not supported on an nn.MultiheadAttention (nor in PEFT); set "
-                            "use_dora=False or exclude the module from target_modules")
-
     # -- the adapter containers of both parts move together ---------------------------------------
 
     def set_adapter(self, adapter_names: str | Sequence[str], trainable: bool = True) -> None:

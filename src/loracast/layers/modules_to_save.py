@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from loracast.layers.per_sample import PerSampleNames
-from loracast.layers.routing import routed_adapter_names
+from loracast.layers.routing import PerSampleNames, routed_adapter_names
 
 
 class ModulesToSaveWrapper(nn.Module):

@@ -1,4 +1,5 @@
-"""Per-sample adapter routing (``model(..., adapter_names=[...])``), without touching any module.
+"""Per-sample adapter routing (``model(..., adapter_names=[...])``), without touching any module:
+the names a call routes (`per_sample_adapters`), and how a layer reads them (`PerSampleNames`).
 
 The names reach the LoRA layers deep inside the user's model through a context variable set for
 the duration of one `PeftModel.forward` / `generate` call. No module is changed while a batch
@@ -15,8 +16,38 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass
 
-from loracast.layers.per_sample import PerSampleNames
+from loracast.errors import LoracastError
+
+
+@dataclass(frozen=True)
+class PerSampleNames:
+    """One adapter name per input sample, and how many rows `generate` makes of each sample.
+
+    `generate` repeats every sample ``max(num_beams, num_return_sequences)`` times before the
+    decoder runs (an encoder still sees the original batch), so a layer may see either batch
+    size; each name then stands for all the rows made from its sample, as in PEFT.
+    """
+
+    names: tuple[str, ...]
+    expansion: int = 1
+
+    def for_batch(self, batch: int) -> Sequence[str]:
+        """The name of each of `batch` rows.
+
+        Raises:
+            ValueError: `batch` is neither the number of names nor that times the expansion.
+        """
+        if batch == len(self.names):
+            return self.names
+        if self.expansion > 1 and batch == len(self.names) * self.expansion:
+            return [name for name in self.names for _ in range(self.expansion)]
+        expanded = f" (or {len(self.names) * self.expansion} after generate's x{self.expansion} expansion)" \
+            if self.expansion > 1 else ""
+        raise LoracastError(f"adapter_names has {len(self.names)} entries{expanded} but the batch has {batch} samples; "
+                            "give one adapter name (or '__base__') per input sample")
+
 
 # The adapter names of the batch being routed (one per sample, '__base__': none), or None.
 _PER_SAMPLE: ContextVar[PerSampleNames | None] = ContextVar("loracast_per_sample_adapters", default=None)

@@ -27,8 +27,7 @@ from torch import nn
 from loracast.errors import AdapterStateError, LoracastError
 from loracast.layers.base import LoraLayer
 from loracast.layers.merge import check_finite
-from loracast.layers.per_sample import PerSampleNames
-from loracast.layers.routing import routed_adapter_names
+from loracast.layers.routing import PerSampleNames, routed_adapter_names
 
 
 class TrainableTokensLayer(LoraLayer):

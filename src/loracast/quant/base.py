@@ -51,13 +51,21 @@ class QuantBackend(Protocol):
 
 # Optional backend members, read with getattr: ``repacks_in_eval`` (True when the layer's
 # eval-mode forward rewrites its own weight) and ``prepare_for_sharding(module)`` (makes the layer
-# safe to shard with FSDP), used by `repacks_in_eval` and `loracast.quant.sharding`.
+# safe to shard with FSDP), used by `repacks_in_eval` and `loracast.quant.sharding`;
+# ``describe(module)`` and ``config_record(module)`` (labels for messages, the doctor and the
+# fingerprint); ``compute_dtype_fix`` (code that sets a layer's compute dtype, read by
+# `compute_dtype_fix` for the doctor); ``upcast_safe`` (False when the layer refuses activations in
+# another dtype than its compute dtype: `prepare_model_for_kbit_training` then upcasts nothing).
 
 _BACKENDS: list[QuantBackend] = []
 # (module that must already be imported, module of ours that registers the backend)
-_LAZY: list[tuple[str, str]] = [("bitsandbytes", "loracast.quant.bnb"), ("torchao", "loracast.quant.torchao")]
-# (tensor type, why it is refused and what to do), from the backends: quantized weights of a known
-# library that no backend claims (torchao's GPU-only formats)
+_LAZY: list[tuple[str, str]] = [("bitsandbytes", "loracast.quant.bnb"), ("torchao", "loracast.quant.torchao"),
+                                 ("hqq", "loracast.quant.hqq"), ("optimum.quanto", "loracast.quant.quanto")]
+# the distributions whose versions decide a quantized base's numbers (recorded in the fingerprint)
+QUANT_LIBRARIES = ("bitsandbytes", "torchao", "hqq", "optimum-quanto")
+# (tensor or module type, why it is refused and what to do), from the backends: quantized weights or
+# layers of a known library that no backend claims (torchao's GPU-only formats, quanto's
+# activation-quantized layers)
 _REFUSALS: list[tuple[type, str]] = []
 
 
@@ -67,10 +75,11 @@ def register_backend(backend: QuantBackend) -> None:
         _BACKENDS.append(backend)
 
 
-def register_refusal(tensor_type: type, reason: str) -> None:
-    """Explain, in `check_adaptable`'s error, why weights of `tensor_type` that no backend claims
-    are refused (a backend's library also has formats the backend does not adapt)."""
-    _REFUSALS.append((tensor_type, reason))
+def register_refusal(refused_type: type, reason: str) -> None:
+    """Explain, in `check_adaptable`'s error, why weights (a tensor type) or layers (a module type) of
+    `refused_type` that no backend claims are refused (a backend's library also has formats the
+    backend does not adapt)."""
+    _REFUSALS.append((refused_type, reason))
 
 
 def _load_lazy_backends() -> None:
@@ -109,23 +118,40 @@ def foreign_tensor(tensor: object) -> bool:
     return not isinstance(tensor, DTensor)
 
 
+def compute_dtype_fix(backend_name: str) -> str | None:
+    """How a user of backend `backend_name` sets its layers' compute dtype (code for the doctor's fix),
+    or None when the backend does not say."""
+    for backend in _BACKENDS:
+        if backend.name == backend_name:
+            return getattr(backend, "compute_dtype_fix", None)
+    return None
+
+
 def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def check_adaptable(modules: Iterable[tuple[str, nn.Module]]) -> None:
-    """Refuse, before anything is changed, a module whose weight is a quantized tensor type that
-    no backend claims: adapting it as a float layer would make merges and the doctor fail.
+    """Refuse, before anything is changed, a module whose weight is a quantized tensor type, or a
+    quantized layer of a refused type (`register_refusal`), that no backend claims: adapting it as a
+    float layer would make merges and the doctor fail.
 
     Raises:
-        ConfigError: naming the first such module and its weight's type.
+        ConfigError: naming the first such module and its weight's (or its own) type.
     """
     for name, module in modules:
         weight = getattr(module, "weight", None)
-        if not foreign_tensor(weight) or find_backend(module) is not None:
+        if find_backend(module) is not None:
             continue
-        reason = next((text for cls, text in _REFUSALS if isinstance(weight, cls)),
-                      "loracast adapts float weights and the quantized layers of bitsandbytes and torchao only; leave "
-                      "this module out with exclude_modules")
+        layer_reason = next((text for cls, text in _REFUSALS if isinstance(module, cls)), None)
+        if layer_reason is not None and not foreign_tensor(weight):  # a float weight in a refused quantized layer
+            raise ConfigError("target_modules", name, f"modules loracast can adapt: {name!r} is a "
+                              f"{_qualified(type(module))}, a quantized layer loracast does not adapt. {layer_reason}")
+        if not foreign_tensor(weight):
+            continue
+        reason = layer_reason or next(
+            (text for cls, text in _REFUSALS if isinstance(weight, cls)),
+            "loracast adapts float weights and the quantized layers of bitsandbytes, torchao, hqq and optimum-quanto "
+            "only; leave this module out with exclude_modules")
         raise ConfigError("target_modules", name, f"modules whose weight loracast can read: the weight of {name!r} is a "
                           f"{_qualified(type(weight))}, a quantized tensor type loracast does not adapt. {reason}")

@@ -52,6 +52,13 @@ def _quantization_method(model: nn.Module) -> str | None:
     return str(method) if method is not None else None
 
 
+def _takes_only_its_compute_dtype(model: nn.Module) -> bool:
+    """True when a quantized layer of `model` cannot take activations in another float dtype than
+    its compute dtype (its backend's ``upcast_safe`` is False: HQQ, quanto); fp32 norms before it
+    would break the forward."""
+    return any(getattr(find_backend(module), "upcast_safe", True) is False for module in model.modules())
+
+
 def is_quantized(model: nn.Module) -> bool:
     """True for a model loaded in 4 or 8 bits by transformers, or holding layers a quantization
     backend claims (built by hand)."""
@@ -147,10 +154,12 @@ def prepare_model_for_kbit_training(
 
     1. Freezes every parameter.
     2. Upcasts fp16/bf16 parameters to float32 (`upcast_parameters`), except for GPTQ, AQLM, EETQ,
-       HQQ and torchao models. `upcast` chooses which: ``"all"`` (default, PEFT's behaviour),
-       ``"none"``, or any of ``"norms"``, ``"embeddings"``, ``"lm_head"``, ``"other"`` (biases and
-       layers left unquantized). Note that fp32 norms hand fp32 activations to the next layer: a
-       bitsandbytes 8-bit layer outside training on a GPU then casts them to fp16.
+       HQQ and torchao models, and models holding HQQ or quanto layers however they were built
+       (those layers refuse activations in another dtype than their compute dtype). `upcast`
+       chooses which: ``"all"`` (default, PEFT's behaviour), ``"none"``, or any of ``"norms"``,
+       ``"embeddings"``, ``"lm_head"``, ``"other"`` (biases and layers left unquantized). Note
+       that fp32 norms hand fp32 activations to the next layer: a bitsandbytes 8-bit layer outside
+       training on a GPU then casts them to fp16.
     3. For a quantized model with `use_gradient_checkpointing`: unless
        ``gradient_checkpointing_kwargs`` sets ``use_reentrant=False``, makes the input embeddings'
        output require grad, then enables gradient checkpointing. ``use_reentrant`` defaults to True,
@@ -168,7 +177,7 @@ def prepare_model_for_kbit_training(
     enable_checkpointing = _checkpointing_enabler(model) if checkpointing else None
     for param in model.parameters():
         param.requires_grad_(False)
-    if _quantization_method(model) not in _NO_UPCAST_METHODS:
+    if _quantization_method(model) not in _NO_UPCAST_METHODS and not _takes_only_its_compute_dtype(model):
         upcast_parameters(model, upcast)
         if auto_clear_cache:
             if torch.cuda.is_available():

@@ -1,30 +1,29 @@
 """Finding the modules a config targets and wrapping them in LoRA layers.
 
-Matching follows PEFT: a list entry matches a module whose full name equals it or ends with
-``"." + entry``; a string is a regex that must match the full name; ``"all-linear"`` means every
-linear layer but the output head. `exclude_modules` uses the same rules, `layers_to_transform`
-keeps only the given layer indices, and modules named in `modules_to_save` are never adapted.
-All patterns are compiled once per call, and adapters are created directly on their base
-weight's device in their final dtype, so injection costs little more than a walk over the model.
+Which names match is decided by `loracast.tuner.match` (PEFT's rules); this module resolves
+`None` and ``"all-linear"`` targets for a model, walks it once, and wraps what matches. All
+patterns are compiled once per call, and adapters are created directly on their base weight's
+device in their final dtype, so injection costs little more than a walk over the model.
 """
 
 from __future__ import annotations
 
 import functools
-import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from loracast.config import LoraConfig, layer_index_regex, modules_to_save_regex, pattern_key_regex
+from loracast.config import LoraConfig
 from loracast.errors import ConfigError, LoracastError
 from loracast.layers import Conv, Embedding, Linear, LoraLayer, MultiheadAttention
-from loracast.layers.init_from_base import is_weight_init
+from loracast.layers.init.from_base import is_weight_init
 from loracast.layers.modules_to_save import ModulesToSaveWrapper
+from loracast.layers.variant_registry import add_variant
 from loracast.precision.rules import adapter_device, apply_adapter_rule, declared_dtype, resolve_adapter_dtype
 from loracast.quant import find_backend
 from loracast.quant.base import check_adaptable
+from loracast.tuner.match import TargetMatcher, pattern_value
 from loracast.tuner.params import inject_parameters
 from loracast.tuner.walk import Node, replace_child, walk
 
@@ -62,86 +61,6 @@ def is_linear_like(module: nn.Module) -> bool:
     conv1d = _conv1d_type()
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d)) \
         or find_backend(module) is not None
-
-
-class SuffixSet:
-    """Matches a module name equal to one of `names` or ending with "." + one of them (PEFT's
-    rule for a list of target names), by set lookups of the name's dotted suffixes."""
-
-    def __init__(self, names: Iterable[str]) -> None:
-        self.names = frozenset(names)
-
-    def fullmatch(self, name: str) -> bool:
-        names = self.names
-        if name in names:
-            return True
-        dot = name.find(".")
-        while dot != -1:
-            if name[dot + 1:] in names:
-                return True
-            dot = name.find(".", dot + 1)
-        return False
-
-
-class TargetMatcher:
-    """Decides, by name, which modules a config adapts; patterns compiled once."""
-
-    def __init__(self, config: LoraConfig) -> None:
-        self.config = config
-        self._target = self._compile(config.target_modules)
-        self._exclude = self._compile(config.exclude_modules) if config.exclude_modules else None
-        heads = config.modules_to_save or []
-        # unescaped on purpose: PEFT treats these names as regex fragments
-        self._saved = re.compile(modules_to_save_regex(heads)) if heads else None
-        layers = config.layers_to_transform
-        self._layers = None if layers is None else ({layers} if isinstance(layers, int) else set(layers))
-        patterns = config.layers_pattern
-        if self._layers is not None and not self._layers:
-            self._layers = None  # an empty list means every layer, as PEFT
-        if self._layers is None:
-            self._layer_index = None
-        elif not patterns:
-            self._layer_index = [re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")]
-        else:
-            patterns = [patterns] if isinstance(patterns, str) else patterns
-            self._layer_index = [re.compile(layer_index_regex(p)) for p in patterns]
-
-    @staticmethod
-    def _compile(spec: list[str] | str | None) -> re.Pattern[str] | SuffixSet | None:
-        if spec is None:
-            return None
-        if isinstance(spec, str):
-            return re.compile(spec)
-        return SuffixSet(spec) if spec else None
-
-    @property
-    def inactive(self) -> bool:
-        """True when the config targets no modules (target_parameters alone)."""
-        return self._target is None
-
-    def matches(self, name: str) -> bool:
-        """True when module `name` is to be adapted."""
-        if self._exclude is not None and self._exclude.fullmatch(name):
-            return False
-        if self._saved is not None and self._saved.match(name):
-            return False
-        if self._target is None or not self._target.fullmatch(name):
-            return False
-        if self._layer_index is None:
-            return True
-        for pattern in self._layer_index:
-            found = pattern.match(name)
-            if found:
-                return int(found.group("idx")) in self._layers
-        return False
-
-
-def pattern_value(patterns: dict, name: str, default):
-    """The value of the first `patterns` key that matches the end of module `name`, else `default`."""
-    for key, value in patterns.items():
-        if re.match(pattern_key_regex(key), name):
-            return value
-    return default
 
 
 def resolve_target_modules(model: nn.Module, config: LoraConfig) -> None:
@@ -288,8 +207,8 @@ def inject_adapter(
             use_rslora=config.use_rslora, lora_bias=config.lora_bias, dtype=dtype, device=device)
         if from_base:  # also when loading: the saved factors belong to the residual base (as PEFT)
             _init_from_base(layer, adapter_name, from_base, config, name)
-        if config.use_dora:  # the magnitude follows the adapter dtype rule, like the factors
-            layer.add_dora(adapter_name, dtype=dtype, device=device, initialize=init is not None)
+        # a variant's own tensors (DoRA's magnitude) follow the adapter dtype rule, like the factors
+        add_variant(layer, adapter_name, config, name, dtype=dtype, device=device, initialize=init is not None)
         if layer is not module:
             replace_child(parent, attr, layer)
         targeted.append(name)

@@ -8,7 +8,8 @@ user's model with LoRA layers injected in place, so parameter names
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import torch
@@ -127,6 +128,17 @@ class PeftModel(AdapterFiles, nn.Module):
     def get_base_model(self) -> nn.Module:
         """The adapted model itself (LoRA layers in place)."""
         return self.base_model.model
+
+    @property
+    def precision_plans(self) -> Mapping[str, PrecisionPlan]:
+        """Adapter name -> the `PrecisionPlan` its dtypes and compute mode were chosen by (read-only)."""
+        return MappingProxyType(self._precision_plans)
+
+    @property
+    def loaded_fingerprints(self) -> Mapping[str, dict]:
+        """Adapter name -> the precision fingerprint of the file it was loaded from (read-only);
+        adapters made in this process, or loaded from a file without one, are absent."""
+        return MappingProxyType(self._fingerprints)
 
     # -- adapters -------------------------------------------------------------------------------
 

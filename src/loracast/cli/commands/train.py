@@ -144,9 +144,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     optim.add_argument("--max-length", type=positive_int,
                        help=f"tokens per example (default {SFT['max_length']} for SFT: longer ones are skipped; "
                             f"{CLASSIFIER['max_length']} for a classifier: longer texts are truncated)")
-    optim.add_argument("--attention", choices=("auto", "eager", "sdpa"), default="auto",
+    optim.add_argument("--attention", choices=("auto", "eager", "sdpa", "eager_recompute"), default="auto",
                        help="SFT: the model's attention implementation (default auto: eager on a CPU, where it trains "
-                            "short sequences faster than sdpa; transformers' default on a GPU)")
+                            "short sequences faster than sdpa; transformers' default on a GPU); eager_recompute: eager "
+                            "attention whose softmax is recomputed in backward instead of kept (less memory, slower steps)")
     optim.add_argument("--packing", action="store_true",
                        help="SFT: pack several examples into each row of --max-length tokens (none attends to "
                             "another: positions restart per example); fewer padded tokens, on GPUs mostly")
@@ -212,6 +213,9 @@ def _default(value, key: str, defaults: dict):
 def run(args: argparse.Namespace) -> int:
     """Train as asked (the data's format picks the job); print the summary."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the Hub
+    from loracast.training.common.heap import limit_heap_growth
+
+    limit_heap_growth()  # before anything is loaded: freed activations go back to the system
     with command_errors():
         from loracast.cli.commands._train_sft import is_sft_job, run_sft_command
 

