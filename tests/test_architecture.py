@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).parents[1] / "src" / "loracast"
 CALLED_BY_USERS = {"LoraLayer.set_scale", "PeftModel.print_trainable_parameters", "DistContext.is_main"}
 # hooks that transformers' Trainer and accelerate's data loaders call on loracast's subclasses and callbacks
 CALLED_BY_LIBRARIES = {"StepClock.on_step_begin", "ProgressBar.on_train_begin", "ProgressBar.on_log",
-                       "ProgressBar.on_train_end", "SftTrainer.get_train_dataloader", "LengthGroupedBatches.set_epoch"}
+                       "ProgressBar.on_train_end", "SftTrainer.get_train_dataloader", "LengthGroupedBatches.set_epoch",
+                       "ClassifierTrainer.create_scheduler"}
 
 
 def _sources() -> dict[Path, str]:

@@ -13,17 +13,33 @@ resuming, distributed launch (torchrun, accelerate) and the experiment trackers.
 - a per-step record (loss, examples, seconds) in the trainer's log history, so that a resumed
   run's metrics hold its whole history;
 - complete-only checkpoints (`common.checkpoints`) and a tqdm progress bar with loss and examples/s.
+
+Three of the trainer's defaults would change what the run trains, and are set back:
+- the warm-up (`warmup_steps`, `ahead_in_warmup`): transformers' schedules give the first step a
+  learning rate of 0 (the gradient then only fills AdamW's moments) and round the warm-up up (10 %
+  of 30 steps is 3.0000000000000004 in floats: 4 steps). Here the warm-up is the ratio's steps
+  rounded down, the first step trains at lr / warm-up, the peak comes at the warm-up's last step,
+  and the decay after it is the named schedule's (linear: to lr / (steps - warm-up) at the last
+  step);
+- the seed: the trainer seeds the random generators again when it is built, after the model was
+  initialised from the same seed, so the dropout masks would replay the draws that made the
+  adapters and the head. The generators keep their state instead, and the data loader draws its
+  worker seed from a generator of its own: dropout draws what follows the initialisation;
+- the optimizer: torch's AdamW (``adamw_torch``, set in `run.training_arguments`), not the fused
+  kernel transformers picks by default; clipping only with ``max_grad_norm`` > 0 (default 0).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.data import DataLoader, Sampler
+from transformers import get_scheduler
 from transformers.trainer_callback import PrinterCallback
 
 from loracast.distributed.runtime import rank_share
@@ -41,6 +57,23 @@ def steps_per_epoch(rows: int, settings: ClassifySettings, processes: int) -> in
     batches = -(-rows // settings.batch_size)
     per_process = -(-batches // processes)  # accelerate evens the batches out across processes
     return -(-per_process // settings.grad_accum)
+
+
+def warmup_steps(total: int, ratio: float) -> int:
+    """Steps of rising learning rate in a run of `total` steps: the share `ratio`, rounded down
+    (at least 1; with 1 the first step already trains at the peak)."""
+    return max(1, math.floor(total * ratio + 1e-9))  # 1e-9: 30 * 0.1 is 3.0000000000000004
+
+
+def ahead_in_warmup(factor: Callable[[int], float], warmup: int) -> Callable[[int], float]:
+    """A schedule's learning-rate factor, taken one step ahead during the warm-up: the factor of
+    optimizer step k (1-based) is ``factor(k)`` while k <= `warmup`, so the first step trains at
+    1 / warmup of the peak instead of 0, then ``factor(k - 1)`` as in the named schedule."""
+
+    def shifted(index: int) -> float:  # index: steps taken so far (the scheduler's count)
+        return factor(index + 1) if index < warmup else factor(index)
+
+    return shifted
 
 
 class ShuffledBatches(Sampler[list[int]]):
@@ -98,10 +131,12 @@ class ClassifierTrainer(checkpoints.CompleteCheckpoints, Trainer):
                  settings: ClassifySettings, identity: checkpoints.RunIdentity, label: str = "train") -> None:
         self.clock = StepClock()
         self.progress = ProgressBar(label, counted="examples", unit="ex")
+        generators = _generator_states()
         super().__init__(model, args, train_dataset=list(zip(train.texts, train.labels)),
                          eval_dataset=list(zip(held_out.texts, held_out.labels)),
                          data_collator=TextCollator(tokenizer, settings.max_length),
                          callbacks=[self.clock, self.progress])
+        _restore_generators(generators)  # the trainer seeded them again: dropout continues the model's stream
         self.remove_callback(PrinterCallback)  # the progress bar and the summary report; no raw log dicts on stdout
         # the example count of each global batch is what the loss is normalised by
         self.model_accepts_loss_kwargs = True
@@ -116,8 +151,26 @@ class ClassifierTrainer(checkpoints.CompleteCheckpoints, Trainer):
     def get_train_dataloader(self) -> DataLoader:
         """Seeded shuffled batches (`ShuffledBatches`), shared out by accelerate across processes."""
         sampler = ShuffledBatches(len(self.train_dataset), self.settings.batch_size, self.settings.seed)
-        return self.accelerator.prepare(DataLoader(self.train_dataset, batch_sampler=sampler,
+        # the loader draws a worker seed as each epoch starts: from its own generator, not the one dropout uses
+        workers = torch.Generator().manual_seed(self.settings.seed)
+        return self.accelerator.prepare(DataLoader(self.train_dataset, batch_sampler=sampler, generator=workers,
                                                    collate_fn=self.data_collator, num_workers=0))
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+                         ) -> LRScheduler:
+        """The named schedule (``args.lr_scheduler_type``) over `num_training_steps` steps, with
+        `warmup_steps` of warm-up taken one step ahead (`ahead_in_warmup`)."""
+        if self.lr_scheduler is None:
+            optimizer = optimizer if optimizer is not None else self.optimizer
+            warmup = warmup_steps(num_training_steps, self.settings.warmup_ratio)
+            named = get_scheduler(self.args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=warmup,
+                                  num_training_steps=num_training_steps,
+                                  scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
+            if isinstance(named, LambdaLR):
+                named = LambdaLR(optimizer, [ahead_in_warmup(factor, warmup) for factor in named.lr_lambdas])
+            self.lr_scheduler = named
+            self._created_lr_scheduler = True  # the trainer builds a new one if train() is called again
+        return self.lr_scheduler
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
@@ -197,3 +250,16 @@ class ClassifierTrainer(checkpoints.CompleteCheckpoints, Trainer):
                 history.evals.append(EvalRecord(int(entry["step"]), float(entry["eval_accuracy"]),
                                                 float(entry["eval_loss"])))
         return history
+
+
+def _generator_states() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """The CPU and (if initialised) CUDA generators' states."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _restore_generators(states: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    cpu, cuda = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)

@@ -101,7 +101,7 @@ def training_arguments(options: TrainOptions, out: Path, steps_per_epoch: int, d
         eval_strategy="steps", eval_steps=eval_steps,
         load_best_model_at_end=settings.load_best, metric_for_best_model="eval_accuracy",
         greater_is_better=True, use_cpu=use_cpu, remove_unused_columns=False, ddp_find_unused_parameters=False,
-        dataloader_num_workers=0, bf16=False, fp16=False)
+        dataloader_num_workers=0, bf16=False, fp16=False, optim="adamw_torch")
 
 
 def run_identity(options: TrainOptions, policy: str, data: Path, labels: Sequence[str]) -> checkpoints.RunIdentity:

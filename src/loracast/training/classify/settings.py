@@ -22,7 +22,7 @@ class ClassifySettings:
     grad_accum: int = 1
     max_length: int = 64  # tokens per text; longer texts are truncated
     seed: int = 0
-    warmup_ratio: float = 0.1  # share of steps with a linearly rising learning rate
+    warmup_ratio: float = 0.1  # share of steps (rounded down) with a rising learning rate; step 1 trains at lr / warm-up
     lr_scheduler: str = "linear"  # any of transformers' scheduler names
     weight_decay: float = 0.0
     max_grad_norm: float = 0.0  # 0: no clipping
