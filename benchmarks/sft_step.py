@@ -10,9 +10,11 @@ library cases compute transformers' loss (``model(**batch).loss``), the step a T
 user runs; `loracast-train` is the step `loracast train` itself runs: `stable`, with the loss
 projecting only the assistant positions (`loracast.training.sft.loss`). `loracast-engine` is
 `loracast train`'s own `Trainer` subclass on the same batches, set up as `loracast train` sets it
-up on a CPU (eager attention, glibc's mmap threshold fixed: `loracast.training.common.heap`);
-`loracast-engine-glibc` the same with glibc's own heap rules, and `loracast-engine-recompute` with
-the attention recomputed in backward (`--attention eager_recompute`). Each case runs in
+up on a CPU (eager attention, glibc's mmap threshold fixed and the heap's freed pages handed back
+after each step: `loracast.training.common.heap`; the gated MLPs' activation and the norms' float32 input
+recomputed in backward: `loracast.training.sft.recompute`); `loracast-engine-keep` the same with
+the pages and those activations kept, `loracast-engine-glibc` that with glibc's own heap rules too, and
+`loracast-engine-recompute` with the attention recomputed in backward (`--attention eager_recompute`). Each case runs in
 its own fresh Python process, and the order of cases alternates round by round, because the cores are
 shared and load drifts.
 
@@ -42,7 +44,7 @@ from pathlib import Path
 from harness import run_child
 
 CASES = ("peft", "loracast-stable", "loracast-mixed", "loracast-train", "loracast-engine", "loracast-engine-glibc",
-         "loracast-engine-recompute")
+         "loracast-engine-keep", "loracast-engine-recompute")
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,8 +111,10 @@ def _engine_child(args: argparse.Namespace, case: str) -> dict:
     encoded, _, _ = encode_all(tokenizer, examples, 256)
     settings = SftSettings(max_steps=args.warmup + args.steps, lr=1e-4, batch_size=args.batch, warmup_ratio=0.0,
                            lr_scheduler="constant", seed=0)
+    keep = case in ("loracast-engine-glibc", "loracast-engine-keep")  # what loracast train kept before
     spec = LlmSpec(source=source, r=args.rank, alpha=2 * args.rank, dropout=args.dropout,
-                   attention="eager_recompute" if case == "loracast-engine-recompute" else "auto")
+                   attention="eager_recompute" if case == "loracast-engine-recompute" else "auto",
+                   recompute_cheap_activations=not keep)
     options = SftOptions(model=spec, data=default_chat_data_path(), settings=settings)
     with tempfile.TemporaryDirectory() as out:
         training_args = training_arguments(options, Path(out), "cpu")
@@ -119,7 +123,7 @@ def _engine_child(args: argparse.Namespace, case: str) -> dict:
         clock = CpuClock()
         trainer = SftTrainer(model, training_args, tokenizer=tokenizer, train=encoded, held_out=[],
                              held_out_encoded=[], settings=settings, identity=run_identity(options, "stable", "bf16"),
-                             callbacks=[clock])
+                             callbacks=[clock], release_heap=not keep)
         trainer.remove_callback(trainer.progress)
         trainer.train()
     logged = [e for e in trainer.state.log_history if "tokens" in e]

@@ -37,6 +37,8 @@ def test_sft_run_writes_adapter_metrics_plot_and_samples(sft_run, capsys):
     assert metrics["doctor"].startswith("no problems found")
     # the CPU defaults: eager attention, and the loss projecting only the assistant positions (lm_loss)
     assert metrics["train"]["attention"] == "eager" and metrics["train"]["head_on_labelled_positions_only"] is True
+    # every gated MLP's activation and every norm's input were recomputed in backward (recompute.py)
+    assert metrics["train"]["recomputed_in_backward"] == {"gated_mlp_activations": 2, "rms_norm_inputs": 5}
     assert metrics["lora"]["lora_dropout"] == 0.0
     samples = [json.loads(line) for line in (sft_run / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and all({"prompt", "reference", "base", "adapter"} <= set(s) for s in samples)

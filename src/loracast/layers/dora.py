@@ -42,6 +42,7 @@ from loracast.layers.linear import Linear
 from loracast.layers.merge import round_once
 from loracast.layers.variant import LoraVariant
 from loracast.precision.rules import cast_for_adapter
+from loracast.quant.base import stored_weight
 
 
 class DoraMagnitude(nn.Module):
@@ -85,6 +86,10 @@ class Dora(LoraVariant):
         """The base weight as a float tensor, in the base layout."""
         return layer.get_base_layer().weight.detach()
 
+    def base_source(self, layer: LoraLayer) -> torch.Tensor:
+        """The tensor that holds the base weight as stored: the norm caches are keyed on it."""
+        return layer.get_base_layer().weight
+
     def rows(self, layer: LoraLayer, weight: torch.Tensor) -> torch.Tensor:
         """A (out, in) view of a base-layout tensor: one row per magnitude entry."""
         return weight
@@ -106,7 +111,7 @@ class Dora(LoraVariant):
     def base_row_sq_norms(self, layer: LoraLayer) -> torch.Tensor:
         """``||W_i||^2`` per output row of the (dequantized) base weight, in float64, cached
         until the base weight tensor changes (another tensor, an in-place write, a move)."""
-        source = layer.get_base_layer().weight
+        source = self.base_source(layer)
         key = (id(source), _cache_key(source))
         if self._base_sq is not None and key[1] is not None and self._base_sq[0] == key:
             return self._base_sq[1]
@@ -122,7 +127,7 @@ class Dora(LoraVariant):
         scaling = layer.scaling[adapter_name]
         # An optimizer step writes the factors in place, bumping their versions: between steps, in
         # evaluation, in generation and in checkpointed recomputation the norm is reused.
-        source = layer.get_base_layer().weight
+        source = self.base_source(layer)
         key = (_cache_key(a), _cache_key(b), scaling, id(source), _cache_key(source))
         if self._norm is not None and None not in key and self._norm[0] == key:
             return self._norm[1]
@@ -189,6 +194,10 @@ class DoraLinear(Dora):
         if layer.quant_backend is None:
             return layer.base_layer.weight.detach()
         return layer.quant_backend.dequantize(layer.base_layer)
+
+    def base_source(self, layer: Linear) -> torch.Tensor:
+        # an HQQ layer has no `weight`: its backend names the tensor its packed codes live in
+        return stored_weight(layer.quant_backend, layer.base_layer)
 
     def rows(self, layer: Linear, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if layer.fan_in_fan_out else weight

@@ -217,8 +217,9 @@ def uniform_flat_dtype(model: nn.Module) -> torch.dtype:
         raise PrecisionError(
             f"precision='fsdp': FSDP cannot flatten integer tensors, and this model stores {shown}. Load a "
             "4-bit model with BitsAndBytesConfig(..., bnb_4bit_quant_storage=<the model dtype>, e.g. "
-            "torch.bfloat16) and dtype=<the same>; 8-bit (int8) layers and torchao's weights (int8 codes) cannot be "
-            "flattened at all")
+            "torch.bfloat16) and dtype=<the same>; 8-bit (int8) layers and the integer codes of torchao, HQQ and "
+            "optimum-quanto weights cannot be flattened at all (train those with precision='stable', 'mixed' or "
+            "'fast')")
     if not by_dtype:
         return torch.get_default_dtype()
     if len(by_dtype) > 1:

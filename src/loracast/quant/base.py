@@ -55,7 +55,8 @@ class QuantBackend(Protocol):
 # ``describe(module)`` and ``config_record(module)`` (labels for messages, the doctor and the
 # fingerprint); ``compute_dtype_fix`` (code that sets a layer's compute dtype, read by
 # `compute_dtype_fix` for the doctor); ``upcast_safe`` (False when the layer refuses activations in
-# another dtype than its compute dtype: `prepare_model_for_kbit_training` then upcasts nothing).
+# another dtype than its compute dtype: `prepare_model_for_kbit_training` then upcasts nothing);
+# ``stored_weight(module)`` (the tensor holding the packed weight, for a layer without ``weight``).
 
 _BACKENDS: list[QuantBackend] = []
 # (module that must already be imported, module of ours that registers the backend)
@@ -96,6 +97,14 @@ def find_backend(module: nn.Module) -> QuantBackend | None:
         if backend.handles(module):
             return backend
     return None
+
+
+def stored_weight(backend: QuantBackend | None, module: nn.Module) -> torch.Tensor:
+    """The tensor that holds `module`'s weight as stored: ``module.weight`` (a float weight or a
+    quantized tensor), or what `backend` names for a layer without one (HQQ's packed codes ``W_q``).
+    A merge replaces it, so its identity and version say whether the weight changed."""
+    getter = getattr(backend, "stored_weight", None)
+    return getter(module) if getter is not None else module.weight
 
 
 def repacks_in_eval(module: nn.Module) -> bool:

@@ -79,6 +79,10 @@ class HqqBackend:
     def storage_dtype(self, module: nn.Module) -> torch.dtype:
         return module.W_q.dtype
 
+    def stored_weight(self, module: nn.Module) -> torch.Tensor:
+        """The packed codes ``W_q`` (an `HQQLinear` has no ``weight``); a merge or unmerge swaps them."""
+        return module.W_q
+
     def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
         return module.compute_dtype
 

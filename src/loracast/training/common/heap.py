@@ -6,10 +6,16 @@ The threshold starts at 128 KiB, but glibc raises it each time a mapped block is
 32 MiB: after the first training step every activation tensor (1-5 MB for a small LLM) comes
 from the arenas, and since batches differ in length, the freed blocks of one step rarely fit
 the next step's tensors. The process's resident memory then grows well past what any one
-step uses: `loracast train` on SmolLM2-135M peaked about 0.5 GB higher that way (measured
-with and without this module, same run). Fixing the threshold at 4 MiB maps the step's large
-tensors afresh each time (their page faults cost no measurable step time on a CPU) and keeps
-the arenas for the small ones.
+step uses. Two measures, both for `loracast train`:
+
+- `limit_heap_growth` fixes the threshold at 4 MiB: the step's large tensors are mapped afresh
+  each time and handed back when freed;
+- `return_freed_memory` (glibc's ``malloc_trim``), called after every optimizer step and every
+  evaluation by the SFT trainer, hands back the pages of the arenas' free blocks, so that each step starts
+  from what is really in use instead of from every earlier step's high-water mark. On SmolLM2-135M
+  (60 steps of 8, one thread) the resident memory between steps stayed at 2.1-3.1 GB without it
+  and at 0.9-1.2 GB with it, and the run's peak fell from 3,234 to 2,810 MiB; the pages it hands
+  back are faulted in again by the next step's tensors.
 """
 
 from __future__ import annotations
@@ -17,21 +23,46 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from functools import cache
+from typing import Any
 
 # mallopt's parameter number for the mmap threshold (glibc's malloc.h)
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 4 * 2**20
 
 
+@cache
+def _glibc() -> Any | None:
+    """The C library when it is glibc (whose mallopt and malloc_trim these calls are), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def limit_heap_growth(threshold: int = MMAP_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold at `threshold` bytes for this process, so that freed large
     tensors are returned to the system (see the module docstring). True where it was set; False
     on a C library other than glibc, or where ``MALLOC_MMAP_THRESHOLD_`` already chooses it."""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None or platform.system() != "Linux":
-        return False
-    if platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None or libc is None:
         return False
     try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except AttributeError:
         return False
+
+
+def return_freed_memory() -> bool:
+    """Hand the unused pages of the C heap's free blocks back to the system (see the module
+    docstring). True where glibc released some; False where it had none, or elsewhere than glibc."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    try:
+        return bool(libc.malloc_trim(0))
+    except AttributeError:
+        return False
+

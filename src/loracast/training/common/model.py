@@ -17,10 +17,13 @@ from loracast.tuner.peft_model import PeftModel, get_peft_model
 HEAD_NAMES = ["classifier", "score"]  # classification heads: never quantized, trained in full
 
 
-def quantization_config(dtype: torch.dtype | None, storage_as_compute: bool = False) -> Any:
-    """transformers' BitsAndBytesConfig for NF4 with compute `dtype` (bf16 by default), heads unquantized;
-    with `storage_as_compute`, the packed weights are stored in that dtype too (``bnb_4bit_quant_storage``),
-    which FSDP needs to shard them beside the other parameters."""
+def quantization_config(dtype: torch.dtype | None, storage_as_compute: bool = False,
+                        skip_modules: tuple[str, ...] | None = HEAD_NAMES) -> Any:
+    """transformers' BitsAndBytesConfig for NF4 with compute `dtype` (bf16 by default), the
+    `skip_modules` left unquantized (the classification heads by default; None: transformers' own
+    choice, which keeps a causal LM's output head in float); with `storage_as_compute`, the packed
+    weights are stored in that dtype too (``bnb_4bit_quant_storage``), which FSDP needs to shard them
+    beside the other parameters."""
     try:
         with quiet_transformers():  # bitsandbytes' note about its optional 'kernels' package is not needed
             import bitsandbytes  # noqa: F401  (transformers needs it for 4-bit loading)
@@ -30,7 +33,7 @@ def quantization_config(dtype: torch.dtype | None, storage_as_compute: bool = Fa
     compute = dtype or torch.bfloat16
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
                               bnb_4bit_quant_storage=compute if storage_as_compute else torch.uint8,
-                              llm_int8_skip_modules=HEAD_NAMES)
+                              llm_int8_skip_modules=list(skip_modules) if skip_modules is not None else None)
 
 
 def add_lora(model: Any, config: LoraConfig, policy: str) -> PeftModel:

@@ -12,7 +12,9 @@ adds:
   held-out loss, split across processes (``eval_exact_match`` can select the best adapter);
 - a per-step record (loss, trained tokens, seconds) in the trainer's log history, so that a
   resumed run's metrics hold its whole history;
-- complete-only checkpoints (`common.checkpoints`) and a tqdm progress bar with loss and tokens/s.
+- complete-only checkpoints (`common.checkpoints`) and a tqdm progress bar with loss and tokens/s;
+- the C heap's freed pages handed back after each step and evaluation (`common.heap`), so that
+  resident memory follows what a step uses rather than every earlier step's high-water mark.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import PrinterCallback, TrainerCallback
 
 from loracast.distributed.runtime import rank_share
 from loracast.training.common import checkpoints
+from loracast.training.common.heap import return_freed_memory
 from loracast.training.common.history import EvalRecord, History, StepRecord
 from loracast.training.common.progress import ProgressBar, StepClock
 from loracast.training.sft.batches import LengthGroupedBatches, PadToLongest, collate
@@ -89,6 +92,14 @@ class _Forward(nn.Module):
         return self.model(*args, **kwargs)
 
 
+class FreedMemoryReturn(TrainerCallback):
+    """Hands the C heap's freed pages back after every optimizer step (`loracast.training.common.heap`),
+    so that no step inherits the resident memory of the ones before it."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        return_freed_memory()
+
+
 DCP_OPTIMIZER = "optimizer_shards"  # a sharded run's optimizer state: torch.distributed.checkpoint, every process
 
 
@@ -98,7 +109,8 @@ class SftTrainer(checkpoints.CompleteCheckpoints, Trainer):
     ``model`` is a loracast `PeftModel`; ``train`` the encoded training examples; ``held_out``
     and ``held_out_encoded`` the held-out conversations (for the greedy answers) and their
     encodings (for the loss). Checkpoints go to ``args.output_dir`` and are marked with
-    ``identity``.
+    ``identity``. ``release_heap`` (default on) hands the C heap's freed pages back after each
+    step and evaluation (`loracast.training.common.heap`).
     """
 
     # compute_loss divides by the global batch's labelled-token count (num_items_in_batch)
@@ -107,12 +119,15 @@ class SftTrainer(checkpoints.CompleteCheckpoints, Trainer):
     def __init__(self, model: Any, args: Any, *, tokenizer: Any, train: Sequence[EncodedExample | PackedRow],
                  held_out: Sequence[ChatExample], held_out_encoded: Sequence[EncodedExample], settings: SftSettings,
                  identity: checkpoints.RunIdentity, label: str = "train", sharded: Any = None,
-                 **kwargs: Any) -> None:
+                 release_heap: bool = True, **kwargs: Any) -> None:
         self.clock = StepClock()
         self.progress = ProgressBar(label)
+        self.release_heap = release_heap
+        callbacks = [self.clock, self.progress, *([FreedMemoryReturn()] if release_heap else []),
+                     *kwargs.pop("callbacks", [])]
         super().__init__(model, args, train_dataset=list(train), eval_dataset=list(held_out_encoded),
                          data_collator=(PackedCollator if settings.packing else PadToLongest)(tokenizer.pad_token_id),
-                         callbacks=[self.clock, self.progress, *kwargs.pop("callbacks", [])], **kwargs)
+                         callbacks=callbacks, **kwargs)
         self.remove_callback(PrinterCallback)  # the progress bar and the summary report; no raw log dicts on stdout
         # the labelled-token count of each global batch is what the loss is normalised by
         self.model_accepts_loss_kwargs = True
@@ -210,6 +225,8 @@ class SftTrainer(checkpoints.CompleteCheckpoints, Trainer):
         evaluation = Evaluation(step, score, total / count if count else math.nan, answers,
                                 time.perf_counter() - began)
         self.evaluations.append(evaluation)
+        if self.release_heap:  # generation's caches are freed: the next step need not live beside them
+            return_freed_memory()
         valid = "" if score.valid_json is None else f", valid JSON {score.valid_json:.1%}"
         total_steps = self.state.max_steps or self.settings.max_steps or step
         if self.args.process_index == 0:

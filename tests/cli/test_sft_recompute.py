@@ -1,0 +1,114 @@
+"""Gated MLP activations and RMS norm inputs recomputed in backward (training/sft/recompute.py)
+against the model's own modules: the same loss and adapter gradients bit for bit (dropout
+included), one intermediate-width tensor per layer and half of each bf16 norm's kept bytes less
+kept for backward, the same parameter names; MLPs whose forward it does not reproduce are left
+alone, and the model's own modules come back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_llama_config
+from loracast import LoraConfig, get_peft_model
+from loracast.training.sft.recompute import (
+    Recomputed,
+    RecomputedGatedMlp,
+    RecomputedNorm,
+    recompute_cheap_activations,
+    restore_modules,
+)
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 128, (3, 24), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[2, 10:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def _model(dtype: torch.dtype, dropout: float = 0.0):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config(attn_implementation="eager")).to(dtype)
+    torch.manual_seed(1)
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
+                                           init_lora_weights="gaussian"))
+
+
+def _step(model) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """(loss, adapter gradients, bytes kept for backward) of one training forward and backward."""
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    model.train()
+    torch.manual_seed(2)  # the same dropout masks both ways
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(**_batch()).loss
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, sum(kept.values())
+
+
+@pytest.mark.parametrize(("dtype", "dropout"), [(torch.float32, 0.0), (torch.bfloat16, 0.0), (torch.bfloat16, 0.25)])
+def test_recomputed_activations_train_bit_for_bit_as_the_models_modules(dtype, dropout):
+    own_loss, own_grads, own_kept = _step(_model(dtype, dropout))
+    model = _model(dtype, dropout)
+    layers = model.get_base_model().config.num_hidden_layers
+    assert recompute_cheap_activations(model) == Recomputed(gated_mlps=layers, norms=2 * layers + 1)
+    loss, grads, kept = _step(model)
+    assert torch.equal(loss, own_loss)
+    assert grads.keys() == own_grads.keys() and len(grads) == layers * 7 * 2
+    for name, grad in grads.items():
+        assert torch.equal(grad, own_grads[name]), name
+    # each layer keeps one activation output of 3 x 24 positions x the intermediate width less, and
+    # in bf16 each norm that passes a gradient back (all but the first, after the frozen embedding)
+    # keeps its bf16 input instead of its float32 copy
+    config = model.get_base_model().config
+    width = torch.finfo(dtype).bits // 8
+    one_activation = 3 * 24 * config.intermediate_size * width
+    one_norm = 3 * 24 * config.hidden_size * (4 - width) if width < 4 else 0
+    assert own_kept - kept >= layers * one_activation + 2 * layers * one_norm
+
+
+def test_names_stay_and_the_models_own_modules_come_back():
+    model = _model(torch.float32)
+    names = [name for name, _ in model.named_parameters()]
+    layer = model.get_base_model().model.layers[0]
+    own_mlp, own_norm = layer.mlp, layer.input_layernorm
+    recompute_cheap_activations(model)
+    assert isinstance(layer.mlp, RecomputedGatedMlp) and isinstance(layer.input_layernorm, RecomputedNorm)
+    assert [name for name, _ in model.named_parameters()] == names
+    assert model.state_dict().keys() == _model(torch.float32).state_dict().keys()
+    layers = model.get_base_model().config.num_hidden_layers
+    assert restore_modules(model) == Recomputed(gated_mlps=layers, norms=2 * layers + 1)
+    assert layer.mlp is own_mlp and layer.input_layernorm is own_norm
+    assert [name for name, _ in model.named_parameters()] == names
+
+
+class _UpGated(nn.Module):
+    """Has a gated MLP's parts, but gates the up projection: not the forward the swap reproduces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.gate_proj(x) * self.act_fn(self.up_proj(x)))
+
+
+def test_mlps_it_does_not_reproduce_are_left_alone():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    assert recompute_cheap_activations(gpt2) == Recomputed()  # no gate/up/down projections, LayerNorms
+    holder = nn.Sequential(_UpGated())
+    assert recompute_cheap_activations(holder) == Recomputed()
+    assert isinstance(holder[0], _UpGated)
