@@ -11,7 +11,7 @@ user runs; `loracast-train` is the step `loracast train` itself runs: `stable`, 
 projecting only the assistant positions (`loracast.training.sft.loss`). `loracast-engine` is
 `loracast train`'s own `Trainer` subclass on the same batches, set up as `loracast train` sets it
 up on a CPU (eager attention, glibc's mmap threshold fixed and the heap's freed pages handed back
-after each step: `loracast.training.heap`; the gated MLPs' activation and the norms' float32 input
+after each step: `loracast.training.common.heap`; the gated MLPs' activation and the norms' float32 input
 recomputed in backward: `loracast.training.sft.recompute`); `loracast-engine-keep` the same with
 the pages and those activations kept, `loracast-engine-glibc` that with glibc's own heap rules too, and
 `loracast-engine-recompute` with the attention recomputed in backward (`--attention eager_recompute`). Each case runs in
@@ -80,7 +80,7 @@ def _engine_child(args: argparse.Namespace, case: str) -> dict:
     the module docstring)."""
     import tempfile
 
-    from loracast.training.heap import limit_heap_growth
+    from loracast.training.common.heap import limit_heap_growth
 
     if case != "loracast-engine-glibc":
         limit_heap_growth()

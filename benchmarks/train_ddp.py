@@ -1,4 +1,4 @@
-"""`loracast train` in one process against ``torchrun --nproc_per_node 2`` (DDP over gloo), one
+"""`loracast train classify` in one process against ``torchrun --nproc_per_node 2`` (DDP over gloo), one
 invocation, alternating runs; prints medians (min-max) of wall time and training time, and ratios.
 
     python benchmarks/train_ddp.py --repeats 3            # embedded defaults, one epoch
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "src" / "loracast" / "data" / "support_tickets.jsonl"
 CONFIGS = {
     "1 process x 2 threads": (1, "2"),
     "1 process x 1 thread": (1, "1"),
@@ -31,7 +32,9 @@ CONFIGS = {
 def run_once(processes: int, threads: str, out: Path, train_args: list[str]) -> dict:
     """One `loracast train`; wall seconds, training seconds and accuracy from its metrics.json."""
     env = dict(os.environ, OMP_NUM_THREADS=threads, PYTHONPATH=str(REPO / "src"))
-    module = ["-m", "loracast", "train", "--out", str(out), *train_args]
+    module = ["-m", "loracast", "train", "classify", "--data", str(DATA), "--out", str(out), *train_args]
+    if "--batch-size" not in train_args:  # --batch-size is per process: the same global batch of 32
+        module += ["--batch-size", str(32 // processes)]
     if processes == 1:
         command = [sys.executable, *module]
     else:

@@ -9,11 +9,13 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "src" / "loracast"
 
-# Methods that nothing in the package calls but that are part of the API users call (PEFT's names).
-CALLED_BY_USERS = {"LoraLayer.set_scale", "PeftModel.print_trainable_parameters"}
+# Methods that nothing in the package calls but that are part of the API users call (PEFT's names; the
+# distributed helpers' context, as docs/distributed.md shows it).
+CALLED_BY_USERS = {"LoraLayer.set_scale", "PeftModel.print_trainable_parameters", "DistContext.is_main"}
 # hooks that transformers' Trainer and accelerate's data loaders call on loracast's subclasses and callbacks
 CALLED_BY_LIBRARIES = {"StepClock.on_step_begin", "ProgressBar.on_train_begin", "ProgressBar.on_log",
-                       "ProgressBar.on_train_end", "SftTrainer.get_train_dataloader", "LengthGroupedBatches.set_epoch"}
+                       "ProgressBar.on_train_end", "SftTrainer.get_train_dataloader", "LengthGroupedBatches.set_epoch",
+                       "ClassifierTrainer.create_scheduler"}
 
 
 def _sources() -> dict[Path, str]:

@@ -53,7 +53,7 @@ def test_quiet_loading_restores_the_bitsandbytes_logger(bnb_logger):
 
 
 def test_4bit_set_up_restores_the_bitsandbytes_logger(bnb_logger):
-    from loracast.training.setup import quantization_config
+    from loracast.training.common.model import quantization_config
 
     assert quantization_config(torch.bfloat16).load_in_4bit
     assert bnb_logger.level == logging.INFO

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from loracast.training.data import default_data_path
+from loracast.training.classify.data import default_data_path
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 

@@ -1,4 +1,4 @@
-"""The heap measures of training processes (training/heap.py): with the threshold fixed, glibc
+"""The heap measures of training processes (training/common/heap.py): with the threshold fixed, glibc
 keeps serving large blocks with mappings of their own after one was freed (without it, it stops);
 a threshold the user set in the environment is left alone; freed heap blocks stay resident until
 `return_freed_memory` hands their pages back."""
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from loracast.training.heap import limit_heap_growth
+from loracast.training.common.heap import limit_heap_growth
 
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="glibc's allocator only")
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 # fixed), allocates 8 MiB, and prints whether that block is a mapping of its own.
 _PROBE = """
 import ctypes, sys
-from loracast.training.heap import limit_heap_growth
+from loracast.training.common.heap import limit_heap_growth
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -61,7 +61,7 @@ def test_the_users_own_threshold_wins(monkeypatch):
 # resident memory (KiB) after the frees and then after `return_freed_memory` (if asked).
 _TRIM_PROBE = """
 import ctypes, sys
-from loracast.training.heap import limit_heap_growth, return_freed_memory
+from loracast.training.common.heap import limit_heap_growth, return_freed_memory
 def rss():
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS"))
 libc = ctypes.CDLL("libc.so.6")

@@ -1,10 +1,10 @@
-"""Which checkpoints count and which are kept (training/sft/checkpoints.py), on folders made here."""
+"""Which checkpoints count and which are kept (training/common/checkpoints.py), on folders made here."""
 
 from __future__ import annotations
 
 import pytest
 
-from loracast.training.sft.checkpoints import (
+from loracast.training.common.checkpoints import (
     CheckpointError,
     RunIdentity,
     complete_checkpoints,

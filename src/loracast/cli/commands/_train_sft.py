@@ -18,7 +18,10 @@ from loracast.training.sft.settings import EVAL_EXAMPLES, SftSettings
 # what the command line fills in where the user gave nothing: read from the job's own settings and model spec
 SFT_DEFAULTS = {"lr": SftSettings.lr, "batch_size": SftSettings.batch_size, "max_length": SftSettings.max_length,
                 "max_steps": SftSettings.max_steps, "r": LlmSpec.r, "alpha": LlmSpec.alpha, "dropout": LlmSpec.dropout,
-                "eval_examples": EVAL_EXAMPLES}
+                "eval_examples": EVAL_EXAMPLES, "seed": SftSettings.seed, "grad_accum": SftSettings.grad_accum,
+                "warmup_ratio": SftSettings.warmup_ratio, "lr_scheduler": SftSettings.lr_scheduler,
+                "weight_decay": SftSettings.weight_decay, "max_grad_norm": SftSettings.max_grad_norm,
+                "report_to": SftSettings.report_to}
 
 
 def _is_causal_lm_folder(model: Path) -> bool:
@@ -105,7 +108,7 @@ def _export(result: Any, source: Path, gguf_type: str) -> str:
 
 def run_sft_command(args: argparse.Namespace) -> int:
     """Instruction-tune a causal LM as `args` ask; print the summary."""
-    from loracast.training.runtime import pick_device
+    from loracast.training.common.runtime import pick_device
     from loracast.training.sft.console import format_sft_comparison, format_sft_run
     from loracast.training.sft.data import default_chat_data_path
     from loracast.training.sft.model import LlmSpec, check_llm_source, default_llm_path

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     with command_errors():
         import torch
 
-        from loracast.training.runtime import pick_device
+        from loracast.training.common.runtime import pick_device
         from loracast.training.sft.evaluate import generate_answers
         from loracast.training.sft.model import check_llm_source, default_llm_path, load_llm, load_llm_tokenizer
         from loracast.tuner.peft_model import PeftModel

@@ -23,18 +23,28 @@ from loracast.cli.commands._common import (
     positive_int,
 )
 from loracast.cli.commands._train_sft import SFT_DEFAULTS
-from loracast.training.loop import LoopSettings
-from loracast.training.policy import TRAIN_POLICIES
-from loracast.training.setup import ModelSpec
+from loracast.training.classify.settings import LORA_ALPHA, LORA_DROPOUT, LORA_R, ClassifySettings
+from loracast.training.common.policy import TRAIN_POLICIES
 
-LOOP = LoopSettings()
-SPEC = ModelSpec(folder=Path("."))
 SFT = SFT_DEFAULTS
 # transformers' schedule names that need no extra arguments
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt")
-CLASSIFIER = {"lr": LOOP.lr, "batch_size": LOOP.batch_size, "max_length": LOOP.max_length, "r": SPEC.r,
-              "alpha": SPEC.alpha, "dropout": SPEC.dropout}
+# what the command line fills in where the user gave nothing: read from the classifier's settings
+CLASSIFIER = {"lr": ClassifySettings.lr, "batch_size": ClassifySettings.batch_size,
+              "max_length": ClassifySettings.max_length, "r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT,
+              "epochs": ClassifySettings.epochs, "seed": ClassifySettings.seed, "grad_accum": ClassifySettings.grad_accum,
+              "warmup_ratio": ClassifySettings.warmup_ratio, "lr_scheduler": ClassifySettings.lr_scheduler,
+              "weight_decay": ClassifySettings.weight_decay, "max_grad_norm": ClassifySettings.max_grad_norm,
+              "report_to": ClassifySettings.report_to}
+# flags of the optimisation and run-management groups whose defaults differ per job (filled in by `run`)
+JOB_DEFAULTS = ("seed", "grad_accum", "warmup_ratio", "lr_scheduler", "weight_decay", "max_grad_norm", "report_to")
+
+
+def _both(key: str, fmt: str = "") -> str:
+    """The default of `key` for both jobs, as help text."""
+    sft, classifier = format(SFT[key], fmt), format(CLASSIFIER[key], fmt)
+    return sft if sft == classifier else f"{sft} for SFT, {classifier} for a classifier"
 
 EXAMPLES = """\
 examples:
@@ -102,11 +112,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     lora.add_argument("--target-modules", metavar="A,B,...",
                       help="modules to adapt, comma separated, or all-linear (default: all-linear for SFT; the model "
                            "type's for a classifier, e.g. query,value for BERT)")
-    lora.add_argument("--r", type=positive_int, help=f"rank (default {SFT['r']} for SFT, {SPEC.r} for a classifier)")
+    lora.add_argument("--r", type=positive_int, help=f"rank (default {_both('r')})")
     lora.add_argument("--alpha", type=positive_float,
-                      help=f"lora_alpha (default {SFT['alpha']:g} for SFT, {SPEC.alpha:g} for a classifier)")
+                      help=f"lora_alpha (default {_both('alpha', 'g')})")
     lora.add_argument("--dropout", type=float,
-                      help=f"lora_dropout (default {SFT['dropout']:g} for SFT, {SPEC.dropout:g} for a classifier)")
+                      help=f"lora_dropout (default {_both('dropout', 'g')})")
     precision = parser.add_argument_group("precision")
     precision.add_argument("--precision", choices=TRAIN_POLICIES, default="stable",
                            help="stable: fp32 adapters (default); mixed: fp32 adapters, LoRA branch computed in the "
@@ -123,17 +133,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                            help="train twice, with the stable and the fast policy, and plot both")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--max-steps", type=positive_int,
-                       help=f"SFT: optimizer steps (default {SFT['max_steps']}; with --epochs: whole epochs)")
-    optim.add_argument("--epochs", type=positive_int, help=f"epochs (default {LOOP.epochs})")
+                       help=f"optimizer steps (default {SFT['max_steps']} for SFT, whole epochs for a classifier; with --epochs: "
+                            "whole epochs)")
+    optim.add_argument("--epochs", type=positive_int, help=f"epochs (default {CLASSIFIER['epochs']:g})")
     optim.add_argument("--lr", type=positive_float,
-                       help=f"peak AdamW learning rate, warmed up then decayed linearly (default {SFT['lr']:g} for "
-                            f"SFT, {LOOP.lr:g} for a classifier)")
+                       help=f"peak AdamW learning rate, warmed up then decayed per --lr-scheduler (default "
+                            f"{_both('lr', 'g')})")
     optim.add_argument("--batch-size", type=positive_int,
-                       help=f"examples per step (default {SFT['batch_size']} for SFT, {LOOP.batch_size} for a "
-                            "classifier)")
+                       help=f"examples per step and process (default {_both('batch_size')})")
     optim.add_argument("--max-length", type=positive_int,
                        help=f"tokens per example (default {SFT['max_length']} for SFT: longer ones are skipped; "
-                            f"{LOOP.max_length} for a classifier: longer texts are truncated)")
+                            f"{CLASSIFIER['max_length']} for a classifier: longer texts are truncated)")
     optim.add_argument("--attention", choices=("auto", "eager", "sdpa", "eager_recompute"), default="auto",
                        help="SFT: the model's attention implementation (default auto: eager on a CPU, where it trains "
                             "short sequences faster than sdpa; transformers' default on a GPU); eager_recompute: eager "
@@ -145,21 +155,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                        help="SFT: recompute activations in the backward pass (less memory, slower steps)")
     optim.add_argument("--max-new-tokens", type=positive_int, default=48,
                        help="SFT: tokens generated per held-out answer (default 48)")
-    optim.add_argument("--seed", type=int, default=LOOP.seed,
-                       help=f"seed for the adapters, the head, the split and the order (default {LOOP.seed})")
+    optim.add_argument("--seed", type=int,
+                       help=f"seed for the adapters, the head, the split and the order (default {_both('seed')})")
     optim.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda (default auto)")
-    optim.add_argument("--grad-accum", type=positive_int, default=1, metavar="N",
-                       help="SFT: batches accumulated per optimizer step (default 1); the global batch is "
-                            "--batch-size x N x processes, and the loss is the mean over its assistant tokens")
-    optim.add_argument("--warmup-ratio", type=fraction, default=0.1, metavar="F",
-                       help="SFT: share of the steps with a rising learning rate (default 0.1)")
-    optim.add_argument("--lr-scheduler", default="linear", choices=LR_SCHEDULERS,
-                       help="SFT: learning-rate schedule after warm-up, transformers' (default linear)")
-    optim.add_argument("--weight-decay", type=non_negative_float, default=0.0, metavar="W",
-                       help="SFT: AdamW weight decay (default 0)")
-    optim.add_argument("--max-grad-norm", type=non_negative_float, default=0.0, metavar="N",
-                       help="SFT: clip the adapters' gradient norm to N (default 0: no clipping)")
-    runs = parser.add_argument_group("checkpoints, evaluation and tracking (SFT)")
+    optim.add_argument("--grad-accum", type=positive_int, metavar="N",
+                       help=f"batches accumulated per optimizer step (default {_both('grad_accum')}); the global batch "
+                            "is --batch-size x N x processes, and the loss is the mean over its assistant tokens (SFT) "
+                            "or its examples (classifier)")
+    optim.add_argument("--warmup-ratio", type=fraction, metavar="F",
+                       help=f"share of the steps with a rising learning rate (default {_both('warmup_ratio', 'g')})")
+    optim.add_argument("--lr-scheduler", choices=LR_SCHEDULERS,
+                       help=f"learning-rate schedule after warm-up, transformers' (default {_both('lr_scheduler')})")
+    optim.add_argument("--weight-decay", type=non_negative_float, metavar="W",
+                       help=f"AdamW weight decay (default {_both('weight_decay', 'g')})")
+    optim.add_argument("--max-grad-norm", type=non_negative_float, metavar="N",
+                       help=f"clip the adapters' gradient norm to N (default {_both('max_grad_norm', 'g')}: no clipping)")
+    runs = parser.add_argument_group("checkpoints, evaluation and tracking")
     runs.add_argument("--save-steps", type=positive_int, metavar="N",
                       help="write an adapter-only checkpoint (adapter, optimizer, scheduler, RNG, data position) every "
                            "N steps into OUT/checkpoints/checkpoint-N; a checkpoint counts once complete")
@@ -169,11 +180,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       help="continue from the latest complete checkpoint in OUT/checkpoints, or from PATH; the "
                            "result equals the uninterrupted run's, bit for bit")
     runs.add_argument("--eval-steps", type=positive_int, metavar="N",
-                      help="also evaluate every N steps (held-out loss and exact match), besides before and after")
+                      help="also evaluate every N steps (held-out loss and exact match, or accuracy for a classifier), "
+                           f"besides before and after (default: {ClassifySettings.evals_per_epoch} times an epoch for "
+                           "a classifier)")
     runs.add_argument("--load-best", action="store_true",
-                      help="end with the adapter of the best held-out exact match (needs --eval-steps)")
-    runs.add_argument("--report-to", default="none", metavar="none|tensorboard|trackio|wandb",
-                      help="experiment tracking through transformers' integrations (default none)")
+                      help="end with the adapter of the best held-out exact match, or accuracy for a classifier "
+                           "(needs --eval-steps)")
+    runs.add_argument("--report-to", metavar="none|tensorboard|trackio|wandb",
+                      help=f"experiment tracking through transformers' integrations (default {_both('report_to')})")
     runs.add_argument("--export-gguf", metavar="f32|f16|bf16|q8_0",
                       help="also write the trained model as OUT/model-TYPE.gguf for llama.cpp and Ollama (the adapter "
                            "merged once; Llama-family models)")
@@ -199,63 +213,86 @@ def _default(value, key: str, defaults: dict):
 def run(args: argparse.Namespace) -> int:
     """Train as asked (the data's format picks the job); print the summary."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the Hub
-    from loracast.training.heap import limit_heap_growth
+    from loracast.training.common.heap import limit_heap_growth
 
     limit_heap_growth()  # before anything is loaded: freed activations go back to the system
     with command_errors():
         from loracast.cli.commands._train_sft import is_sft_job, run_sft_command
 
         job = args.job or ("sft" if is_sft_job(args.data, args.model) else "classify")
+        if job == "classify":
+            _refuse_sft_flags(args)
+        defaults = SFT_DEFAULTS if job == "sft" else CLASSIFIER
+        for name in JOB_DEFAULTS:
+            if getattr(args, name) is None:
+                setattr(args, name, defaults[name])
         if job == "sft":
             return run_sft_command(args)
         return _run_classifier(args)
 
 
-def _run_classifier(args: argparse.Namespace) -> int:
-    sft_only = (("--max-steps", args.max_steps), ("--chat-template", args.chat_template),
-                ("--eval-examples", args.eval_examples), ("--save-steps", args.save_steps),
-                ("--save-total-limit", args.save_total_limit), ("--resume", args.resume),
-                ("--eval-steps", args.eval_steps), ("--load-best", args.load_best or None),
-                ("--fsdp", args.fsdp or None), ("--packing", args.packing or None), ("--quantize", args.quantize),
-                ("--export-gguf", args.export_gguf),
-                ("--grad-accum", None if args.grad_accum == 1 else args.grad_accum),
-                ("--report-to", None if args.report_to == "none" else args.report_to))
-    for option, value in sft_only:
-        if value is not None:
-            raise CommandError(f"{option} applies to instruction data (messages or prompt/completion rows); "
-                               f"{args.data} holds text/label rows for a classifier")
-    from loracast.training.console import format_comparison, format_run
-    from loracast.training.ddp_runtime import runtime_from_environment
-    from loracast.training.run import COMPARE_NAME, TrainOptions, compare_precision, run_training
-    from loracast.training.setup import default_model_path
+# (flag, the attribute that is set when the flag was given): what a classifier run cannot use
+SFT_ONLY = (("--chat-template", "chat_template"), ("--eval-examples", "eval_examples"), ("--fsdp", "fsdp"),
+            ("--packing", "packing"), ("--quantize", "quantize"), ("--export-gguf", "export_gguf"),
+            ("--gradient-checkpointing", "gradient_checkpointing"))
 
+
+def _refuse_sft_flags(args: argparse.Namespace) -> None:
+    for option, name in SFT_ONLY:
+        if getattr(args, name) not in (None, False):
+            raise CommandError(f"{option} applies to instruction data (messages or prompt/completion rows), not to a "
+                               f"text classifier on {args.data or 'text/label rows'}; leave out {option}")
+    if args.attention != "auto":
+        raise CommandError(f"--attention {args.attention} applies to instruction data (messages or prompt/completion "
+                           "rows), not to a text classifier; leave out --attention")
+
+
+def _run_classifier(args: argparse.Namespace) -> int:
+    from loracast.cli.commands._train_sft import _check_tracker
+    from loracast.training.classify.console import format_comparison, format_run
+    from loracast.training.classify.model import ModelSpec, default_model_path
+    from loracast.training.classify.run import COMPARE_NAME, TrainOptions, compare_precision, run_training
+    from loracast.training.common.runtime import check_launch, pick_device
+
+    processes = check_launch()
+    if processes > 1 and args.compare_precision:
+        raise CommandError("--compare-precision trains twice in one process; launch it without torchrun")
     _require("matplotlib", "the training plot")
+    _check_tracker(args.report_to)
+    if args.load_best and args.eval_steps is None:
+        raise CommandError("--load-best picks among the evaluations during training: give --eval-steps N too")
+    save_steps = args.save_steps
+    if args.load_best and save_steps is None:
+        save_steps = args.eval_steps  # the best adapter must have been saved to be restored
+    if args.load_best and save_steps % args.eval_steps:
+        raise CommandError(f"--load-best needs --save-steps ({save_steps}) to be a multiple of --eval-steps "
+                           f"({args.eval_steps}), so that every evaluated adapter is saved")
     targets = _names(args.target_modules, "--target-modules")
     spec = ModelSpec(folder=args.model if args.model is not None else default_model_path(), dtype=args.dtype,
                      load_in_4bit=args.load_in_4bit,
                      target_modules="all-linear" if targets == ["all-linear"] else targets,
                      r=_default(args.r, "r", CLASSIFIER), alpha=_default(args.alpha, "alpha", CLASSIFIER),
                      dropout=_default(args.dropout, "dropout", CLASSIFIER), seed=args.seed)
+    settings = ClassifySettings(
+        epochs=_default(args.epochs, "epochs", CLASSIFIER), max_steps=args.max_steps, lr=_default(args.lr, "lr", CLASSIFIER),
+        batch_size=_default(args.batch_size, "batch_size", CLASSIFIER),
+        max_length=_default(args.max_length, "max_length", CLASSIFIER), seed=args.seed, grad_accum=args.grad_accum,
+        warmup_ratio=args.warmup_ratio, lr_scheduler=args.lr_scheduler, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, eval_steps=args.eval_steps, save_steps=save_steps,
+        save_total_limit=args.save_total_limit, load_best=args.load_best, report_to=args.report_to)
     options = TrainOptions(model=spec, data=args.data, out=args.out, precision=args.precision,
                            labels=_names(args.labels, "--labels"), eval_fraction=args.eval_fraction,
-                           loop=LoopSettings(epochs=args.epochs or LOOP.epochs, lr=_default(args.lr, "lr", CLASSIFIER),
-                                             batch_size=_default(args.batch_size, "batch_size", CLASSIFIER),
-                                             max_length=_default(args.max_length, "max_length", CLASSIFIER),
-                                             seed=args.seed))
-    runtime = runtime_from_environment(args.device)  # under torchrun: DDP, rank 0 writes and prints
-    try:
-        if args.compare_precision:
-            results = compare_precision(options, runtime)
-            if runtime.is_main:
-                for result in results:
-                    print(f"\n== {result.policy} ==\n{format_run(result)}")
-                print("\n" + format_comparison(results, str(args.out / COMPARE_NAME)))
-        else:
-            result = run_training(options, runtime)
-            if runtime.is_main:
-                print(format_run(result))
-    finally:
-        runtime.close()
+                           settings=settings, resume=args.resume)
+    pick_device(args.device)  # a device that cannot be used fails here, in one line
+    if args.compare_precision:
+        results = compare_precision(options, args.device)
+        for result in results:
+            print(f"\n== {result.policy} ==\n{format_run(result)}")
+        print("\n" + format_comparison(results, str(args.out / COMPARE_NAME)))
+    else:
+        result = run_training(options, args.device)
+        if result is not None:  # the main process reports
+            print(format_run(result))
     return 0
 
 

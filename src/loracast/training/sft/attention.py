@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from loracast.training.setup import SetupError
+from loracast.training.common.errors import SetupError
 
 RECOMPUTED_EAGER = "eager_recompute"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from loracast.training.console import mib, precision_lines
+from loracast.training.common.console import mib, precision_lines
 from loracast.training.sft.run import SftResult
 
 SHOWN = 3  # held-out examples printed with both answers

@@ -26,7 +26,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from loracast.training.data import EVAL_SPLITS, TRAIN_SPLITS, DataError, parse_json_object, require_every_split
+from loracast.training.common.data import EVAL_SPLITS, TRAIN_SPLITS, parse_json_object, require_every_split
+from loracast.training.common.errors import DataError
 
 DEFAULT_CHAT_DATA = "support_triage.jsonl"
 ROLES = ("system", "user", "assistant")

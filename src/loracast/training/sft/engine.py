@@ -12,9 +12,9 @@ adds:
   held-out loss, split across processes (``eval_exact_match`` can select the best adapter);
 - a per-step record (loss, trained tokens, seconds) in the trainer's log history, so that a
   resumed run's metrics hold its whole history;
-- complete-only checkpoints (`checkpoints`) and a tqdm progress bar with loss and tokens/s;
-- the C heap's freed pages handed back after each step and evaluation (`heap`), so that resident
-  memory follows what a step uses rather than every earlier step's high-water mark.
+- complete-only checkpoints (`common.checkpoints`) and a tqdm progress bar with loss and tokens/s;
+- the C heap's freed pages handed back after each step and evaluation (`common.heap`), so that
+  resident memory follows what a step uses rather than every earlier step's high-water mark.
 """
 
 from __future__ import annotations
@@ -32,15 +32,15 @@ from torch.utils.data import DataLoader
 from transformers.trainer_callback import PrinterCallback, TrainerCallback
 
 from loracast.distributed.runtime import rank_share
-from loracast.training.heap import return_freed_memory
-from loracast.training.loop import EvalRecord, History, StepRecord
-from loracast.training.sft import checkpoints
+from loracast.training.common import checkpoints
+from loracast.training.common.heap import return_freed_memory
+from loracast.training.common.history import EvalRecord, History, StepRecord
+from loracast.training.common.progress import ProgressBar, StepClock
 from loracast.training.sft.batches import LengthGroupedBatches, PadToLongest, collate
 from loracast.training.sft.data import ChatExample
 from loracast.training.sft.evaluate import Score, answer_examples, score_answers
 from loracast.training.sft.loss import AssistantLoss
 from loracast.training.sft.packing import PackedCollator, PackedRow
-from loracast.training.sft.progress import ProgressBar, StepClock
 from loracast.training.sft.settings import SftSettings
 from loracast.training.sft.template import EncodedExample
 from loracast.training.trainers import Trainer
@@ -93,7 +93,7 @@ class _Forward(nn.Module):
 
 
 class FreedMemoryReturn(TrainerCallback):
-    """Hands the C heap's freed pages back after every optimizer step (`loracast.training.heap`),
+    """Hands the C heap's freed pages back after every optimizer step (`loracast.training.common.heap`),
     so that no step inherits the resident memory of the ones before it."""
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -103,14 +103,14 @@ class FreedMemoryReturn(TrainerCallback):
 DCP_OPTIMIZER = "optimizer_shards"  # a sharded run's optimizer state: torch.distributed.checkpoint, every process
 
 
-class SftTrainer(Trainer):
+class SftTrainer(checkpoints.CompleteCheckpoints, Trainer):
     """transformers' `Trainer` for LoRA instruction tuning (see the module docstring).
 
     ``model`` is a loracast `PeftModel`; ``train`` the encoded training examples; ``held_out``
     and ``held_out_encoded`` the held-out conversations (for the greedy answers) and their
     encodings (for the loss). Checkpoints go to ``args.output_dir`` and are marked with
     ``identity``. ``release_heap`` (default on) hands the C heap's freed pages back after each
-    step and evaluation (`loracast.training.heap`).
+    step and evaluation (`loracast.training.common.heap`).
     """
 
     # compute_loss divides by the global batch's labelled-token count (num_items_in_batch)
@@ -251,19 +251,6 @@ class SftTrainer(Trainer):
         finally:
             model.train(was_training)
         return total, count
-
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        # a folder being (re)written must not look complete until the marker is written again
-        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-        if self.args.should_save:
-            (folder / checkpoints.MARKER).unlink(missing_ok=True)
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            checkpoints.mark_complete(folder, self.identity, {"step": self.state.global_step})
-            best = self.state.best_model_checkpoint
-            checkpoints.rotate(folder.parent, self.settings.save_total_limit, Path(best) if best else None)
-        if self.args.world_size > 1:
-            torch.distributed.barrier()  # every process sees the checkpoint complete before going on
 
     def _wrap_model(self, model: nn.Module, training: bool = True, dataloader: DataLoader | None = None) -> nn.Module:
         if self._forward is not None:

@@ -23,7 +23,8 @@ from loracast.integrations.hf_loading import (
     quiet_transformers,
     read_model_config,
 )
-from loracast.training.setup import SetupError, add_lora, quantization_config
+from loracast.training.common.errors import SetupError
+from loracast.training.common.model import add_lora, quantization_config
 from loracast.training.sft.attention import RECOMPUTED_EAGER, use_recomputed_eager
 from loracast.training.sft.recompute import recompute_cheap_activations
 from loracast.tuner.peft_model import PeftModel

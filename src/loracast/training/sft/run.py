@@ -26,13 +26,13 @@ import torch
 
 from loracast._atomic import atomic_write_text
 from loracast._version import __version__
-from loracast.training.data import DataError
-from loracast.training.loop import EvalRecord
-from loracast.training.plot import plot_runs
-from loracast.training.report import peak_memory, precision_summary, reset_peak_memory
-from loracast.training.run import ADAPTER_DIR, COMPARE_NAME, CURVE_NAME, METRICS_NAME, prepare_out, write_json
-from loracast.training.setup import SetupError, base_dtype_name
-from loracast.training.sft import checkpoints
+from loracast.training.common import checkpoints
+from loracast.training.common.errors import DataError, SetupError
+from loracast.training.common.files import ADAPTER_DIR, COMPARE_NAME, CURVE_NAME, METRICS_NAME, prepare_out, write_json
+from loracast.training.common.history import EvalRecord
+from loracast.training.common.model import base_dtype_name
+from loracast.training.common.plot import plot_runs
+from loracast.training.common.report import peak_memory, precision_summary, reset_peak_memory
 from loracast.training.sft.data import ChatExample, read_chat_examples, split_chat_examples
 from loracast.training.sft.engine import Evaluation, SftHistory, SftTrainer
 from loracast.training.sft.model import LlmSpec, build_sft_model, llm_display_name, load_llm_tokenizer
@@ -261,7 +261,7 @@ def _shard(model: Any, resume_from: Path | None) -> None:
     """Shard the transformers model inside `model` with FSDP2 (one unit per decoder block), on
     every process; a resumed checkpoint's adapter is loaded first (loading needs whole tensors)."""
     from loracast.distributed.fsdp import shard_model
-    from loracast.training.adapter_trainer import load_adapter_checkpoint
+    from loracast.training.trainers.adapter_mixin import load_adapter_checkpoint
 
     if resume_from is not None:
         load_adapter_checkpoint(model.get_base_model(), str(resume_from))

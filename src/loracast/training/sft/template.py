@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from loracast.training.data import DataError
+from loracast.training.common.errors import DataError
 from loracast.training.sft.data import ChatExample
 
 IGNORE_INDEX = -100  # label of tokens the loss skips (PyTorch's and transformers' convention)

@@ -9,7 +9,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from loracast.training.loop import History
+from loracast.training.common.history import History
 
 
 def _smooth(values: list[float], window: int) -> list[float]:

@@ -9,23 +9,17 @@ are their positions in `LabelledTexts.label_names`.
 from __future__ import annotations
 
 import csv
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from loracast.errors import LoracastError
+from loracast.training.common.data import EVAL_SPLITS, TRAIN_SPLITS, parse_json_object, require_every_split
+from loracast.training.common.errors import DataError
 
 TEXT, LABEL, SPLIT = "text", "label", "split"
-TRAIN_SPLITS = frozenset({"train"})
-EVAL_SPLITS = frozenset({"test", "eval", "validation", "dev"})
 DEFAULT_DATA = "support_tickets.jsonl"
-
-
-class DataError(LoracastError):
-    """A data file cannot be used; the message names the file, the row and the fix."""
 
 
 @dataclass(frozen=True)
@@ -130,34 +124,6 @@ def _read_jsonl(handle, path: Path) -> list[Example]:
     return rows
 
 
-def require_every_split(examples: Sequence, source: str) -> None:
-    """Refuse a file where some rows (objects with ``split`` and ``line``) have a split and others not.
-
-    Raises:
-        DataError: naming the first row without one.
-    """
-    row = next((e for e in examples if e.split is None), None)
-    if row is not None:
-        raise DataError(f"{source}: line {row.line} has no split while other rows do; give every row a split "
-                        "or drop the field")
-
-
-def parse_json_object(raw: str, path: Path, number: int, example: str) -> dict:
-    """Line `number` of a JSON-lines file as an object.
-
-    Raises:
-        DataError: it is not valid JSON, or not an object (`example` shows the expected shape).
-    """
-    try:
-        record = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: line {number} is not valid JSON ({exc.msg} at column {exc.colno}); each line must "
-                        f"be one object such as {example}") from exc
-    if not isinstance(record, dict):
-        raise DataError(f"{path}: line {number} is a JSON {type(record).__name__}, not an object such as {example}")
-    return record
-
-
 def label_order(labels: Sequence[str]) -> list[str]:
     """Distinct labels, numerically ordered when all are integers, else alphabetically."""
     distinct = set(labels)
@@ -234,3 +200,13 @@ def _stratified(examples: Sequence[Example], fraction: float, seed: int) -> tupl
         held.extend(group[:count])
         train.extend(group[count:])
     return train, held
+
+
+def load_data(path: Path | None, labels: list[str] | None, eval_fraction: float, seed: int
+              ) -> tuple[LabelledTexts, LabelledTexts, Path]:
+    """(train, eval, file) for a run; the shipped dataset when `path` is None."""
+    source = Path(path) if path is not None else default_data_path()
+    examples = read_examples(source)
+    train, held_out = split_examples(examples, str(source), eval_fraction=eval_fraction, seed=seed,
+                                     label_names=labels)
+    return train, held_out, source

@@ -12,7 +12,7 @@ from torch import nn
 
 from loracast.dtypes import dtype_name
 from loracast.precision.view import adapter_part
-from loracast.training.loop import History
+from loracast.training.common.history import History
 
 _KINDS = {"lora": "adapters", "copy": "modules_to_save"}
 

@@ -1,4 +1,4 @@
-"""Checkpoints of an SFT run: which are complete, what run they belong to, which to resume from.
+"""Checkpoints of a run: which are complete, what run they belong to, which to resume from.
 
 transformers' `Trainer` writes ``checkpoint-N`` (the adapter in PEFT's format, the optimizer,
 scheduler and RNG states, the trainer state with the data position) file by file. A checkpoint
@@ -142,3 +142,24 @@ def resume_point(root: Path, resume: str, identity: RunIdentity) -> Path:
         if not is_complete(folder) and (checkpoint_step(folder) or 0) > step:
             shutil.rmtree(folder, ignore_errors=True)
     return chosen
+
+
+class CompleteCheckpoints:
+    """Put before loracast's `Trainer` (``class T(CompleteCheckpoints, Trainer)``): each checkpoint
+    the trainer saves is marked complete once written, with the trainer's ``identity``
+    (`RunIdentity`), and the oldest are rotated out beyond ``settings.save_total_limit``."""
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # a folder being (re)written must not look complete until the marker is written again
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            (folder / MARKER).unlink(missing_ok=True)
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            mark_complete(folder, self.identity, {"step": self.state.global_step})
+            best = self.state.best_model_checkpoint
+            rotate(folder.parent, self.settings.save_total_limit, Path(best) if best else None)
+        if self.args.world_size > 1:
+            import torch.distributed
+
+            torch.distributed.barrier()  # every process sees the checkpoint complete before going on

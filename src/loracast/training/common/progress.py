@@ -1,5 +1,6 @@
-"""What an SFT run shows while it trains: tqdm's bar with the loss and tokens/s on the main
-process, evaluation lines above it, and the clock that times each optimizer step."""
+"""What a run shows while it trains: tqdm's bar with the loss and throughput (tokens/s for SFT,
+examples/s for the classifier) on the main process, evaluation lines above it, and the clock that
+times each optimizer step."""
 
 from __future__ import annotations
 
@@ -26,10 +27,16 @@ class StepClock(TrainerCallback):
 
 
 class ProgressBar(TrainerCallback):
-    """tqdm's bar on the main process: steps, time left, the last loss and tokens/s; evaluation lines above it."""
+    """tqdm's bar on the main process: steps, time left, the last loss and throughput; evaluation lines above it.
 
-    def __init__(self, label: str) -> None:
+    `counted` is the key of the step's log that the throughput counts (``tokens`` or ``examples``),
+    shown per second as `unit`.
+    """
+
+    def __init__(self, label: str, counted: str = "tokens", unit: str = "tok") -> None:
         self.label = label
+        self.counted = counted
+        self.unit = unit
         self.bar: Any = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -43,7 +50,7 @@ class ProgressBar(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if self.bar is not None and logs and "loss" in logs:
             seconds = logs.get("step_seconds") or math.nan
-            self.bar.set_postfix_str(f"loss {logs['loss']:.4f}, {logs.get('tokens', 0) / seconds:.0f} tok/s",
+            self.bar.set_postfix_str(f"loss {logs['loss']:.4f}, {logs.get(self.counted, 0) / seconds:.0f} {self.unit}/s",
                                      refresh=False)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -1,4 +1,4 @@
-"""Data files, label sets and splits; the single-process runtime's view of a global batch."""
+"""Data files, label sets and splits; the classifier's seeded batch order."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import json
 from collections import Counter
 
 import pytest
+import torch
 
-from loracast.training.data import DataError, default_data_path, label_order, read_examples, split_examples
-from loracast.training.runtime import Runtime
+from loracast.training.classify.data import DataError, default_data_path, label_order, read_examples, split_examples
+from loracast.training.classify.engine import ShuffledBatches
 
 
 def test_shipped_dataset_is_balanced_and_split_by_core_request():
@@ -67,8 +68,16 @@ def test_label_order():
     assert label_order(["b", "a", "1"]) == ["1", "a", "b"]
 
 
-def test_runtime_shards_a_global_batch():
-    batch = list(range(10))
-    assert Runtime().shard(batch) == batch and Runtime().is_main
-    ranks = [Runtime(rank=r, world_size=3).shard(batch) for r in range(3)]
-    assert sorted(item for share in ranks for item in share) == batch and not Runtime(rank=1, world_size=3).is_main
+def test_shuffled_batches_cover_every_row_once_per_epoch_and_replay_by_epoch():
+    sampler = ShuffledBatches(10, 4, seed=3)
+    first = list(sampler)
+    assert [len(b) for b in first] == [4, 4, 2] and len(sampler) == 3
+    assert sorted(i for b in first for i in b) == list(range(10))
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(i for b in second for i in b) == list(range(10)) and second != first
+    # one generator across epochs, as a loop that draws a permutation per epoch: a resumed epoch is the same
+    generator = torch.Generator().manual_seed(3)
+    orders = [torch.randperm(10, generator=generator).tolist() for _ in range(2)]
+    assert [i for b in first for i in b] == orders[0] and [i for b in second for i in b] == orders[1]
+    assert list(ShuffledBatches(10, 4, seed=3)) == first

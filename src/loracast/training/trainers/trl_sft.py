@@ -17,7 +17,7 @@ from trl import SFTTrainer as _TRLSFTTrainer
 
 from loracast.config import LoraConfig
 from loracast.errors import LoracastError
-from loracast.training.adapter_trainer import AdapterTrainerMixin
+from loracast.training.trainers.adapter_mixin import AdapterTrainerMixin
 from loracast.tuner.peft_model import PeftModel, get_peft_model
 
 
