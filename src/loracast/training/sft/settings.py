@@ -5,6 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The learning rate: on the shipped triage task the held-out test split phrases urgency with cues
+# that no training conversation uses, so the recipe was chosen on a validation split built the same
+# way from the training data alone (one high and one low urgency cue of the training conversations
+# held out, with every conversation using them: 72 rows). Its exact match after the demo's 60 steps
+# of 8, one thread: 34.7 % at lr 1e-3, 41.7 % at 2e-3, 77.8 % at 3e-3 (urgency 36 %, 43 %, 78 %).
 EVAL_EXAMPLES = 64  # held-out conversations evaluated by default: greedy generation is an evaluation's slow part
 
 
@@ -14,7 +19,7 @@ class SftSettings:
 
     max_steps: int | None = 60  # None: whole epochs
     epochs: float = 1  # used when max_steps is None
-    lr: float = 2e-3
+    lr: float = 3e-3  # chosen on a validation split of the training data (see above EVAL_EXAMPLES)
     batch_size: int = 8  # per process and per accumulated batch
     grad_accum: int = 1
     max_length: int = 256  # longer examples are skipped (counted), never truncated
