@@ -10,10 +10,10 @@ library cases compute transformers' loss (``model(**batch).loss``), the step a T
 user runs; `loracast-train` is the step `loracast train` itself runs: `stable`, with the loss
 projecting only the assistant positions (`loracast.training.sft.loss`). `loracast-engine` is
 `loracast train`'s own `Trainer` subclass on the same batches, set up as `loracast train` sets it
-up on a CPU (eager attention, glibc's mmap threshold fixed and the heap's freed pages handed back
-after each step: `loracast.training.common.heap`; the gated MLPs' activation and the norms' float32 input
-recomputed in backward: `loracast.training.sft.recompute`); `loracast-engine-keep` the same with
-the pages and those activations kept, `loracast-engine-glibc` that with glibc's own heap rules too, and
+up on a CPU (eager attention, glibc's mmap threshold fixed: `loracast.training.common.heap`; the
+gated MLPs' activation and the norms' float32 input recomputed in backward:
+`loracast.training.sft.recompute`); `loracast-engine-keep` the same with those activations kept,
+`loracast-engine-glibc` that with glibc's own heap rules too, and
 `loracast-engine-recompute` with the attention recomputed in backward (`--attention eager_recompute`). Each case runs in
 its own fresh Python process, and the order of cases alternates round by round, because the cores are
 shared and load drifts.
@@ -123,7 +123,7 @@ def _engine_child(args: argparse.Namespace, case: str) -> dict:
         clock = CpuClock()
         trainer = SftTrainer(model, training_args, tokenizer=tokenizer, train=encoded, held_out=[],
                              held_out_encoded=[], settings=settings, identity=run_identity(options, "stable", "bf16"),
-                             callbacks=[clock], release_heap=not keep)
+                             callbacks=[clock])
         trainer.remove_callback(trainer.progress)
         trainer.train()
     logged = [e for e in trainer.state.log_history if "tokens" in e]

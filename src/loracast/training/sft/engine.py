@@ -13,8 +13,8 @@ adds:
 - a per-step record (loss, trained tokens, seconds) in the trainer's log history, so that a
   resumed run's metrics hold its whole history;
 - complete-only checkpoints (`common.checkpoints`) and a tqdm progress bar with loss and tokens/s;
-- the C heap's freed pages handed back after each step and evaluation (`common.heap`), so that
-  resident memory follows what a step uses rather than every earlier step's high-water mark.
+- the C heap's freed pages handed back after each evaluation (`common.heap`): training does not
+  reuse the generation's caches.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers.trainer_callback import PrinterCallback, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
 from loracast.distributed.runtime import rank_share
 from loracast.training.common import checkpoints
@@ -92,14 +92,6 @@ class _Forward(nn.Module):
         return self.model(*args, **kwargs)
 
 
-class FreedMemoryReturn(TrainerCallback):
-    """Hands the C heap's freed pages back after every optimizer step (`loracast.training.common.heap`),
-    so that no step inherits the resident memory of the ones before it."""
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        return_freed_memory()
-
-
 DCP_OPTIMIZER = "optimizer_shards"  # a sharded run's optimizer state: torch.distributed.checkpoint, every process
 
 
@@ -110,7 +102,7 @@ class SftTrainer(checkpoints.CompleteCheckpoints, Trainer):
     and ``held_out_encoded`` the held-out conversations (for the greedy answers) and their
     encodings (for the loss). Checkpoints go to ``args.output_dir`` and are marked with
     ``identity``. ``release_heap`` (default on) hands the C heap's freed pages back after each
-    step and evaluation (`loracast.training.common.heap`).
+    evaluation (`loracast.training.common.heap`).
     """
 
     # compute_loss divides by the global batch's labelled-token count (num_items_in_batch)
@@ -123,8 +115,7 @@ class SftTrainer(checkpoints.CompleteCheckpoints, Trainer):
         self.clock = StepClock()
         self.progress = ProgressBar(label)
         self.release_heap = release_heap
-        callbacks = [self.clock, self.progress, *([FreedMemoryReturn()] if release_heap else []),
-                     *kwargs.pop("callbacks", [])]
+        callbacks = [self.clock, self.progress, *kwargs.pop("callbacks", [])]
         super().__init__(model, args, train_dataset=list(train), eval_dataset=list(held_out_encoded),
                          data_collator=(PackedCollator if settings.packing else PadToLongest)(tokenizer.pad_token_id),
                          callbacks=callbacks, **kwargs)
