@@ -18,6 +18,7 @@ from loracast.training.sft.recompute import (
     recompute_cheap_activations,
     restore_modules,
 )
+from tests.support.kept_memory import step_keeping_count
 from tests.support.models import tiny_llama_config
 
 
@@ -40,20 +41,8 @@ def _model(dtype: torch.dtype, dropout: float = 0.0):
 
 
 def _step(model) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """(loss, adapter gradients, bytes kept for backward) of one training forward and backward."""
-    kept: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    model.train()
-    torch.manual_seed(2)  # the same dropout masks both ways
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(**_batch()).loss
-    loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-    return loss.detach(), grads, sum(kept.values())
+    """(loss, adapter gradients, bytes kept for backward) of one training step on `_batch()`."""
+    return step_keeping_count(model, _batch())
 
 
 @pytest.mark.parametrize(("dtype", "dropout"), [(torch.float32, 0.0), (torch.bfloat16, 0.0), (torch.bfloat16, 0.25)])
