@@ -67,6 +67,20 @@ TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "trackio": (
                     "mlflow": ("mlflow",), "comet_ml": ("comet_ml",)}
 
 
+def _checkpoint_steps(args: argparse.Namespace) -> int | None:
+    """The steps between checkpoints, after checking --load-best against --eval-steps and
+    --save-steps (both jobs): with --load-best every evaluated adapter must have been saved."""
+    if args.load_best and args.eval_steps is None:
+        raise CommandError("--load-best picks among the evaluations during training: give --eval-steps N too")
+    save_steps = args.save_steps
+    if args.load_best and save_steps is None:
+        save_steps = args.eval_steps  # the best adapter must have been saved to be restored
+    if args.load_best and save_steps % args.eval_steps:
+        raise CommandError(f"--load-best needs --save-steps ({save_steps}) to be a multiple of --eval-steps "
+                           f"({args.eval_steps}), so that every evaluated adapter is saved")
+    return save_steps
+
+
 def _check_tracker(report_to: str) -> None:
     import importlib.util
 
@@ -167,14 +181,7 @@ def run_sft_command(args: argparse.Namespace) -> int:
         raise CommandError("--load-best with --fsdp: restoring the best adapter into a sharded model is not supported "
                            "yet; leave out --load-best (the checkpoints and evaluations stay) or --fsdp")
     _check_tracker(args.report_to)
-    if args.load_best and args.eval_steps is None:
-        raise CommandError("--load-best picks among the evaluations during training: give --eval-steps N too")
-    save_steps = args.save_steps
-    if args.load_best and save_steps is None:
-        save_steps = args.eval_steps  # the best adapter must have been saved to be restored
-    if args.load_best and save_steps % args.eval_steps:
-        raise CommandError(f"--load-best needs --save-steps ({save_steps}) to be a multiple of --eval-steps "
-                           f"({args.eval_steps}), so that every evaluated adapter is saved")
+    save_steps = _checkpoint_steps(args)
     settings = SftSettings(max_steps=max_steps, epochs=args.epochs or 1, lr=_value(args, "lr"),
                            batch_size=_value(args, "batch_size"), max_length=_value(args, "max_length"),
                            seed=args.seed, max_new_tokens=args.max_new_tokens, grad_accum=args.grad_accum,

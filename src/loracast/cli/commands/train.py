@@ -248,7 +248,7 @@ def _refuse_sft_flags(args: argparse.Namespace) -> None:
 
 
 def _run_classifier(args: argparse.Namespace) -> int:
-    from loracast.cli.commands._train_sft import _check_tracker
+    from loracast.cli.commands._train_sft import _check_tracker, _checkpoint_steps
     from loracast.training.classify.console import format_comparison, format_run
     from loracast.training.classify.model import ModelSpec, default_model_path
     from loracast.training.classify.run import COMPARE_NAME, TrainOptions, compare_precision, run_training
@@ -259,14 +259,7 @@ def _run_classifier(args: argparse.Namespace) -> int:
         raise CommandError("--compare-precision trains twice in one process; launch it without torchrun")
     _require("matplotlib", "the training plot")
     _check_tracker(args.report_to)
-    if args.load_best and args.eval_steps is None:
-        raise CommandError("--load-best picks among the evaluations during training: give --eval-steps N too")
-    save_steps = args.save_steps
-    if args.load_best and save_steps is None:
-        save_steps = args.eval_steps  # the best adapter must have been saved to be restored
-    if args.load_best and save_steps % args.eval_steps:
-        raise CommandError(f"--load-best needs --save-steps ({save_steps}) to be a multiple of --eval-steps "
-                           f"({args.eval_steps}), so that every evaluated adapter is saved")
+    save_steps = _checkpoint_steps(args)
     targets = _names(args.target_modules, "--target-modules")
     spec = ModelSpec(folder=args.model if args.model is not None else default_model_path(), dtype=args.dtype,
                      load_in_4bit=args.load_in_4bit,

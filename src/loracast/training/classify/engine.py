@@ -48,7 +48,7 @@ from loracast.training.classify.evaluate import Tokenizer, correct_and_loss, enc
 from loracast.training.classify.settings import ClassifySettings
 from loracast.training.common import checkpoints
 from loracast.training.common.history import EvalRecord, History, StepRecord
-from loracast.training.common.progress import ProgressBar, StepClock
+from loracast.training.common.progress import ProgressBar, StepClock, stops_on_divergence
 from loracast.training.trainers import Trainer
 
 
@@ -197,11 +197,8 @@ class ClassifierTrainer(checkpoints.CompleteCheckpoints, Trainer):
             logs["examples"] = int(count[0])
             logs["step_seconds"] = self.clock.seconds
             self._examples = 0
-            if not math.isfinite(logs["loss"]) and self.diverged_at_step is None:
+            if self.diverged_at_step is None and stops_on_divergence(self, logs["loss"]):
                 self.diverged_at_step = self.state.global_step
-                self.control.should_training_stop = True
-                self.progress.message(f"{self.label}: loss is {logs['loss']} at step {self.state.global_step}; "
-                                      "stopping (the adapters overflowed or the learning rate is too high)")
         super().log(logs, start_time)
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,

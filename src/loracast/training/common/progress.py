@@ -68,3 +68,14 @@ class ProgressBar(TrainerCallback):
             self.bar.write(text, file=sys.stderr)
         else:
             print(text, file=sys.stderr)
+
+
+def stops_on_divergence(trainer: Any, loss: float) -> bool:
+    """Whether `loss` (a logged training loss) is not finite; if so, tells `trainer` (a Trainer
+    with a `label` and a `progress` bar) to stop after this step and says why on its bar."""
+    if math.isfinite(loss):
+        return False
+    trainer.control.should_training_stop = True
+    trainer.progress.message(f"{trainer.label}: loss is {loss} at step {trainer.state.global_step}; "
+                             "stopping (the adapters overflowed or the learning rate is too high)")
+    return True

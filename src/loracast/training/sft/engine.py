@@ -35,7 +35,7 @@ from loracast.distributed.runtime import rank_share
 from loracast.training.common import checkpoints
 from loracast.training.common.heap import return_freed_memory
 from loracast.training.common.history import EvalRecord, History, StepRecord
-from loracast.training.common.progress import ProgressBar, StepClock
+from loracast.training.common.progress import ProgressBar, StepClock, stops_on_divergence
 from loracast.training.sft.batches import LengthGroupedBatches, PadToLongest, collate
 from loracast.training.sft.data import ChatExample
 from loracast.training.sft.evaluate import Score, answer_examples, score_answers
@@ -169,11 +169,8 @@ class SftTrainer(checkpoints.CompleteCheckpoints, Trainer):
             logs["tokens"], logs["examples"] = int(counts[0]), int(counts[1])
             logs["step_seconds"] = self.clock.seconds
             self._tokens = self._examples = 0
-            if not math.isfinite(logs["loss"]) and self.diverged_at_step is None:
+            if self.diverged_at_step is None and stops_on_divergence(self, logs["loss"]):
                 self.diverged_at_step = self.state.global_step
-                self.control.should_training_stop = True
-                self.progress.message(f"{self.label}: loss is {logs['loss']} at step {self.state.global_step}; "
-                                      "stopping (the adapters overflowed or the learning rate is too high)")
         super().log(logs, start_time)
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
