@@ -10,9 +10,10 @@ library cases compute transformers' loss (``model(**batch).loss``), the step a T
 user runs; `loracast-train` is the step `loracast train` itself runs: `stable`, with the loss
 projecting only the assistant positions (`loracast.training.sft.loss`). `loracast-engine` is
 `loracast train`'s own `Trainer` subclass on the same batches, set up as `loracast train` sets it
-up on a CPU (eager attention, glibc's mmap threshold fixed: `loracast.training.common.heap`; the
-gated MLPs' activation and the norms' float32 input recomputed in backward:
-`loracast.training.sft.recompute`); `loracast-engine-keep` the same with those activations kept,
+up on a CPU (eager attention keeping only query, keys and values: `loracast.training.sft.lean_attention`;
+glibc's mmap threshold fixed: `loracast.training.common.heap`; the gated MLPs' activation and
+product and the norms' float32 input recomputed in backward: `loracast.training.sft.recompute`);
+`loracast-engine-keep` the same with plain eager attention and those activations kept,
 `loracast-engine-glibc` that with glibc's own heap rules too, and
 `loracast-engine-recompute` with the attention recomputed in backward (`--attention eager_recompute`). Each case runs in
 its own fresh Python process, and the order of cases alternates round by round, because the cores are
@@ -111,9 +112,9 @@ def _engine_child(args: argparse.Namespace, case: str) -> dict:
     encoded, _, _ = encode_all(tokenizer, examples, 256)
     settings = SftSettings(max_steps=args.warmup + args.steps, lr=1e-4, batch_size=args.batch, warmup_ratio=0.0,
                            lr_scheduler="constant", seed=0)
-    keep = case in ("loracast-engine-glibc", "loracast-engine-keep")  # what loracast train kept before
+    keep = case in ("loracast-engine-glibc", "loracast-engine-keep")  # what plain eager training keeps
     spec = LlmSpec(source=source, r=args.rank, alpha=2 * args.rank, dropout=args.dropout,
-                   attention="eager_recompute" if case == "loracast-engine-recompute" else "auto",
+                   attention={"loracast-engine-recompute": "eager_recompute"}.get(case, "eager" if keep else "auto"),
                    recompute_cheap_activations=not keep)
     options = SftOptions(model=spec, data=default_chat_data_path(), settings=settings)
     with tempfile.TemporaryDirectory() as out:

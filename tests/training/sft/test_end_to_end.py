@@ -35,7 +35,7 @@ def test_sft_run_writes_adapter_metrics_plot_and_samples(sft_run, capsys):
     assert metrics["eval"]["after"]["loss"] < metrics["eval"]["before"]["loss"]  # it learnt something
     assert metrics["doctor"].startswith("no problems found")
     # the CPU defaults: eager attention, and the loss projecting only the assistant positions (lm_loss)
-    assert metrics["train"]["attention"] == "eager" and metrics["train"]["head_on_labelled_positions_only"] is True
+    assert metrics["train"]["attention"] == "eager_lean" and metrics["train"]["head_on_labelled_positions_only"] is True
     # every gated MLP's activation and every norm's input were recomputed in backward (recompute.py)
     assert metrics["train"]["recomputed_in_backward"] == {"gated_mlp_activations": 2, "rms_norm_inputs": 5}
     assert metrics["lora"]["lora_dropout"] == 0.0

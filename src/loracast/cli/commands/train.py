@@ -144,10 +144,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     optim.add_argument("--max-length", type=positive_int,
                        help=f"tokens per example (default {SFT['max_length']} for SFT: longer ones are skipped; "
                             f"{CLASSIFIER['max_length']} for a classifier: longer texts are truncated)")
-    optim.add_argument("--attention", choices=("auto", "eager", "sdpa", "eager_recompute"), default="auto",
-                       help="SFT: the model's attention implementation (default auto: eager on a CPU, where it trains "
-                            "short sequences faster than sdpa; transformers' default on a GPU); eager_recompute: eager "
-                            "attention whose softmax is recomputed in backward instead of kept (less memory, slower steps)")
+    optim.add_argument("--attention", choices=("auto", "eager", "eager_lean", "sdpa", "eager_recompute"), default="auto",
+                       help="SFT: the model's attention implementation (default auto: on a CPU, where eager attention "
+                            "trains short sequences faster than sdpa, eager_lean where the model's attention allows it, "
+                            "else eager; transformers' default on a GPU); eager_lean: eager attention, the same bits, "
+                            "that keeps only query, keys and values for backward; eager_recompute: eager attention "
+                            "recomputed in backward (any eager attention, soft-capped ones included; slower steps)")
     optim.add_argument("--packing", action="store_true",
                        help="SFT: pack several examples into each row of --max-length tokens (none attends to "
                             "another: positions restart per example); fewer padded tokens, on GPUs mostly")

@@ -10,8 +10,12 @@ the layer keeps anyway) and runs the attention forward again. The recomputation 
 same operations on the same inputs, so outputs and gradients are bit for bit those of "eager"
 (random dropout included: the RNG state is replayed). Outside training, or without gradients,
 it is plain eager attention. On a CPU the recomputation costs about a tenth of the step time
-(SmolLM2-135M, batches of 8 triage conversations; `benchmarks/sft_step.py`), which is why
-`loracast train` uses it only when asked (``--attention eager_recompute``).
+(SmolLM2-135M, batches of 8 triage conversations; `benchmarks/sft_step.py`).
+
+`loracast.training.sft.lean_attention` keeps the same tensors without the extra forward, and is
+what `loracast train` uses on a CPU; this module serves the eager attentions that one does not
+reproduce (soft-capped scores, attention sinks, attention dropout), when asked
+(``--attention eager_recompute``).
 
 It is registered with transformers' attention and mask interfaces under `RECOMPUTED_EAGER`
 and set on a loaded model with `use_recomputed_eager`; it applies to the models that dispatch

@@ -26,6 +26,7 @@ from loracast.integrations.hf_loading import (
 from loracast.training.common.errors import SetupError
 from loracast.training.common.model import add_lora, quantization_config
 from loracast.training.sft.attention import RECOMPUTED_EAGER, use_recomputed_eager
+from loracast.training.sft.lean_attention import LEAN_EAGER, use_lean_eager
 from loracast.training.sft.recompute import recompute_cheap_activations
 from loracast.tuner.peft_model import PeftModel
 
@@ -154,27 +155,38 @@ def load_llm_tokenizer(source: Path, chat_template: str | None = None) -> Any:
 def attention_for(device: torch.device, requested: str = "auto") -> str | None:
     """The attention implementation to load a causal LM with on `device`: `requested`, or for
     "auto" the plain ("eager") one on a CPU and transformers' own choice (None) elsewhere
-    (`RECOMPUTED_EAGER` loads as "eager": `build_sft_model` switches it after loading).
+    (`RECOMPUTED_EAGER` and `LEAN_EAGER` load as "eager": `build_sft_model` switches them after
+    loading, and "auto" on a CPU to `LEAN_EAGER` where the model's attention allows it).
 
     On the CPU, for the short sequences of instruction tuning (a few hundred tokens), the eager
     softmax(QK^T)V trains faster than the fused SDPA kernel, whose backward dominates there
     (measured on SmolLM2-135M, 8 x 130 tokens: about 20 % of a LoRA step; see the README).
     """
-    if requested == RECOMPUTED_EAGER:
+    if requested in (RECOMPUTED_EAGER, LEAN_EAGER):
         return "eager"
     if requested != "auto":
         return requested
     return "eager" if device.type == "cpu" else None
 
 
-def _recompute_attention(model: torch.nn.Module, requested: str) -> None:
-    """Train with eager attention recomputed in backward (`loracast.training.sft.attention`) where
-    asked: a quarter less activation memory for about a tenth more step time on a CPU (measured on
-    SmolLM2-135M), so it is a choice, not the default."""
-    if requested == RECOMPUTED_EAGER and not use_recomputed_eager(model):
+def _train_attention(model: torch.nn.Module, requested: str, device: torch.device) -> None:
+    """Switch `model`'s eager attention to the training variant asked for: `LEAN_EAGER` (the same
+    bits, a third of the attention's kept memory; `loracast.training.sft.lean_attention`) for
+    "auto" on a CPU where the model's attention allows it, and on request; `RECOMPUTED_EAGER`
+    (nothing kept, one more attention forward per layer: a choice, not the default) on request.
+
+    Raises:
+        SetupError: the variant asked for by name does not apply to this model.
+    """
+    if requested == "auto" and device.type == "cpu":
+        use_lean_eager(model)  # else plain eager, which is what "auto" loaded
+    elif requested == LEAN_EAGER and not use_lean_eager(model):
+        raise SetupError(f"--attention {LEAN_EAGER}: the attention of {type(model).__name__} is not the eager "
+                         "softmax(QK^T)V that it reproduces bit for bit; use --attention eager")
+    elif requested == RECOMPUTED_EAGER and not use_recomputed_eager(model):
         raise SetupError(f"--attention {RECOMPUTED_EAGER}: {type(model).__name__} does not dispatch its attention "
-                             "through transformers' attention interface with an eager_attention_forward; "
-                             "use --attention eager")
+                         "through transformers' attention interface with an eager_attention_forward; "
+                         "use --attention eager")
 
 
 def load_llm(source: Path, dtype: torch.dtype | None, load_in_4bit: bool, device: torch.device,
@@ -216,7 +228,7 @@ class LlmSpec:
     dropout: float = 0.0  # PEFT's default; on a CPU each dropout mask costs about as much as the layer's matmul
     gradient_checkpointing: bool = False
     chat_template: str | None = None  # Jinja text replacing the tokenizer's
-    attention: str = "auto"  # "auto" (see `attention_for`), "eager", "sdpa" or RECOMPUTED_EAGER
+    attention: str = "auto"  # "auto" (see `attention_for`), "eager", "sdpa", LEAN_EAGER or RECOMPUTED_EAGER
     fsdp: bool = False  # sharded by FSDP: 4-bit weights stored in the compute dtype
     torchao: str | None = None  # "int8" or "int4": quantize the linear layers with torchao after loading
     recompute_cheap_activations: bool = True  # MLP activations and norm inputs recomputed in backward (`recompute`)
@@ -235,7 +247,7 @@ def build_sft_model(spec: LlmSpec, policy: str, device: torch.device, tokenizer:
     """The LoRA model for supervised fine-tuning of the causal LM in `spec` (`tokenizer`: its tokenizer)."""
     model = load_llm(spec.source, spec.dtype, spec.load_in_4bit, device, attention_for(device, spec.attention),
                      for_fsdp=spec.fsdp)
-    _recompute_attention(model, spec.attention)
+    _train_attention(model, spec.attention, device)
     if spec.torchao is not None:
         try:
             from loracast.quant.torchao import quantize_base
@@ -252,6 +264,7 @@ def build_sft_model(spec: LlmSpec, policy: str, device: torch.device, tokenizer:
     config = LoraConfig(task_type="CAUSAL_LM", r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                         target_modules=spec.target_modules, base_model_name_or_path=base_name)
     adapted = add_lora(model, config, policy)
-    if spec.recompute_cheap_activations:
-        recompute_cheap_activations(adapted)  # exact, and less kept for backward
+    # exact, and less kept for backward; whole-layer checkpointing keeps none of it in the first place
+    if spec.recompute_cheap_activations and not spec.gradient_checkpointing:
+        recompute_cheap_activations(adapted)
     return adapted
