@@ -154,3 +154,26 @@ def test_attention_choice_eager_on_cpu_transformers_default_elsewhere():
     assert attention_for(torch.device("cpu")) == "eager"
     assert attention_for(torch.device("cuda")) is None
     assert attention_for(torch.device("cpu"), "sdpa") == "sdpa"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_chunked_cross_entropy_has_the_whole_tensor_gradients_and_keeps_only_the_logits(dtype):
+    import torch.nn.functional as F
+
+    from loracast.training.sft.loss import SummedCrossEntropy, _row_chunks
+
+    generator = torch.Generator().manual_seed(5)
+    logits = (torch.randn(100, 49_152, generator=generator) * 3).to(dtype)
+    targets = torch.randint(0, 49_152, (100,), generator=generator)
+    assert len(_row_chunks(logits)) == 3  # several chunks, the last one short
+    whole, chunked = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    expected = F.cross_entropy(whole.float(), targets, reduction="sum")
+    expected.backward(torch.tensor(0.37))
+    kept: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        loss = SummedCrossEntropy.apply(chunked, targets)
+    loss.backward(torch.tensor(0.37))
+    assert chunked.grad.dtype == dtype and torch.equal(chunked.grad, whole.grad)
+    assert torch.allclose(loss, expected, rtol=1e-6, atol=0)  # the chunks' sums add up in another order
+    assert {t.untyped_storage().data_ptr() for t in kept} == {chunked.untyped_storage().data_ptr(),
+                                                              targets.untyped_storage().data_ptr()}

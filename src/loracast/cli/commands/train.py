@@ -216,8 +216,10 @@ def run(args: argparse.Namespace) -> int:
     """Train as asked (the data's format picks the job); print the summary."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the Hub
     from loracast.training.common.heap import limit_heap_growth
+    from loracast.training.common.onednn import limit_primitive_cache
 
     limit_heap_growth()  # before anything is loaded: freed activations go back to the system
+    limit_primitive_cache()  # before the first bf16 product: no memory kept per batch length
     with command_errors():
         from loracast.cli.commands._train_sft import is_sft_job, run_sft_command
 

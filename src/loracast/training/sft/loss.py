@@ -47,6 +47,51 @@ def output_head(model: nn.Module) -> nn.Module | None:
     return head if isinstance(head, nn.Module) else None
 
 
+CHUNK_BYTES = 8 * 2**20  # float32 rows of logits widened at a time
+
+
+def _row_chunks(logits: torch.Tensor) -> range:
+    return range(0, logits.shape[0], max(1, CHUNK_BYTES // (4 * max(1, logits.shape[-1]))))
+
+
+class SummedCrossEntropy(torch.autograd.Function):
+    """``F.cross_entropy(logits.float(), targets, reduction="sum")`` over (rows, vocabulary)
+    logits, widened to float32 a few rows at a time, keeping only the logits themselves for
+    backward.
+
+    The whole-tensor form keeps the float32 log-probabilities of every labelled position for
+    backward and widens all the logits at once (on SmolLM2, 288 labelled positions of a batch:
+    57 MB each for the widened logits, the log-probabilities and two gradients, at the moment the
+    step's activations are all held). Here forward and backward each widen a chunk of rows
+    (`CHUNK_BYTES`), and backward makes the chunk's log-probabilities again: the same float32
+    operations per row, so the gradients are bit for bit the whole-tensor form's; the loss sums
+    the chunks' sums, which rounds in another order (a few float32 ulps).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        total = logits.new_zeros((), dtype=torch.float32)
+        for start in _row_chunks(logits):
+            rows = slice(start, start + _row_chunks(logits).step)
+            total = total + F.cross_entropy(logits[rows].float(), targets[rows], reduction="sum")
+        ctx.save_for_backward(logits, targets)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        logits, targets = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        chunks = _row_chunks(logits)
+        for start in chunks:
+            rows = slice(start, start + chunks.step)
+            log_probabilities = torch.log_softmax(logits[rows].float(), 1)
+            _, total_weight = torch.ops.aten.nll_loss_forward(log_probabilities, targets[rows], None, 2, IGNORE_INDEX)
+            grad_log = torch.ops.aten.nll_loss_backward(grad, log_probabilities, targets[rows], None, 2, IGNORE_INDEX,
+                                                        total_weight)
+            grad_logits[rows] = torch._log_softmax_backward_data(grad_log, log_probabilities, 1, torch.float32)
+        return grad_logits, None
+
+
 class AssistantLoss:
     """The training loss of one model on assistant-labelled batches (see the module docstring).
 
@@ -91,7 +136,7 @@ class AssistantLoss:
                 handle.remove()
         if logits.dim() == 3:  # the whole projection came back
             logits = logits[:, :-1][keep]
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        loss = SummedCrossEntropy.apply(logits, targets[keep])
         return loss, int(keep.sum())
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
