@@ -102,3 +102,14 @@ def test_mlps_it_does_not_reproduce_are_left_alone():
     holder = nn.Sequential(_UpGated())
     assert recompute_cheap_activations(holder) == Recomputed()
     assert isinstance(holder[0], _UpGated)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_sft_model_swaps_them_in_unless_whole_layers_are_checkpointed(tiny_llama, checkpointing):
+    from loracast.training.sft.model import LlmSpec, build_sft_model, load_llm_tokenizer
+
+    spec = LlmSpec(source=tiny_llama, gradient_checkpointing=checkpointing)
+    model = build_sft_model(spec, "stable", torch.device("cpu"), load_llm_tokenizer(tiny_llama))
+    swapped = [m for m in model.modules() if isinstance(m, RecomputedGatedMlp | RecomputedNorm)]
+    # whole-layer checkpointing keeps none of these activations in the first place
+    assert bool(swapped) is not checkpointing
