@@ -230,9 +230,11 @@ def run(args: argparse.Namespace) -> int:
         for name in JOB_DEFAULTS:
             if getattr(args, name) is None:
                 setattr(args, name, defaults[name])
-        if job == "sft":
-            return run_sft_command(args)
-        return _run_classifier(args)
+        code = run_sft_command(args) if job == "sft" else _run_classifier(args)
+        from loracast.distributed.runtime import shutdown
+
+        shutdown()  # every rank leaves the trainer's process group before exit, where gloo's threads could abort
+        return code
 
 
 # (flag, the attribute that is set when the flag was given): what a classifier run cannot use

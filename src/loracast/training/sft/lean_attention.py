@@ -162,7 +162,7 @@ def reproduces_eager(module: nn.Module, dtype: torch.dtype) -> bool:
 def lean_eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                          **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The model's eager attention of `module`, keeping the scores instead of the probabilities for
+    """The model's eager attention of `module`, keeping only the query, keys and values for
     backward where that is exact (`use_lean_eager` checked the class; see the module docstring);
     returns (attention output, None) then, else what the model's own eager function returns."""
     eager = _eager_function(module)
