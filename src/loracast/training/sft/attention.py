@@ -70,22 +70,32 @@ def register_recomputed_eager() -> str:
     return RECOMPUTED_EAGER
 
 
-def use_recomputed_eager(model: nn.Module) -> bool:
-    """Switch `model` (a transformers model loaded with eager attention) to `RECOMPUTED_EAGER`;
-    False, leaving it unchanged, where its attention cannot be recomputed that way."""
-    if getattr(sys.modules.get(type(model).__module__), "eager_attention_forward", None) is None:
-        return False
+def loaded_eager(model: nn.Module) -> bool:
+    """Whether `model` is a transformers model loaded with plain eager attention that can switch
+    to another implementation."""
     config = getattr(model, "config", None)
-    set_implementation = getattr(model, "set_attn_implementation", None)
-    if config is None or set_implementation is None or getattr(config, "_attn_implementation", None) != "eager":
-        return False
-    register_recomputed_eager()
+    return (config is not None and getattr(model, "set_attn_implementation", None) is not None
+            and getattr(config, "_attn_implementation", None) == "eager")
+
+
+def switch_implementation(model: nn.Module, name: str) -> bool:
+    """Set `model`'s attention implementation to the registered `name`; whether it took."""
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a model without the attention interface says so in a warning: False says it here
     try:
-        set_implementation(RECOMPUTED_EAGER)
+        model.set_attn_implementation(name)
     finally:
         hf_logging.set_verbosity(verbosity)
-    return config._attn_implementation == RECOMPUTED_EAGER
+    return model.config._attn_implementation == name
+
+
+def use_recomputed_eager(model: nn.Module) -> bool:
+    """Switch `model` (a transformers model loaded with eager attention) to `RECOMPUTED_EAGER`;
+    False, leaving it unchanged, where its attention cannot be recomputed that way."""
+    if getattr(sys.modules.get(type(model).__module__), "eager_attention_forward", None) is None:
+        return False
+    if not loaded_eager(model):
+        return False
+    return switch_implementation(model, register_recomputed_eager())

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from loracast.training.sft.attention import loaded_eager, switch_implementation
+
 LEAN_EAGER = "eager_lean"
 
 EagerFunction = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
@@ -200,9 +202,7 @@ def use_lean_eager(model: nn.Module) -> bool:
     """Switch `model` (a transformers model loaded with eager attention) to `LEAN_EAGER` where every
     attention class of it passes `reproduces_eager` in the model's dtype; False, leaving it
     unchanged, otherwise."""
-    config = getattr(model, "config", None)
-    set_implementation = getattr(model, "set_attn_implementation", None)
-    if config is None or set_implementation is None or getattr(config, "_attn_implementation", None) != "eager":
+    if not loaded_eager(model):
         return False
     modules = _attention_modules(model)
     if not modules:
@@ -213,13 +213,4 @@ def use_lean_eager(model: nn.Module) -> bool:
             _VERDICTS[type(module)] = reproduces_eager(module, dtype)
         if not _VERDICTS[type(module)]:
             return False
-    register_lean_eager()
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a model without the attention interface says so in a warning: False says it here
-    try:
-        set_implementation(LEAN_EAGER)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    return config._attn_implementation == LEAN_EAGER
+    return switch_implementation(model, register_lean_eager())
